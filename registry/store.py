@@ -606,8 +606,9 @@ class Registry:
         name, version, _ = self._resolve(ref)
         if version == SEED:
             raise ProfileValidationError(
-                f"{ref} is a shipped seed; tags point to stored versions. Register it first: "
-                f"Registry.register(Registry.load({name + '@seed'!r}))"
+                f"{ref} is a shipped seed; tags point to stored versions. Store it first: "
+                f"Registry.register(Registry.load({name + '@seed'!r})), or `dysco registry "
+                f"export {name}@seed seed.tar.gz` then `dysco registry import seed.tar.gz`"
             )
         self._read_version(name, int(version))  # never tag a corrupt version
         self._write_tag(name, tag, int(version))
