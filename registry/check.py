@@ -4,7 +4,7 @@
     >>> check_model(profile, {"name": "smollm2-135m", "architecture": "llama", "num_layers": 30,
     ...                       "num_heads": 9, "num_kv_heads": 3, "config_fingerprint": "…",
     ...                       "weights_fingerprint": "…"})
-    'weights and config fingerprints match'
+    'config and weights fingerprints match'
 
 Rule: when both sides carry a weights fingerprint, it decides (names may differ: a local path and a
 Hub name are the same checkpoint). Otherwise the profile matches by name and shape only (the shipped
@@ -73,7 +73,7 @@ def check_model(
             else:
                 compared.append(kind)
     if "weights" in compared:
-        basis = f"{' and '.join(reversed(compared))} fingerprints match"
+        basis = f"{' and '.join(compared)} fingerprints match"
     else:
         if _short_name(ours.name) != _short_name(model.get("name")):
             problems.append(f"name {ours.name!r} (profile) vs {model.get('name')!r} (model)")

@@ -1,0 +1,454 @@
+"""Registry: profile validation, the store (versions, references, atomicity, corruption), seeds,
+and the model-identity check."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from registry import (
+    InvalidReference,
+    Knobs,
+    ModelIdentity,
+    Profile,
+    ProfileCorrupted,
+    ProfileMismatchError,
+    ProfileNotFound,
+    ProfileValidationError,
+    Registry,
+    check_model,
+    collect_provenance,
+    load_seed,
+    seed_names,
+)
+
+IDENTITY = ModelIdentity(
+    name="tiny-llama", architecture="llama", num_layers=4, num_heads=6, num_kv_heads=2,
+    config_fingerprint="cfg-aaaa", weights_fingerprint="w-1111",
+)
+
+
+def make_profile(seed: int = 0, **changes) -> Profile:
+    """A valid profile for IDENTITY with seed-dependent scores, head set and metrics."""
+    rng = np.random.default_rng(seed)
+    qr = rng.standard_normal((4, 6)).astype(np.float32)
+    order = np.argsort(-qr, axis=None)[:3]
+    fields = dict(
+        model=IDENTITY,
+        head_set=[(int(i // 6), int(i % 6)) for i in order],
+        knobs=Knobs(strength=1.5 + seed, top_p=0.9, top_k=64, decay=0.5, context_warmup=4),
+        head_scores={"qr": qr, "retrieval": rng.random((4, 6)).astype(np.float32)},
+        metrics={"dev_mrcr": 0.25 + seed / 100, "tokens_per_s": 12, "task": "mrcr"},
+        provenance=collect_provenance(
+            probe_kind="qr", probe_count=8, seed=seed, created="2026-01-01T00:00:00Z"
+        ),
+    )
+    fields.update(changes)
+    return Profile(**fields)
+
+
+def versions_on_disk(root: Path, name: str = "tiny-llama") -> list[str]:
+    folder = root / name
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+# --- profile -------------------------------------------------------------------------------------
+
+
+def test_round_trip_by_every_reference_form(tmp_path):
+    reg = Registry(tmp_path)
+    first, second = make_profile(0), make_profile(1)
+    assert reg.register(first) == "tiny-llama@1"
+    assert reg.register(second, tags=["prod"]) == "tiny-llama@2"
+    refs = {
+        "tiny-llama": second, "tiny-llama@latest": second, "tiny-llama@2": second,
+        "tiny-llama@prod": second, "tiny-llama@1": first,
+        f"tiny-llama@{first.content_hash()[:6]}": first,
+        f"tiny-llama@{second.content_hash()[:10].upper()}": second,
+    }
+    for ref, expected in refs.items():
+        loaded = reg.load(ref)
+        assert loaded == expected, ref
+        assert loaded.content_hash() == expected.content_hash()
+        assert loaded.head_set == expected.head_set
+        assert dataclasses.asdict(loaded.knobs) == dataclasses.asdict(expected.knobs)
+        assert loaded.metrics == expected.metrics and loaded.provenance == expected.provenance
+        for key, matrix in expected.head_scores.items():
+            assert loaded.head_scores[key].dtype == np.float32
+            np.testing.assert_array_equal(loaded.head_scores[key], matrix)
+    assert reg.resolve("tiny-llama@prod") == ("tiny-llama", 2)
+
+
+def test_profile_normalises_numpy_input_and_hash_tracks_content():
+    profile = make_profile(
+        head_scores={"qr": np.ones((4, 6), dtype=np.float64)},
+        metrics={"dev": np.float32(0.5), "n": np.int64(3)},
+        head_set=[(np.int64(1), np.int64(2))],
+    )
+    assert profile.head_scores["qr"].dtype == np.float32
+    assert profile.metrics == {"dev": 0.5, "n": 3} and type(profile.metrics["n"]) is int
+    assert profile.head_set == [(1, 2)]
+    scores = np.ones((4, 6))
+    scores[3, 5] = 1.0001
+    changed_tensor = dataclasses.replace(profile, head_scores={"qr": scores})
+    changed_knob = dataclasses.replace(profile, knobs=Knobs(strength=2.5))
+    hashes = {profile.content_hash(), changed_tensor.content_hash(), changed_knob.content_hash()}
+    assert len(hashes) == 3
+    assert Profile.from_dict(profile.to_dict(), profile.head_scores) == profile
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(knobs=dict(strength=0)), "knobs.strength must be > 0"),
+        (dict(knobs=dict(strength=float("nan"))), "knobs.strength must be finite"),
+        (dict(knobs=dict(top_p=0.0)), "knobs.top_p must be in (0, 1]"),
+        (dict(knobs=dict(top_p=1.5)), "knobs.top_p must be in (0, 1]"),
+        (dict(knobs=dict(top_k=0)), "knobs.top_k must be an integer >= 1"),
+        (dict(knobs=dict(top_k=2.5)), "knobs.top_k must be an integer >= 1"),
+        (dict(knobs=dict(decay=1.0)), "knobs.decay must be in [0, 1)"),
+        (dict(knobs=dict(context_warmup=-1)), "knobs.context_warmup must be an integer >= 0"),
+        (dict(knobs=dict(selection="greedy")), "knobs.selection must be one of dynamic, static"),
+        (dict(knobs=dict(attnts_temperature=0)), "knobs.attnts_temperature must be > 0"),
+        (dict(knobs=dict(temperature=1.0)), "unknown knobs field(s) 'temperature'"),
+        (dict(head_set=[(4, 0)]), "(4, 0) is outside the model's shape: layers must be in 0..3"),
+        (dict(head_set=[(0, 6)]), "heads in 0..5"),
+        (dict(head_set=[(-1, 0)]), "outside the model's shape"),
+        (dict(head_set=[(1, 1), (1, 1)]), "lists (1, 1) twice"),
+        (dict(head_set=[]), "head_set is empty"),
+        (dict(head_set=[(1, "2")]), "not a (layer, head) pair of integers"),
+        (dict(head_scores={"qr": np.zeros((6, 4))}), "has shape (6, 4), expected (4, 6)"),
+        (dict(head_scores={"qr": np.full((4, 6), np.inf)}), "non-finite value at layer 0, head 0"),
+        (dict(head_scores={"bad key": np.zeros((4, 6))}), "head_scores key 'bad key'"),
+        (dict(metrics={"dev": float("nan")}), "metrics.dev must be finite"),
+        (dict(provenance={"when": object()}), "provenance.when must hold only JSON values"),
+        (dict(schema_version=2), "upgrade dysco-toolkit"),
+        (dict(model=dict(IDENTITY.to_dict(), num_heads=5)), "multiple of model.num_kv_heads"),
+        (dict(model=dict(IDENTITY.to_dict(), name="bad name!")), "model name 'bad name!'"),
+    ],
+)
+def test_schema_violations_are_refused_with_specific_messages(changes, message):
+    if isinstance(changes.get("knobs"), dict):
+        changes["knobs"] = {**Knobs().to_dict(), **changes["knobs"]}
+    with pytest.raises(ProfileValidationError) as err:
+        make_profile(**changes)
+    assert message in str(err.value)
+
+
+def test_from_dict_names_missing_and_unknown_fields():
+    data = make_profile().to_dict()
+    with pytest.raises(ProfileValidationError, match="unknown profile field"):
+        Profile.from_dict({**data, "extra": 1})
+    del data["head_set"]
+    with pytest.raises(ProfileValidationError, match="missing field 'head_set'"):
+        Profile.from_dict(data)
+    model = dict(make_profile().model.to_dict())
+    del model["num_layers"]
+    with pytest.raises(ProfileValidationError, match="model is missing field"):
+        ModelIdentity.from_dict(model)
+
+
+# --- store: errors, nothing written ---------------------------------------------------------------
+
+
+def test_unknown_model_version_tag_and_hash_are_clear_errors(tmp_path):
+    reg = Registry(tmp_path)
+    reg.register(make_profile(0), tags=["prod"])
+    with pytest.raises(ProfileNotFound, match="no profile named 'ghost'.*known: .*tiny-llama"):
+        reg.load("ghost")
+    with pytest.raises(ProfileNotFound, match=r"tiny-llama has no version 7 \(versions: \[1\]\)"):
+        reg.load("tiny-llama@7")
+    with pytest.raises(ProfileNotFound, match="no version, tag or content hash 'staging'.*prod"):
+        reg.load("tiny-llama@staging")
+    with pytest.raises(ProfileNotFound, match="content hash 'abcdef0'"):
+        reg.load("tiny-llama@abcdef0")
+    with pytest.raises(ProfileNotFound, match="no seed profile named 'tiny-llama'"):
+        reg.load("tiny-llama@seed")
+
+
+@pytest.mark.parametrize(
+    "ref, message",
+    [("", "non-empty"), ("a@b@c", "more than one '@'"), ("tiny-llama@", "invalid part after '@'"),
+     ("tiny-llama@a b", "invalid part"), ("../etc", "is not accepted"), ("x--y", "no '--'"),
+     ("@3", "model name must be a non-empty string")],
+)
+def test_malformed_references_are_refused(tmp_path, ref, message):
+    with pytest.raises(InvalidReference, match=message):
+        Registry(tmp_path).load(ref)
+
+
+def test_bad_input_writes_nothing(tmp_path):
+    reg = Registry(tmp_path)
+    with pytest.raises(ProfileValidationError, match="tag 'latest' is reserved"):
+        reg.register(make_profile(), tags=["latest"])
+    broken = make_profile()
+    broken.metrics["loss"] = float("inf")  # edited after construction: register re-validates
+    with pytest.raises(ProfileValidationError, match="metrics.loss must be finite"):
+        reg.register(broken)
+    with pytest.raises(ProfileValidationError, match="takes a registry.Profile"):
+        reg.register({"model": "x"})  # type: ignore[arg-type]
+    assert not (tmp_path / "tiny-llama").exists() or versions_on_disk(tmp_path) == []
+    assert reg.list("qwen3-8b")[0].version == "seed"
+    with pytest.raises(ProfileNotFound):
+        reg.list("tiny-llama")
+
+
+def test_tags_move_are_validated_and_removed(tmp_path):
+    reg = Registry(tmp_path)
+    reg.register(make_profile(0))
+    reg.register(make_profile(1))
+    assert reg.tag("tiny-llama@1", "prod") == "tiny-llama@1"
+    assert reg.tag("tiny-llama@latest", "prod") == "tiny-llama@2"
+    assert reg.tags("tiny-llama") == {"prod": 2}
+    for bad, message in [("latest", "reserved"), ("deadbeef", "looks like a content-hash"),
+                         ("1st", "not accepted"), ("a b", "not accepted")]:
+        with pytest.raises(ProfileValidationError, match=message):
+            reg.tag("tiny-llama@1", bad)
+    with pytest.raises(ProfileValidationError, match="shipped seed"):
+        reg.tag("qwen3-8b@seed", "prod")
+    reg.untag("tiny-llama", "prod")
+    with pytest.raises(ProfileNotFound, match="no version, tag or content hash 'prod'"):
+        reg.load("tiny-llama@prod")
+    with pytest.raises(ProfileNotFound, match="has no tag 'prod'"):
+        reg.untag("tiny-llama", "prod")
+
+
+def test_hub_style_names_are_stored_and_listed(tmp_path):
+    reg = Registry(tmp_path)
+    model = dataclasses.replace(IDENTITY, name="Org/Tiny-Llama")
+    assert reg.register(make_profile(model=model)) == "Org/Tiny-Llama@1"
+    assert (tmp_path / "Org--Tiny-Llama" / "1" / "profile.json").is_file()
+    assert "Org/Tiny-Llama" in reg.names()
+    assert reg.load("Org/Tiny-Llama").model.name == "Org/Tiny-Llama"
+
+
+def test_diff_reports_changed_knobs_heads_and_scores(tmp_path):
+    reg = Registry(tmp_path)
+    reg.register(make_profile(0))
+    reg.register(make_profile(0, knobs=Knobs(strength=3.0), head_set=[(0, 0), (3, 5)]))
+    report = reg.diff("tiny-llama@1", "tiny-llama@2")
+    assert report["a"] == "tiny-llama@1" and report["b"] == "tiny-llama@2"
+    assert not report["identical"]
+    assert report["knobs"]["strength"] == {"a": 1.5, "b": 3.0}
+    assert report["knobs"]["top_p"] == {"a": 0.9, "b": 0.975}
+    assert [3, 5] in report["head_set"]["only_b"]
+    assert report["head_scores"]["qr"] == {"status": "same", "max_abs_diff": 0.0}
+    assert report["model"] == {}
+    assert reg.diff("tiny-llama@1", "tiny-llama@1")["identical"]
+
+
+# --- seeds ---------------------------------------------------------------------------------------
+
+PUBLISHED = {
+    "qwen3-8b": ("qwen3", 36, 32, 8, [(21, 31), (21, 18), (20, 15), (22, 4), (21, 11), (20, 16),
+                                     (21, 17), (19, 13), (21, 10), (21, 8), (18, 5), (20, 14),
+                                     (19, 14), (24, 13), (17, 4), (19, 28)]),
+    "qwen3-4b": ("qwen3", 36, 32, 8, [(20, 15), (21, 18), (21, 31), (22, 4), (21, 11), (24, 29),
+                                     (21, 10), (20, 16), (21, 8), (21, 17), (23, 30), (20, 14),
+                                     (20, 13), (24, 13), (20, 4), (18, 19)]),
+    "llama-3.1-8b-instruct": ("llama", 32, 32, 8, [
+        (17, 24), (14, 31), (17, 26), (16, 19), (16, 25), (13, 1), (14, 22), (13, 16), (14, 20),
+        (14, 3), (14, 1), (17, 27), (16, 26), (17, 21), (16, 27), (19, 3)]),
+}
+
+
+def test_seeds_hold_the_published_head_sets_and_knobs():
+    assert seed_names() == sorted(PUBLISHED)
+    for name, (arch, layers, heads, kv, head_set) in PUBLISHED.items():
+        seed = load_seed(name)
+        assert (seed.model.architecture, seed.model.num_layers, seed.model.num_heads,
+                seed.model.num_kv_heads) == (arch, layers, heads, kv)
+        assert seed.head_set == head_set
+        assert seed.knobs == Knobs(strength=2.0, top_p=0.975, top_k=4096, decay=0.75,
+                                   context_warmup=8, selection="dynamic")
+        assert seed.model.config_fingerprint is None and seed.model.weights_fingerprint is None
+        assert seed.head_scores == {}
+        assert seed.provenance["source"] == "paper" and seed.provenance["arxiv"] == "2602.22175"
+
+
+def test_seed_rule_store_wins_once_a_version_exists(tmp_path):
+    reg = Registry(tmp_path)
+    assert reg.resolve("qwen3-8b") == ("qwen3-8b", "seed")
+    assert reg.resolve("qwen3-8b@latest") == ("qwen3-8b", "seed")
+    tuned = dataclasses.replace(load_seed("qwen3-8b"), knobs=Knobs(strength=3.0))
+    assert reg.register(tuned) == "qwen3-8b@1"
+    assert reg.resolve("qwen3-8b") == ("qwen3-8b", 1)
+    assert reg.load("qwen3-8b").knobs.strength == 3.0
+    assert reg.load("qwen3-8b@seed").knobs.strength == 2.0
+
+
+# --- atomicity ------------------------------------------------------------------------------------
+
+
+def _register_many(root: str, writer: int, count: int, barrier) -> list[str]:
+    barrier.wait()
+    reg = Registry(root)
+    return [reg.register(make_profile(seed=writer * 100 + i)) for i in range(count)]
+
+
+def test_concurrent_writers_get_distinct_intact_versions(tmp_path):
+    context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+    writers, per_writer = 4, 3
+    barrier = context.Manager().Barrier(writers)
+    with context.Pool(writers) as pool:
+        results = pool.starmap(
+            _register_many, [(str(tmp_path), w, per_writer, barrier) for w in range(writers)]
+        )
+    refs = [ref for batch in results for ref in batch]
+    assert sorted(refs, key=lambda r: int(r.split("@")[1])) == [
+        f"tiny-llama@{n}" for n in range(1, writers * per_writer + 1)
+    ]
+    reg = Registry(tmp_path)
+    for writer, batch in enumerate(results):
+        for i, ref in enumerate(batch):
+            assert reg.load(ref) == make_profile(seed=writer * 100 + i)
+    assert all(row.status == "ok" for row in reg.list("tiny-llama"))
+    assert not [p for p in (tmp_path / "tiny-llama").iterdir() if p.name.startswith(".incoming")]
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from test_registry import make_profile
+    from registry import store
+
+    def die(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    setattr(store.Registry, {step!r}, die)
+    store.Registry({root!r}).register(make_profile(seed=9))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+@pytest.mark.parametrize("step", ["_write_manifest", "_claim_version"])
+def test_writer_killed_mid_write_leaves_no_visible_entry(tmp_path, step):
+    reg = Registry(tmp_path)
+    reg.register(make_profile(seed=1))
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), step=step, root=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    leftovers = [p for p in (tmp_path / "tiny-llama").iterdir() if p.name.startswith(".incoming")]
+    assert len(leftovers) == 1  # the dead writer's staging dir is there ...
+    assert reg.versions("tiny-llama") == [1]  # ... but invisible to readers
+    assert [row.ref for row in reg.list("tiny-llama")] == ["tiny-llama@1"]
+    assert reg.resolve("tiny-llama@latest") == ("tiny-llama", 1)
+    assert reg.register(make_profile(seed=2)) == "tiny-llama@2"  # and the next writer cleans it
+    assert not leftovers[0].exists()
+    assert reg.load("tiny-llama@2") == make_profile(seed=2)
+
+
+# --- corruption -----------------------------------------------------------------------------------
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_files_are_named_and_other_versions_stay_usable(tmp_path):
+    reg = Registry(tmp_path)
+    for seed in range(4):
+        reg.register(make_profile(seed=seed))
+    folder = tmp_path / "tiny-llama"
+    _flip_last_byte(folder / "2" / "head_scores.safetensors")
+    text = (folder / "3" / "profile.json").read_text()
+    assert '"strength": 3.5' in text  # a valid edit: only the checksum can tell
+    (folder / "3" / "profile.json").write_text(text.replace('"strength": 3.5', '"strength": 9.0'))
+    manifest = json.loads((folder / "4" / "manifest.json").read_text())
+    manifest["registered_at"] = "1999-01-01T00:00:00Z"
+    (folder / "4" / "manifest.json").write_text(json.dumps(manifest))
+
+    for version, file_name in [(2, "head_scores.safetensors"), (3, "profile.json"),
+                               (4, "manifest.json")]:
+        with pytest.raises(ProfileCorrupted, match=f"checksum mismatch in .*{file_name}") as err:
+            reg.load(f"tiny-llama@{version}")
+        assert err.value.path == str(folder / str(version) / file_name)
+    assert reg.load("tiny-llama@1") == make_profile(seed=0)
+    with pytest.warns(UserWarning, match="skipping corrupt version"):
+        assert reg.resolve("tiny-llama") == ("tiny-llama", 1)
+    status = {row.version: row.status for row in reg.list("tiny-llama")}
+    assert status == {1: "ok", 2: "corrupt", 3: "corrupt", 4: "corrupt"}
+    with pytest.raises(ProfileCorrupted):
+        reg.tag("tiny-llama@2", "prod")
+
+    (folder / "1" / "profile.json").unlink()
+    with pytest.raises(ProfileCorrupted, match="profile.json is missing"):
+        reg.load("tiny-llama@1")
+    with pytest.warns(UserWarning), pytest.raises(ProfileCorrupted, match="every stored version"):
+        reg.load("tiny-llama")
+
+
+# --- root -----------------------------------------------------------------------------------------
+
+
+def test_default_root_follows_env_then_user_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYSCO_REGISTRY", str(tmp_path / "custom"))
+    assert Registry().root == tmp_path / "custom"
+    monkeypatch.delenv("DYSCO_REGISTRY")
+    assert Registry().root.parts[-2:] == ("dysco-toolkit", "registry")
+
+
+def test_reading_needs_no_torch(tmp_path):
+    Registry(tmp_path).register(make_profile())
+    code = (
+        "import sys; from registry import Registry; "
+        f"p = Registry({str(tmp_path)!r}).load('tiny-llama'); Registry({str(tmp_path)!r}).list(); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; print(p.head_set)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(make_profile().head_set)
+
+
+# --- model identity -------------------------------------------------------------------------------
+
+
+def test_check_model_accepts_matching_fingerprints_under_any_name():
+    identity = dict(IDENTITY.to_dict(), name="/models/local-copy")
+    assert check_model(make_profile(), identity) == "config and weights fingerprints match"
+
+
+def test_check_model_refuses_other_weights_naming_both_fingerprints():
+    other = dict(IDENTITY.to_dict(), weights_fingerprint="w-2222")
+    with pytest.raises(ProfileMismatchError) as err:
+        check_model(make_profile(), other)
+    assert "w-1111" in str(err.value) and "w-2222" in str(err.value)
+    with pytest.warns(UserWarning, match="w-2222"):
+        basis = check_model(make_profile(), other, force=True)
+    assert basis.startswith("forced")
+
+
+def test_check_model_matches_seeds_by_name_and_shape_and_says_so():
+    seed = load_seed("qwen3-8b")
+    identity = {"name": "Qwen/Qwen3-8B", "architecture": "qwen3", "num_layers": 36,
+                "num_heads": 32, "num_kv_heads": 8, "config_fingerprint": "c",
+                "weights_fingerprint": "w"}
+    assert "matched by name and shape only" in check_model(seed, identity)
+    with pytest.raises(ProfileMismatchError, match="name 'qwen3-8b' .profile. vs 'Qwen/Qwen3-4B'"):
+        check_model(seed, dict(identity, name="Qwen/Qwen3-4B"))
+    with pytest.raises(ProfileMismatchError, match="num_kv_heads 8 .profile. vs 4"):
+        check_model(seed, dict(identity, num_kv_heads=4))
+
+
+def test_check_model_never_forces_heads_outside_the_model():
+    small = dict(IDENTITY.to_dict(), num_layers=1)
+    profile = make_profile(head_set=[(3, 0)])
+    with warnings.catch_warnings(), pytest.raises(ProfileMismatchError, match="not overridable"):
+        check_model(profile, small, force=True)
+    with pytest.raises(ProfileValidationError, match="missing num_heads"):
+        check_model(profile, {"architecture": "llama", "num_layers": 4, "num_kv_heads": 2})
