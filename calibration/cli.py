@@ -1,0 +1,204 @@
+"""`calibrate`: tune DySCO's knobs for a model on a dev task and register the tuned profile.
+
+    calibrate --dev mrcr --model smollm2-135m --trials 20 --examples 8 --context 1024
+
+Run the same command again after an interruption and the study continues where it stopped
+(finished trials are kept). Add `--workers N` to share the study among N processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from calibration.study import (
+    ATTNTS_TEMPERATURES,
+    DEFAULT_STORAGE,
+    CalibrationConfig,
+    CalibrationError,
+    calibrate,
+    parse_heads,
+)
+
+_EPILOG = """\
+examples:
+  calibrate --dev mrcr --model smollm2-135m --trials 20
+  calibrate --dev kv --model ./my-checkpoint --heads 14:2,17:5,12:0 --context 2048
+  calibrate --dev mrcr_2needles.parquet --model qwen2.5-coder-0.5b --profile qwen2.5-coder-0.5b@1
+  calibrate --dev mrcr --model smollm2-135m --storage postgresql://host/db --workers 4
+
+The study is stored in --storage (default: %(storage)s in this folder) under --study-name
+(default: derived from the model, task, examples and head ranking, so the same command
+resumes the same study). Trials already finished count towards --trials; a trial left
+running by a killed process is marked failed and run again. MLflow runs go to
+--tracking-uri (default: sqlite:///mlflow.db in this folder; view them with
+`mlflow ui --backend-store-uri sqlite:///mlflow.db`).
+""" % {"storage": DEFAULT_STORAGE}
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _heads(text: str) -> list[tuple[int, int]]:
+    try:
+        return parse_heads(text)
+    except CalibrationError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _temperatures(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"temperatures must be positive numbers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `calibrate` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="calibrate",
+        description="Tune DySCO's knobs (strength, top_k, top_p, decay, number of heads) for a model "
+        "with an Optuna study on a dev task, compare with vanilla and AttnTS decoding on held-out "
+        "test examples, and register the tuned profile as a new version.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_argument_group("what to calibrate")
+    what.add_argument("--dev", required=True, metavar="TASK|PATH",
+                      help="dev task: mrcr (synthetic), pathtrans, kv, or a published-format MRCR file "
+                      "(.parquet/.json/.jsonl)")
+    what.add_argument("--model", default="smollm2-135m", metavar="NAME",
+                      help="catalogue name, local checkpoint folder or .gguf, or Hub id (default: %(default)s)")
+    heads = what.add_mutually_exclusive_group()
+    heads.add_argument("--profile", metavar="REF",
+                       help="registry profile to start from (its QR head ranking and knobs), e.g. "
+                       "smollm2-135m@1; default: the model's latest profile")
+    heads.add_argument("--heads", type=_heads, metavar="L:H,…",
+                       help="start from this ranked head list instead of a profile, e.g. 14:2,17:5")
+    size = p.add_argument_group("examples")
+    size.add_argument("--examples", type=_at_least(1), default=8, metavar="N",
+                      help="dev examples each trial decodes (default: %(default)s)")
+    size.add_argument("--test-examples", type=_at_least(1), metavar="N",
+                      help="held-out test examples for the final comparison (default: half of --examples)")
+    size.add_argument("--context", type=_at_least(16), default=1024, metavar="TOKENS",
+                      help="prompt length in the model's tokens (default: %(default)s)")
+    size.add_argument("--needles", type=_at_least(1), metavar="K",
+                      help="MRCR only: identical asks per chat (published: 2, 4, 8; default 2)")
+    size.add_argument("--max-new-tokens", type=_at_least(1), default=48, metavar="N",
+                      help="tokens generated per example (default: %(default)s)")
+    size.add_argument("--batch-size", type=_at_least(1), default=1, metavar="N",
+                      help="examples decoded together; the pruner sees the score after each batch "
+                      "(default: %(default)s)")
+    study = p.add_argument_group("study")
+    study.add_argument("--trials", type=_at_least(1), default=20, metavar="N",
+                       help="finished trials wanted, counting those already in the study (default: %(default)s)")
+    study.add_argument("--seed", type=int, default=0, metavar="S",
+                       help="seed of the examples, their dev/test split and the TPE sampler (default: %(default)s)")
+    study.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL",
+                       help="Optuna storage URL (default: %(default)s); sqlite, postgresql or mysql")
+    study.add_argument("--study-name", metavar="S", help="study to create or continue (default: derived)")
+    study.add_argument("--workers", type=_at_least(1), default=1, metavar="N",
+                       help="processes sharing the study, this one included (default: %(default)s)")
+    study.add_argument("--speed-objective", action="store_true",
+                       help="also maximise tokens/s: a two-objective study with a Pareto front (no pruning)")
+    study.add_argument("--attnts-temperatures", type=_temperatures, default=ATTNTS_TEMPERATURES,
+                       metavar="T,…", help="AttnTS baseline grid; the best on dev is kept "
+                       f"(default: {','.join(map(str, ATTNTS_TEMPERATURES))})")
+    study.add_argument("--threads", type=_at_least(1), metavar="N",
+                       help="torch threads per worker (default: CPU cores / workers)")
+    out = p.add_argument_group("tracking and output")
+    out.add_argument("--tracking-uri", metavar="URI",
+                     help="MLflow tracking store or server (default: sqlite:///mlflow.db here)")
+    out.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    out.add_argument("--registry", metavar="DIR", help="profile registry folder (default: $DYSCO_REGISTRY or "
+                     "the user data dir)")
+    out.add_argument("--no-register", action="store_true", help="score the best trial but register nothing")
+    out.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
+    """The `CalibrationConfig` that parsed CLI arguments describe."""
+    return CalibrationConfig(
+        dev=args.dev, model=args.model, profile=args.profile, heads=args.heads, trials=args.trials,
+        examples=args.examples, test_examples=args.test_examples, context=args.context,
+        needles=args.needles, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        storage=args.storage, study_name=args.study_name, workers=args.workers,
+        tracking_uri=args.tracking_uri, tracking=not args.no_tracking, registry=args.registry,
+        register=not args.no_register, seed=args.seed, speed_objective=args.speed_objective,
+        attnts_temperatures=args.attnts_temperatures, threads=args.threads,
+    )
+
+
+def _fail(message: str, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"error": message}))
+    print(f"calibrate: error: {message}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `calibrate` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="calibrate: %(levelname)s: %(message)s")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it better
+    from decoder.catalogue import CatalogueError
+    from registry import RegistryError
+
+    try:
+        result = calibrate(config_from_args(args), progress=not args.quiet)
+    except (CalibrationError, CatalogueError, RegistryError, FileNotFoundError) as err:
+        return _fail(str(err), args.json)
+    except KeyboardInterrupt:
+        print("calibrate: interrupted; rerun the same command to continue the study", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(_report(result))
+    return 0
+
+
+def _report(result: Any) -> str:
+    lines = [
+        f"study {result.study_name} ({result.storage}): {result.trials['finished']} trials finished "
+        f"({result.trials['complete']} complete, {result.trials['pruned']} pruned, "
+        f"{result.trials['failed']} failed)",
+        "best knobs: " + ", ".join(f"{k}={_short(v)}" for k, v in result.best_params.items()),
+        "",
+        result.table(),
+        "",
+    ]
+    if result.profile_ref:
+        parent = f" (parent: {result.parent_ref})" if result.parent_ref else ""
+        lines.append(f"registered profile {result.profile_ref}{parent}")
+    if result.mlflow.get("run_id"):
+        lines.append(f"MLflow run {result.mlflow['run_id']} in {result.mlflow['tracking_uri']}")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

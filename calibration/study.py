@@ -1,0 +1,903 @@
+"""The calibration study: Optuna tunes DySCO's knobs on a dev task and registers the result.
+
+    >>> from calibration import CalibrationConfig, calibrate
+    >>> result = calibrate(CalibrationConfig(dev="mrcr", model="smollm2-135m", trials=20,
+    ...                                      storage="sqlite:///calibration.db"))
+    >>> result.profile_ref, result.scores["test"]
+    ('smollm2-135m@2', {'vanilla': 0.41, 'attnts': 0.43, 'dysco': 0.47})
+
+What one run does, in order:
+
+1. Resolve the dev task, load the model, take the head ranking from the input profile (its
+   `head_scores["qr"]`, else its head-set order) or from `--heads`, build and split the examples.
+2. Create the study, or load it by name. A loaded study must have been made with the same
+   model, examples, head ranking and search space (checked, not assumed). The published
+   defaults are enqueued as the first trial of a new study.
+3. Evaluate vanilla and AttnTS (a small temperature grid, best kept) once on the dev examples;
+   the scores live in the study, so a resumed or extra worker never recomputes them.
+4. Run trials until `trials` have finished (complete or pruned): seeded TPE over strength,
+   top_k, top_p, decay and the number of heads; a median pruner fed the running score after
+   each batch. Optional second objective: tokens/s (a Pareto front; no pruning then).
+5. Re-score the best trial, vanilla and AttnTS on the held-out test examples, and register a
+   new profile version (parent: the input profile) with every score and the provenance.
+
+Resuming and sharing. Every trial is written to the Optuna storage the moment it finishes, so
+a killed run loses only the trial in flight. A RUNNING trial whose process is gone (same host:
+its pid is checked; another host: its heartbeat stops) is marked failed and its parameters are
+queued again. Workers on one host take trials under a file lock, so together they run exactly
+`trials` trials; workers on several hosts (a PostgreSQL/MySQL URL) may overshoot by one each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from calibration.runner import Evaluation, ExampleRunner, Method
+from calibration.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = "sqlite:///calibration.db"  # the CLI's default, in the working folder
+ATTNTS_TEMPERATURES = (0.7, 0.8, 0.9)
+HEARTBEAT_INTERVAL_S = 10
+HEARTBEAT_GRACE_S = 60
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_KNOBS = ("strength", "top_k", "top_p", "decay", "num_heads")
+
+
+class CalibrationError(ValueError):
+    """Bad input to a calibration (unknown task, wrong profile, a study made differently …)."""
+
+
+@dataclass
+class CalibrationConfig:
+    """Everything one calibration depends on; the CLI's options map one to one onto it."""
+
+    dev: str
+    model: str = "smollm2-135m"
+    profile: str | None = None
+    heads: list[tuple[int, int]] | None = None
+    trials: int = 20
+    examples: int = 8
+    test_examples: int | None = None  # default: half of `examples`, at least one
+    context: int = 1024
+    needles: int | None = None
+    max_new_tokens: int = 48
+    batch_size: int = 1
+    storage: str | None = None  # None: in memory (one process, nothing to resume)
+    study_name: str | None = None  # default: derived from everything the study depends on
+    workers: int = 1
+    tracking_uri: str | None = None  # None: sqlite:///mlflow.db in the working folder
+    tracking: bool = True
+    registry: str | None = None  # None: the registry's default root
+    register: bool = True
+    seed: int = 0
+    speed_objective: bool = False
+    attnts_temperatures: tuple[float, ...] = ATTNTS_TEMPERATURES
+    threads: int | None = None  # torch threads per worker; None: cores / workers
+
+    def validate(self) -> None:
+        """Raise `CalibrationError` naming the first bad setting."""
+        def positive(name: str, minimum: int = 1) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise CalibrationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+        for name in ("trials", "examples", "context", "max_new_tokens", "batch_size", "workers"):
+            positive(name)
+        if self.test_examples is not None:
+            positive("test_examples")
+        if self.threads is not None:
+            positive("threads")
+        if self.profile is not None and self.heads is not None:
+            raise CalibrationError("give either a profile or a head list (--heads), not both")
+        if self.heads is not None and not self.heads:
+            raise CalibrationError("the head list (--heads) is empty")
+        if self.workers > 1 and self.storage is None:
+            raise CalibrationError("several workers need a shared storage: pass a storage URL (--storage)")
+        if not self.attnts_temperatures or any(t <= 0 for t in self.attnts_temperatures):
+            raise CalibrationError(
+                f"AttnTS temperatures must be positive numbers, got {self.attnts_temperatures!r}"
+            )
+
+    @property
+    def n_test(self) -> int:
+        """Held-out test examples."""
+        return self.test_examples if self.test_examples is not None else max(1, self.examples // 2)
+
+
+@dataclass
+class CalibrationResult:
+    """What a calibration produced: scores side by side, the best knobs, the registered profile."""
+
+    study_name: str
+    storage: str | None
+    trials: dict[str, int]
+    best_trial: int
+    best_params: dict[str, Any]
+    head_set: list[list[int]]
+    scores: dict[str, dict[str, float]]  # {"dev"|"test": {"vanilla", "attnts", "dysco"}}
+    tokens_per_s: dict[str, float]
+    attnts_temperature: float
+    profile_ref: str | None
+    parent_ref: str | None
+    mlflow: dict[str, str | None]
+    pareto_front: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what `calibrate --json` prints)."""
+        return asdict(self)
+
+    def table(self) -> str:
+        """Baselines against the tuned DySCO, on dev and test, as an aligned text table."""
+        rows = [
+            ("vanilla", "vanilla"),
+            (f"AttnTS (T={self.attnts_temperature:g})", "attnts"),
+            (f"DySCO tuned (trial {self.best_trial})", "dysco"),
+        ]
+        width = max(len(label) for label, _ in rows)
+        lines = [f"{'method':<{width}}  {'dev':>6}  {'test':>6}  {'tokens/s':>8}"]
+        for label, key in rows:
+            dev = self.scores["dev"].get(key)
+            test = self.scores["test"].get(key)
+            speed = self.tokens_per_s.get(key)
+            lines.append(
+                f"{label:<{width}}  {_fmt(dev):>6}  {_fmt(test):>6}  "
+                f"{'-' if speed is None else f'{speed:.1f}':>8}"
+            )
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def parse_heads(text: str) -> list[tuple[int, int]]:
+    """'21:31,21:18' -> [(21, 31), (21, 18)]."""
+    heads = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        layer, sep, head = item.partition(":")
+        if not sep or not layer.isdigit() or not head.isdigit():
+            raise CalibrationError(f"bad head {item!r} in --heads: write LAYER:HEAD pairs, e.g. 21:31,21:18")
+        pair = (int(layer), int(head))
+        if pair in heads:
+            raise CalibrationError(f"--heads lists {item} twice")
+        heads.append(pair)
+    if not heads:
+        raise CalibrationError("--heads is empty: write LAYER:HEAD pairs, e.g. 21:31,21:18")
+    return heads
+
+
+def head_ranking(profile: Any) -> list[tuple[int, int]]:
+    """Heads best first: every head by its QR score when the profile has one, else the head set."""
+    scores = profile.head_scores.get("qr")
+    if scores is None:
+        return list(profile.head_set)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, axis=None, kind="stable")  # ties: lower (layer, head) first
+    return [tuple(int(v) for v in np.unravel_index(i, scores.shape)) for i in order]
+
+
+def model_name(spec: str) -> str:
+    """The registry name of a model spec: a catalogue name or Hub id as is, a path's last part."""
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")):
+        stem = path.resolve().name
+        if stem.lower().endswith(".gguf"):
+            stem = stem[: -len(".gguf")]
+        cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip("-.")
+        while "--" in cleaned or ".." in cleaned:
+            cleaned = cleaned.replace("--", "-").replace("..", ".")
+        return cleaned or "local-model"
+    return spec
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of every library a calibration result depends on."""
+    out = {}
+    for package in ("dysco-toolkit", "torch", "transformers", "optuna", "mlflow", "numpy"):
+        try:
+            out[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _sampler_seed(seed: int, trial_index: int) -> int:
+    # One seed per trial slot: a resumed study draws what the uninterrupted one would have drawn.
+    return int(np.random.SeedSequence([seed, trial_index]).generate_state(1)[0])
+
+
+def _context_length(model: Any) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(getattr(config, "max_position_embeddings", None) or 2**20)
+
+
+# --------------------------------------------------------------------------- worker identity
+
+
+def _process_started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+_HOST = socket.gethostname()
+
+
+def _this_worker() -> dict[str, Any]:
+    return {"host": _HOST, "pid": os.getpid(), "started": _process_started(os.getpid())}
+
+
+def _is_dead(worker: dict[str, Any]) -> bool:
+    """Whether a worker recorded on this host is gone (its pid ended or now names another process)."""
+    if worker.get("host") != _HOST:
+        return False  # another host: its heartbeat decides
+    started = _process_started(int(worker["pid"]))
+    return started is None or (worker.get("started") is not None and abs(started - worker["started"]) > 1.0)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def open_storage(url: str | None) -> optuna.storages.BaseStorage:
+    """An Optuna storage for `url` (None: in memory), with heartbeats so dead trials get retried."""
+    if url is None:
+        return optuna.storages.InMemoryStorage()
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        # Workers write briefly and rarely; wait for the lock rather than fail.
+        engine_kwargs["connect_args"] = {"timeout": 120}
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_INTERVAL_S,
+            grace_period=HEARTBEAT_GRACE_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+        )
+    except Exception as err:  # sqlalchemy raises many kinds; all mean "cannot open this URL"
+        raise CalibrationError(f"cannot open the study storage {url!r}: {err}") from None
+
+
+def _lock_path(url: str | None, study_name: str) -> str | None:
+    if url is None:
+        return None
+    if url.startswith("sqlite:///"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+        if database and database != ":memory:":
+            return os.path.abspath(database) + f".{hashlib.sha256(study_name.encode()).hexdigest()[:12]}.lock"
+    key = hashlib.sha256(f"{url}\0{study_name}".encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"dysco-calibrate-{key}.lock")
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Iterator[None]:
+    """Record the trial's heartbeat while it runs (RDB storages), so other hosts can see it live."""
+    if not isinstance(storage, optuna.storages.RDBStorage):  # open_storage gives RDB ones heartbeats
+        yield
+        return
+    stop = threading.Event()
+    trial_id = trial._trial_id  # optuna exposes no public id; stable since optuna 1.x
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a missed beat is harmless; the next one retries
+                storage.record_heartbeat(trial_id)
+            if stop.wait(HEARTBEAT_INTERVAL_S):
+                return
+
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# --------------------------------------------------------------------------- the calibration
+
+
+class Calibration:
+    """One calibration: its model, examples, study and baselines. `calibrate()` drives it.
+
+    >>> cal = Calibration(config); cal.prepare()
+    >>> cal.run_baselines(); cal.run_trials(); result = cal.finish()
+    """
+
+    def __init__(self, config: CalibrationConfig) -> None:
+        config.validate()
+        self.config = config
+        self.tracker = None  # set by calibrate() when MLflow tracking is on
+        self._on_trial: Callable[[], None] | None = None
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def prepare(self, *, create: bool = True, progress: bool = False) -> None:
+        """Resolve the task, load the model, build the examples, open (or create) the study."""
+        from calibration.tasks import get_task, split
+
+        cfg = self.config
+        try:
+            self.task = get_task(cfg.dev)
+        except (ValueError, OSError) as err:
+            raise CalibrationError(str(err)) from None
+        opts: dict[str, Any] = {}
+        if cfg.needles is not None:
+            if "n_needles" not in self.task.options():
+                raise CalibrationError(f"--needles applies to the mrcr task only, not to {self.task.name!r}")
+            opts["n_needles"] = cfg.needles
+
+        from decoder.loading import load_model, model_identity
+        from registry import ModelIdentity
+
+        self.model, self.tokenizer = load_model(cfg.model, progress=progress)
+        if cfg.threads is not None:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        self.identity = ModelIdentity.from_dict(model_identity(self.model, model_name(cfg.model)))
+        self._resolve_heads()
+
+        n_dev, n_test = cfg.examples, cfg.n_test
+        try:
+            examples = self.task.generate(self.tokenizer, n_dev + n_test, cfg.context, cfg.seed, **opts)
+        except ValueError as err:
+            raise CalibrationError(f"cannot build {self.task.name} examples: {err}") from None
+        dev, test = split(examples, seed=cfg.seed, test_fraction=n_test / (n_dev + n_test))
+        self.dev, self.test = dev[:n_dev], test[:n_test]
+        if not self.dev or not self.test:
+            raise CalibrationError(
+                f"need at least one dev and one test example, got {len(self.dev)} and {len(self.test)} "
+                f"from {len(examples)} examples"
+            )
+        warmup = self.base_knobs.context_warmup
+        self.dev_runner = ExampleRunner(
+            self.model, self.tokenizer, self.task, self.dev,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, context_warmup=warmup,
+        )
+        self.space = SearchSpace.for_model(_context_length(self.model), len(self.ranking))
+        self.definition = self._definition(examples=[e.to_dict() for e in self.dev + self.test])
+        if cfg.study_name is None:
+            cfg.study_name = f"calibrate-{self.identity.name}-{self.task.name}-{_digest(self.definition)[:10]}"
+        self._open_study(create=create)
+
+    def _resolve_heads(self) -> None:
+        from registry import Knobs, ProfileNotFound, Registry, RegistryError, check_model
+
+        cfg = self.config
+        self.registry = Registry(cfg.registry)
+        self.parent_profile = None
+        self.parent_ref = None
+        layers, heads = self.identity.num_layers, self.identity.num_heads
+        if cfg.heads is not None:
+            bad = [h for h in cfg.heads if not (0 <= h[0] < layers and 0 <= h[1] < heads)]
+            if bad:
+                raise CalibrationError(
+                    f"--heads {bad[0][0]}:{bad[0][1]} is outside {self.identity.name} "
+                    f"({layers} layers x {heads} heads)"
+                )
+            self.ranking = list(cfg.heads)
+            self.base_knobs = Knobs()
+            return
+        ref = cfg.profile or self.identity.name
+        try:
+            name, version = self.registry.resolve(ref)
+            profile = self.registry.load(ref)
+        except ProfileNotFound as err:
+            hint = "" if cfg.profile else " (no --profile given, so the model's latest profile was looked up)"
+            raise CalibrationError(
+                f"no head set to start from{hint}: {err}. Run `headfinder` on the model first, or pass "
+                "--profile REF or --heads LAYER:HEAD,…"
+            ) from None
+        except RegistryError as err:
+            raise CalibrationError(f"cannot read profile {ref!r}: {err}") from None
+        try:
+            check_model(profile, self.identity)
+        except RegistryError as err:
+            raise CalibrationError(f"profile {ref!r} cannot be calibrated on {cfg.model!r}: {err}") from None
+        self.parent_profile = profile
+        self.parent_ref = f"{name}@{version}"
+        self.ranking = head_ranking(profile)
+        self.base_knobs = profile.knobs
+
+    def _definition(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """What a study's trials depend on; a study is only ever continued under the same one."""
+        cfg = self.config
+        return {
+            "model": self.identity.to_dict(),
+            "dev": cfg.dev,
+            "examples_sha256": _digest(examples),
+            "n_dev": len(self.dev),
+            "n_test": len(self.test),
+            "context": cfg.context,
+            "max_new_tokens": cfg.max_new_tokens,
+            "batch_size": cfg.batch_size,
+            "head_ranking_sha256": _digest(self.ranking),
+            "context_warmup": self.base_knobs.context_warmup,
+            "selection": self.base_knobs.selection,
+            "space": self.space.to_dict(),
+            "objectives": self.objectives,
+            "attnts_temperatures": list(cfg.attnts_temperatures),
+            "seed": cfg.seed,
+        }
+
+    @property
+    def objectives(self) -> list[str]:
+        """Names of the study's objectives (all maximised)."""
+        return ["score", "tokens_per_s"] if self.config.speed_objective else ["score"]
+
+    def _pruner(self) -> optuna.pruners.BasePruner:
+        if self.config.speed_objective:
+            return optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective trials
+        # Steps are "dev examples done"; no verdict before half of them were scored.
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, len(self.dev) // 2))
+
+    def _sampler(self, trial_index: int) -> optuna.samplers.BaseSampler:
+        startup = min(10, max(3, self.config.trials // 2))
+        return optuna.samplers.TPESampler(
+            seed=_sampler_seed(self.config.seed, trial_index), n_startup_trials=startup
+        )
+
+    def load_study(self, trial_index: int = 0) -> optuna.Study:
+        """The study, with a sampler seeded for trial slot `trial_index`."""
+        return optuna.load_study(
+            study_name=self.config.study_name, storage=self.storage,
+            sampler=self._sampler(trial_index), pruner=self._pruner(),
+        )
+
+    def _open_study(self, create: bool) -> None:
+        cfg = self.config
+        self.storage = open_storage(cfg.storage)
+        with self._lock():
+            try:
+                study = self.load_study()
+            except KeyError:
+                if not create:
+                    raise CalibrationError(
+                        f"no study {cfg.study_name!r} in {cfg.storage}; a worker joins an existing study"
+                    ) from None
+                study = optuna.create_study(
+                    study_name=cfg.study_name, storage=self.storage, sampler=self._sampler(0),
+                    pruner=self._pruner(), directions=["maximize"] * len(self.objectives),
+                )
+                study.set_metric_names(self.objectives)
+                study.set_user_attr("definition", self.definition)
+                study.enqueue_trial(self.space.defaults(), user_attrs={"published_defaults": True})
+                self.study = study
+                return
+        stored = study.user_attrs.get("definition")
+        if stored is None:
+            raise CalibrationError(
+                f"study {cfg.study_name!r} in {cfg.storage} was not made by `calibrate`; pick another --study-name"
+            )
+        if stored != self.definition:
+            differ = sorted(k for k in set(stored) | set(self.definition) if stored.get(k) != self.definition.get(k))
+            raise CalibrationError(
+                f"study {cfg.study_name!r} in {cfg.storage} was made with a different "
+                f"{', '.join(differ)}; continuing it would mix incomparable trials. Rerun with the "
+                "same settings, or give a new --study-name"
+            )
+        self.study = study
+
+    def _lock(self):
+        from filelock import FileLock
+
+        path = _lock_path(self.config.storage, self.config.study_name or "")
+        return FileLock(path) if path else contextlib.nullcontext()
+
+    # --- baselines ----------------------------------------------------------------------------
+
+    def run_baselines(self, progress: bool = False) -> dict[str, Any]:
+        """Vanilla and AttnTS on the dev examples, once per study (stored with it)."""
+        stored = self.study.user_attrs.get("baselines")
+        if stored is not None:
+            return stored
+        methods = [("vanilla", Method.vanilla())] + [
+            (f"attnts@{t:g}", Method.attnts(t)) for t in self.config.attnts_temperatures
+        ]
+        results: dict[str, Evaluation] = {}
+        for label, method in _progress(methods, progress, "baselines"):
+            results[label] = self.dev_runner.evaluate(method)
+        grid = {label.split("@")[1]: results[label].mean for label in results if label.startswith("attnts@")}
+        # Best AttnTS temperature; ties go to the mildest change (closest to T = 1).
+        best_t = max(self.config.attnts_temperatures, key=lambda t: (results[f"attnts@{t:g}"].mean, -abs(1 - t)))
+        best = results[f"attnts@{best_t:g}"]
+        baselines = {
+            "vanilla": _summary(results["vanilla"]),
+            "attnts": {**_summary(best), "temperature": best_t, "grid": grid},
+        }
+        self.study.set_user_attr("baselines", baselines)
+        return baselines
+
+    # --- trials -------------------------------------------------------------------------------
+
+    def _dysco_config(self, params: dict[str, Any]):
+        from decoder.dysco import DyscoConfig
+
+        return DyscoConfig(
+            head_set=self.ranking[: params["num_heads"]],
+            strength=params["strength"],
+            top_p=params["top_p"],
+            top_k=params["top_k"],
+            decay=params["decay"],
+            context_warmup=self.base_knobs.context_warmup,
+            selection=self.base_knobs.selection,
+        )
+
+    def _objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        params = self.space.suggest(trial)
+        trial.set_user_attr("head_set", [list(h) for h in self.ranking[: params["num_heads"]]])
+        config = self._dysco_config(params)
+        multi = self.config.speed_objective
+
+        def on_batch(done: int, mean: float) -> None:
+            if not multi:
+                trial.report(mean, done)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"running score {mean:.3f} after {done} examples")
+
+        evaluation = self.dev_runner.evaluate(Method.dysco(config), on_batch=on_batch)
+        for key, value in _summary(evaluation).items():
+            trial.set_user_attr(key, value)
+        return (evaluation.mean, evaluation.tokens_per_s) if multi else evaluation.mean
+
+    def _reclaim_dead_trials(self, study: optuna.Study) -> None:
+        """Fail RUNNING trials whose process is gone and queue their parameters again."""
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = trial.user_attrs.get("worker")
+            if worker is None or not _is_dead(worker):
+                continue
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            log.warning("trial %d was left running by a dead process (pid %s); re-running it",
+                        trial.number, worker.get("pid"))
+            if set(trial.params) == set(_KNOBS):
+                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # other hosts: by heartbeat
+
+    def _next_trial(self) -> tuple[optuna.Study, optuna.Trial | None, bool]:
+        """Under the study's lock: (study, a new trial or None, whether the budget is met)."""
+        with self._lock():
+            study = self.load_study()
+            self._reclaim_dead_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            finished = sum(t.state in FINISHED for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if finished >= self.config.trials:
+                return study, None, True
+            if finished + running >= self.config.trials:
+                return study, None, False  # others hold the remaining budget: wait for them
+            study = self.load_study(trial_index=len(trials))
+            trial = study.ask()
+            trial.set_user_attr("worker", _this_worker())
+            return study, trial, False
+
+    def run_trials(self, on_trial: Callable[[optuna.Study], None] | None = None, poll_s: float = 1.0) -> None:
+        """Run trials until `trials` of them have finished in the study (counting other workers')."""
+        while True:
+            study, trial, done = self._next_trial()
+            if on_trial is not None:
+                on_trial(study)
+            if done:
+                return
+            if trial is None:
+                time.sleep(poll_s)
+                continue
+            with _heartbeat(self.storage, trial):
+                try:
+                    value = self._objective(trial)
+                except optuna.TrialPruned:
+                    study.tell(trial, state=TrialState.PRUNED)
+                except BaseException:
+                    study.tell(trial, state=TrialState.FAIL)
+                    raise
+                else:
+                    study.tell(trial, value)
+            if on_trial is not None:
+                on_trial(study)
+
+    # --- the result -----------------------------------------------------------------------------
+
+    def best_trial(self, study: optuna.Study) -> FrozenTrial:
+        """The best complete trial; with two objectives, the most accurate of the Pareto front."""
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            raise CalibrationError(
+                f"study {study.study_name!r} has no complete trial (all were pruned or failed)"
+            )
+        if len(study.directions) == 1:
+            return study.best_trial
+        return max(study.best_trials, key=lambda t: (t.values[0], t.values[1], -t.number))
+
+    def finish(self, progress: bool = False) -> CalibrationResult:
+        """Score the best trial and the baselines on the test examples; register the profile."""
+        cfg = self.config
+        study = self.load_study()
+        best = self.best_trial(study)
+        trials = study.get_trials(deepcopy=False)
+        counts = {
+            "finished": sum(t.state in FINISHED for t in trials),
+            "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "failed": sum(t.state == TrialState.FAIL for t in trials),
+        }
+        # Re-running a finished study's command returns the registered result instead of
+        # registering the same knobs twice.
+        previous = study.user_attrs.get("result")
+        if previous and previous["best_trial"] == best.number and previous["trials"] == counts:
+            return CalibrationResult(**previous)
+
+        baselines = self.run_baselines()
+        t_star = baselines["attnts"]["temperature"]
+        test_runner = ExampleRunner(
+            self.model, self.tokenizer, self.task, self.test, max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size, context_warmup=self.base_knobs.context_warmup,
+        )
+        methods = {
+            "vanilla": Method.vanilla(),
+            "attnts": Method.attnts(t_star),
+            "dysco": Method.dysco(self._dysco_config(best.params)),
+        }
+        test = {name: test_runner.evaluate(m) for name, m in _progress(methods.items(), progress, "test")}
+        scores = {
+            "dev": {
+                "vanilla": baselines["vanilla"]["score"],
+                "attnts": baselines["attnts"]["score"],
+                "dysco": float(best.values[0]),
+            },
+            "test": {name: ev.mean for name, ev in test.items()},
+        }
+        speeds = {
+            "vanilla": baselines["vanilla"]["tokens_per_s"],
+            "attnts": baselines["attnts"]["tokens_per_s"],
+            "dysco": float(best.user_attrs.get("tokens_per_s", 0.0)),
+        }
+        pareto = []
+        if len(study.directions) > 1:
+            pareto = [
+                {"trial": t.number, "score": t.values[0], "tokens_per_s": t.values[1], "params": t.params}
+                for t in sorted(study.best_trials, key=lambda t: t.number)
+            ]
+        tracking = {
+            "tracking_uri": self.tracker.tracking_uri if self.tracker else None,
+            "run_id": self.tracker.parent_run_id if self.tracker else None,
+        }
+        profile = self._profile(best, scores, speeds, baselines, counts, tracking)
+        ref = self.registry.register(profile) if cfg.register else None
+        result = CalibrationResult(
+            study_name=study.study_name, storage=cfg.storage, trials=counts, best_trial=best.number,
+            best_params=dict(best.params), head_set=[list(h) for h in profile.head_set],
+            scores=scores, tokens_per_s=speeds, attnts_temperature=t_star, profile_ref=ref,
+            parent_ref=self.parent_ref, mlflow=tracking, pareto_front=pareto,
+        )
+        study.set_user_attr("result", result.to_dict())
+        if self.tracker is not None:
+            flat = {f"{split}_{name}": v for split, row in scores.items() for name, v in row.items()}
+            self.tracker.log_metrics({**flat, "best_trial": best.number, "tokens_per_s_dysco": speeds["dysco"]})
+            if ref:
+                self.tracker.set_tags({"dysco.profile_ref": ref})
+            self.tracker.log_json({**profile.to_dict(), "ref": ref}, "profile.json", "profile")
+        return result
+
+    def _profile(self, best, scores, speeds, baselines, counts, tracking):
+        from registry import Knobs, Profile
+
+        cfg = self.config
+        p = best.params
+        knobs = Knobs(
+            strength=p["strength"], top_p=p["top_p"], top_k=p["top_k"], decay=p["decay"],
+            context_warmup=self.base_knobs.context_warmup, selection=self.base_knobs.selection,
+        )
+        metrics = {
+            "dev_task": self.task.name,
+            "dev_source": cfg.dev,
+            "context_tokens": cfg.context,
+            "max_new_tokens": cfg.max_new_tokens,
+            "dev_examples": len(self.dev),
+            "test_examples": len(self.test),
+            "dev": scores["dev"],
+            "test": scores["test"],
+            "tokens_per_s": speeds,
+            "attnts_temperature": baselines["attnts"]["temperature"],
+            "attnts_grid_dev": baselines["attnts"]["grid"],
+        }
+        if cfg.needles is not None:
+            metrics["needles"] = cfg.needles
+        provenance = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "kind": "calibration",
+            "parent": self.parent_ref,
+            "study_name": self.study.study_name,
+            "storage": cfg.storage,
+            "seed": cfg.seed,
+            "trials": counts,
+            "best_trial": best.number,
+            "objectives": self.objectives,
+            "search_space": self.space.to_dict(),
+            "mlflow_run_id": tracking["run_id"],
+            "mlflow_tracking_uri": tracking["tracking_uri"],
+            "model_spec": cfg.model,
+            "library_versions": library_versions(),
+        }
+        head_scores = dict(self.parent_profile.head_scores) if self.parent_profile is not None else {}
+        return Profile(
+            model=self.identity, head_set=self.ranking[: p["num_heads"]], knobs=knobs,
+            head_scores=head_scores, metrics=metrics, provenance=provenance,
+        )
+
+
+def _summary(evaluation: Evaluation) -> dict[str, Any]:
+    return {
+        "score": evaluation.mean,
+        "scores": evaluation.scores,
+        "tokens_per_s": evaluation.tokens_per_s,
+        "new_tokens": evaluation.new_tokens,
+        "decode_seconds": evaluation.decode_seconds,
+    }
+
+
+def _progress(items, enabled: bool, desc: str):
+    items = list(items)
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="run", leave=False, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def _spawn_workers(config: CalibrationConfig, count: int) -> list[subprocess.Popen]:
+    spec = json.dumps(asdict(replace(config, workers=1)))
+    return [
+        subprocess.Popen([sys.executable, "-m", "calibration.study", "--worker", spec])
+        for _ in range(count)
+    ]
+
+
+def calibrate(config: CalibrationConfig, *, progress: bool = False) -> CalibrationResult:
+    """Run (or resume) a whole calibration and return its result; see the module docstring."""
+    config = replace(config)  # the study name gets filled in; the caller's object stays as given
+    if config.threads is None:
+        config.threads = max(1, (os.cpu_count() or 1) // config.workers)
+    cal = Calibration(config)
+    cal.prepare(create=True, progress=progress)
+    tracker = None
+    if config.tracking:
+        from calibration.tracking import Tracker
+
+        tracker = Tracker(config.tracking_uri)
+        tracker.start(
+            cal.study,
+            params={**cal.definition, "model": config.model, "study_name": config.study_name,
+                    "storage": config.storage, "parent_profile": cal.parent_ref},
+            tags={"dysco.model": cal.identity.name, "dysco.dev_task": cal.task.name},
+        )
+        cal.tracker = tracker
+    try:
+        baselines = cal.run_baselines(progress=progress)
+        if tracker is not None:
+            tracker.log_metrics({
+                "dev_vanilla": baselines["vanilla"]["score"],
+                "dev_attnts": baselines["attnts"]["score"],
+                "attnts_temperature": baselines["attnts"]["temperature"],
+            })
+        workers = _spawn_workers(config, config.workers - 1) if config.workers > 1 else []
+        bar = _trial_bar(cal, progress)
+        try:
+            def on_trial(study: optuna.Study) -> None:
+                if tracker is not None:
+                    tracker.sync_trials(study)
+                if bar is not None:
+                    _update_bar(bar, study)
+
+            cal.run_trials(on_trial=on_trial)
+        finally:
+            if bar is not None:
+                bar.close()
+            for process in workers:
+                process.wait()
+        failed = [p.returncode for p in workers if p.returncode != 0]
+        if failed:
+            log.warning("%d worker process(es) exited with an error (codes %s)", len(failed), failed)
+        if tracker is not None:
+            tracker.sync_trials(cal.load_study())
+        result = cal.finish(progress=progress)
+        if tracker is not None:
+            tracker.log_plots(cal.load_study())
+            tracker.end("FINISHED")
+        return result
+    except BaseException:
+        if tracker is not None:
+            with contextlib.suppress(Exception):
+                tracker.sync_trials(cal.load_study())
+                tracker.end("FAILED")
+        raise
+
+
+def _trial_bar(cal: Calibration, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    study = cal.load_study()
+    finished = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    return tqdm(total=cal.config.trials, initial=min(finished, cal.config.trials), desc="trials",
+                unit="trial", file=sys.stderr, dynamic_ncols=True)
+
+
+def _update_bar(bar, study: optuna.Study) -> None:
+    trials = study.get_trials(deepcopy=False)
+    finished = min(sum(t.state in FINISHED for t in trials), bar.total)
+    if finished > bar.n:
+        bar.update(finished - bar.n)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = max(t.values[0] for t in complete)
+        bar.set_postfix(best=f"{best:.3f}", running=sum(t.state == TrialState.RUNNING for t in trials))
+
+
+def run_worker(config: CalibrationConfig) -> None:
+    """Join an existing study as an extra worker: run trials until the budget is met, then exit."""
+    cal = Calibration(config)
+    cal.prepare(create=False)
+    cal.run_trials()
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    if len(argv) != 2 or argv[0] != "--worker":
+        print("usage: python -m calibration.study --worker CONFIG_JSON (started by `calibrate --workers N`)",
+              file=sys.stderr)
+        return 2
+    data = json.loads(argv[1])
+    if data.get("heads") is not None:
+        data["heads"] = [tuple(h) for h in data["heads"]]
+    data["attnts_temperatures"] = tuple(data["attnts_temperatures"])
+    try:
+        run_worker(CalibrationConfig(**data))
+    except CalibrationError as err:
+        print(f"calibrate worker: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))
