@@ -738,7 +738,7 @@ class Registry:
         try:
             with open(temp, "wb") as raw:
                 # mtime=0 everywhere: the same profiles always give the same archive bytes.
-                with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as zipped:
+                with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as zipped:
                     with tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
                         for member_name, data in files.items():
                             info = tarfile.TarInfo(member_name)
