@@ -95,7 +95,7 @@ def grade_mrcr(response: str, answer: str, random_string_to_prepend: str) -> flo
 
 
 def _check_field(record: dict[str, Any], name: str, kind: type, where: str) -> Any:
-    if name not in record:
+    if record.get(name) is None:  # a parquet row lacking a field holds a null there
         raise ValueError(
             f"{where}: missing field {name!r}; an MRCR record needs {', '.join(RECORD_FIELDS)}"
         )
