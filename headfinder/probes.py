@@ -1,0 +1,431 @@
+"""Synthetic probes for head detection, sized in the model's own tokens.
+
+Two kinds, both seeded and deterministic, both about invented things so no world knowledge helps:
+
+- `QRProbe`: several short documents about invented people (or organisations), then a question
+  answerable from one gold document (or, in the multi-hop variant, from two). Each probe carries the
+  token ids of the prompt with the question and with the null query "N/A"; both share a prefix that
+  holds every document, so the prefix is prefilled once.
+- `NeedleProbe`: a needle sentence inside filler text at a chosen depth, then a question whose answer
+  is the needle repeated (Wu et al. 2024).
+
+    >>> probes = make_qr_probes(tokenizer, n=8, context_tokens=1024, seed=0)
+    >>> probes[0].doc_spans[probes[0].gold[0]]      # token span of the gold document
+    (211, 287)
+    >>> needles = make_needle_probes(tokenizer, n=4, context_tokens=1024, seed=0)
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+NULL_QUERY = "N/A"
+
+QR_INSTRUCTION = "Read the documents below and answer the question that follows them."
+NEEDLE_INSTRUCTION = "Read the text below. One sentence in it states a special magic number."
+
+# Invented-name syllables: pronounceable, unlikely to name anything real.
+_ONSETS = ["b", "br", "d", "dr", "f", "g", "gl", "k", "kr", "l", "m", "n", "p", "qu", "r", "s", "sk", "t", "th", "v", "z"]
+_NUCLEI = ["a", "e", "i", "o", "u", "ae", "ei", "ou", "y"]
+_CODAS = ["", "", "n", "r", "l", "th", "sk", "m", "x", "nd", "v"]
+
+_PROFESSIONS = ["baker", "cartographer", "glassblower", "ferry pilot", "beekeeper", "clockmaker", "librarian",
+                "stonemason", "weaver", "apothecary", "harbour master", "tanner", "violin maker", "surveyor",
+                "bookbinder", "lamplighter", "cooper", "falconer", "chandler", "rope maker"]
+_ANIMALS = ["cat", "parrot", "tortoise", "goat", "hedgehog", "ferret", "donkey", "owl", "rabbit", "lizard"]
+_COLOURS = ["ochre", "teal", "crimson", "violet", "amber", "indigo", "olive", "scarlet", "silver", "jade"]
+_HOBBIES = ["carving wooden spoons", "sailing small boats", "collecting beetles", "playing the flute",
+            "growing pumpkins", "painting lighthouses", "racing pigeons", "knitting scarves", "fishing at dawn",
+            "climbing old towers", "pressing flowers", "brewing nettle tea"]
+_ORG_KINDS = ["foundry", "observatory", "shipyard", "orchard cooperative", "printing house", "guild hall",
+              "seed bank", "rope works", "glass works", "salt mine"]
+_SPECIALTIES = ["its copper bells", "its winter markets", "its blue glass", "its long ledgers", "its strong rope",
+                "its night lanterns", "its careful maps", "its sweet cider", "its iron gates", "its quiet gardens"]
+
+_QUESTIONS = {
+    "town": ("In which town does {name} live?", "town"),
+    "profession": ("What is the profession of {name}?", "profession"),
+    "pet": ("What is the name of the {animal} that {name} keeps?", "pet_name"),
+    "age": ("How old is {name}?", "age"),
+    "colour": ("What is the favourite colour of {name}?", "colour"),
+}
+
+_FILLER_SUBJECTS = ["The old road", "A grey heron", "The market square", "The river", "A quiet wind", "The stone bridge",
+                    "The baker's cart", "A row of poplars", "The harbour", "An empty field", "The village clock",
+                    "A flock of sheep", "The morning fog", "The mill wheel", "A narrow lane"]
+_FILLER_VERBS = ["runs past", "rests beside", "leans toward", "drifts over", "waits near", "turns around",
+                 "stretches along", "hides behind", "looks across", "winds through"]
+_FILLER_OBJECTS = ["the low hills", "the church yard", "the wooden fence", "the drying nets", "the chalk cliffs",
+                   "the sleepy inn", "the barley rows", "the far shore", "the old well", "the painted doors"]
+_FILLER_TAILS = ["as it has for many years", "while the light fades", "in the cool of the evening",
+                 "without a sound", "long before noon", "after the rain", "on most days", "under a pale sky"]
+
+
+@dataclass(frozen=True)
+class QRProbe:
+    """One query-focused multi-document probe, tokenised.
+
+    `query_ids` and `null_ids` are the whole prompts; they agree on their first `prefix_len` tokens,
+    which hold every document. `query_rows` / `null_rows` are the token spans of the question and of
+    the null query inside each prompt; `doc_spans` are half-open token spans, all inside the prefix.
+    """
+
+    query_ids: list[int]
+    null_ids: list[int]
+    prefix_len: int
+    query_rows: tuple[int, int]
+    null_rows: tuple[int, int]
+    doc_spans: list[tuple[int, int]]
+    gold: list[int]
+    question: str
+    answer: str
+    seed: int
+    hops: int = 1
+
+    @property
+    def num_docs(self) -> int:
+        """How many documents the probe holds."""
+        return len(self.doc_spans)
+
+
+@dataclass(frozen=True)
+class NeedleProbe:
+    """One needle-in-a-haystack copy probe, tokenised.
+
+    The model reads `prompt_ids` and should reply with the needle sentence; `needle_span` is the
+    half-open token span of the needle inside the prompt and `key` the string whose presence in the
+    reply counts as a successful retrieval.
+    """
+
+    prompt_ids: list[int]
+    needle_span: tuple[int, int]
+    needle: str
+    key: str
+    depth: float
+    seed: int
+    max_new_tokens: int = field(default=32)
+
+    @property
+    def needle_len(self) -> int:
+        """Number of needle tokens in the prompt."""
+        return self.needle_span[1] - self.needle_span[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Invented worlds
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_ONSETS) + rng.choice(_NUCLEI) + rng.choice(_CODAS) for _ in range(syllables))
+
+
+def _unique_names(rng: random.Random, count: int, syllables: Sequence[int], used: set[str]) -> list[str]:
+    names = []
+    while len(names) < count:
+        word = _word(rng, rng.choice(list(syllables))).capitalize()
+        if word not in used and len(word) >= 4:
+            used.add(word)
+            names.append(word)
+    return names
+
+
+def _person(rng: random.Random, used: set[str]) -> dict:
+    first, last, town, pet = _unique_names(rng, 4, (2, 2, 3), used)
+    return {
+        "name": f"{first} {last}",
+        "first": first,
+        "town": town,
+        "profession": rng.choice(_PROFESSIONS),
+        "animal": rng.choice(_ANIMALS),
+        "pet_name": pet,
+        "age": str(rng.randint(19, 88)),
+        "colour": rng.choice(_COLOURS),
+        "hobby": rng.choice(_HOBBIES),
+    }
+
+
+def _person_text(p: dict, rng: random.Random, org: str | None = None) -> str:
+    sentences = [
+        f"{p['name']} is a {p['profession']} who lives in the town of {p['town']}.",
+        f"{p['first']} is {p['age']} years old.",
+        f"{p['name']} keeps a {p['animal']} called {p['pet_name']}.",
+        f"On free days {p['first']} enjoys {p['hobby']}.",
+        f"The favourite colour of {p['first']} is {p['colour']}.",
+    ]
+    if org is not None:
+        sentences.append(f"{p['name']} works for the {org}.")
+    head, rest = sentences[0], sentences[1:]
+    rng.shuffle(rest)
+    return " ".join([head, *rest])
+
+
+def _org(rng: random.Random, used: set[str]) -> dict:
+    word, town = _unique_names(rng, 2, (2, 3), used)
+    kind = rng.choice(_ORG_KINDS)
+    return {"name": f"{word} {kind.title()}", "kind": kind, "town": town, "year": str(rng.randint(1701, 1989)),
+            "staff": str(rng.randint(7, 900)), "specialty": rng.choice(_SPECIALTIES)}
+
+
+def _org_text(o: dict, rng: random.Random) -> str:
+    rest = [
+        f"It was founded in {o['year']} and employs {o['staff']} people.",
+        f"The {o['name']} is known for {o['specialty']}.",
+    ]
+    rng.shuffle(rest)
+    return " ".join([f"The {o['name']} is a {o['kind']} located in the town of {o['town']}.", *rest])
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering and token bookkeeping
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer renders chat messages itself (else probes are plain text)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(tokenizer, user_text: str, answer_prefix: str = "") -> str:
+    """The text the model reads: the user turn through the chat template, or plain text without one."""
+    if has_chat_template(tokenizer):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = f"{user_text}\nAnswer:" + (" " if answer_prefix else "")
+    return text + answer_prefix
+
+
+def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    # A rendered chat template already carries its special tokens as text; plain text gets the
+    # tokenizer's own (a BOS, for instance).
+    add_special = not has_chat_template(tokenizer)
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"{type(tokenizer).__name__} is a slow tokenizer; probes need character offsets, which only "
+            "fast (tokenizers-backed) tokenizers give. Load the model's fast tokenizer."
+        )
+    enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _token_span(offsets: list[tuple[int, int]], char_start: int, char_end: int) -> tuple[int, int]:
+    """Half-open span of the (non-empty) tokens that overlap characters [char_start, char_end)."""
+    inside = [i for i, (s, e) in enumerate(offsets) if e > s and s < char_end and e > char_start]
+    if not inside:
+        raise ValueError(f"no token starts inside characters {char_start}..{char_end}")
+    return inside[0], inside[-1] + 1
+
+
+def _count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_request(n: int, context_tokens: int, minimum: int) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of probes must be a positive integer, got {n!r}")
+    if context_tokens < minimum:
+        raise ValueError(f"context of {context_tokens} tokens is too short for these probes; use at least {minimum}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Query-focused multi-document probes
+
+
+def make_qr_probes(
+    tokenizer,
+    n: int,
+    context_tokens: int,
+    seed: int = 0,
+    *,
+    multi_hop_every: int = 4,
+) -> list[QRProbe]:
+    """`n` query-focused probes of at most `context_tokens` tokens each; every `multi_hop_every`-th is two-hop.
+
+    Probe `i` depends only on (`seed`, `i`), so a probe set is a prefix of any larger one with the same
+    seed, and two seeds give disjoint invented worlds.
+    """
+    _check_request(n, context_tokens, minimum=160)
+    probes = []
+    for i in range(n):
+        rng = random.Random(f"qr-{seed}-{i}")
+        two_hop = multi_hop_every > 0 and i % multi_hop_every == multi_hop_every - 1
+        probes.append(_qr_probe(tokenizer, context_tokens, rng, seed, two_hop))
+    return probes
+
+
+def _qr_documents(rng: random.Random, two_hop: bool, count: int):
+    """Documents (titles dropped in later), the question, its answer and the gold document indices."""
+    used: set[str] = set()
+    if not two_hop:
+        people = [_person(rng, used) for _ in range(count)]
+        docs = [_person_text(p, rng) for p in people]
+        gold = rng.randrange(count)
+        kind = rng.choice(sorted(_QUESTIONS))
+        template, answer_key = _QUESTIONS[kind]
+        target = people[gold]
+        return docs, template.format(**target), target[answer_key], [gold]
+    # Two hops: a person works for an organisation; the organisation's document says where it is.
+    n_people = max(1, count // 2)
+    n_orgs = max(1, count - n_people)
+    orgs = [_org(rng, used) for _ in range(n_orgs)]
+    people = [_person(rng, used) for _ in range(n_people)]
+    employers = [rng.randrange(n_orgs) for _ in people]
+    docs = [_person_text(p, rng, orgs[e]["name"]) for p, e in zip(people, employers)]
+    docs += [_org_text(o, rng) for o in orgs]
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    docs = [docs[j] for j in order]
+    who = rng.randrange(n_people)
+    gold = sorted([order.index(who), order.index(n_people + employers[who])])
+    question = f"In which town is the organisation that {people[who]['name']} works for located?"
+    return docs, question, orgs[employers[who]]["town"], gold
+
+
+def _qr_probe(tokenizer, context_tokens: int, rng: random.Random, seed: int, two_hop: bool) -> QRProbe:
+    state = rng.getstate()
+    # Size the document count from a measured average, then drop documents until the prompt fits.
+    sample_docs, question, _, _ = _qr_documents(random.Random(rng.random()), two_hop, 6)
+    per_doc = sum(_count_tokens(tokenizer, d) + 6 for d in sample_docs) / len(sample_docs)
+    overhead = _count_tokens(tokenizer, render_prompt(tokenizer, QR_INSTRUCTION + "\n\n" + question)) + 8
+    # Start a little above the estimate (documents vary in length) and shrink until it fits.
+    count = max(2, int(1.15 * (context_tokens - overhead) / per_doc) + 1)
+    while True:
+        rng.setstate(state)
+        docs, question, answer, gold = _qr_documents(rng, two_hop, count)
+        probe = _assemble_qr(tokenizer, docs, question, answer, gold, seed, two_hop)
+        if len(probe.query_ids) <= context_tokens and len(probe.null_ids) <= context_tokens:
+            return probe
+        if count <= 2:
+            raise ValueError(
+                f"context of {context_tokens} tokens cannot hold even two documents with this tokenizer "
+                f"({len(probe.query_ids)} tokens needed)"
+            )
+        count -= 1
+
+
+def _assemble_qr(tokenizer, docs, question, answer, gold, seed, two_hop) -> QRProbe:
+    titled = [f"Document {k + 1}: {d}" for k, d in enumerate(docs)]
+    body = QR_INSTRUCTION + "\n\n" + "\n\n".join(titled) + "\n\nQuestion: "
+    query_text = render_prompt(tokenizer, body + question)
+    null_text = render_prompt(tokenizer, body + NULL_QUERY)
+    query_ids, query_offsets = _encode(tokenizer, query_text)
+    null_ids, null_offsets = _encode(tokenizer, null_text)
+
+    body_at = query_text.index(body)
+    doc_chars, cursor = [], body_at + len(QR_INSTRUCTION) + 2
+    for t in titled:
+        start = query_text.index(t, cursor)
+        doc_chars.append((start, start + len(t)))
+        cursor = start + len(t)
+    doc_spans = [_token_span(query_offsets, s, e) for s, e in doc_chars]
+    q_at = body_at + len(body)
+    query_rows = _token_span(query_offsets, q_at, q_at + len(question))
+    null_rows = _token_span(null_offsets, q_at, q_at + len(NULL_QUERY))
+
+    prefix_len = 0
+    for a, b in zip(query_ids, null_ids):
+        if a != b:
+            break
+        prefix_len += 1
+    # The shared prefix must hold every document and stop before either query starts.
+    prefix_len = min(prefix_len, query_rows[0], null_rows[0])
+    if doc_spans[-1][1] > prefix_len:
+        raise ValueError("tokenizer merges the last document with the question; cannot share the prefix")
+    return QRProbe(
+        query_ids=query_ids, null_ids=null_ids, prefix_len=prefix_len, query_rows=query_rows,
+        null_rows=null_rows, doc_spans=doc_spans, gold=list(gold), question=question, answer=answer,
+        seed=seed, hops=2 if two_hop else 1,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Needle copy probes
+
+
+def _filler_sentence(rng: random.Random) -> str:
+    return (f"{rng.choice(_FILLER_SUBJECTS)} {rng.choice(_FILLER_VERBS)} {rng.choice(_FILLER_OBJECTS)} "
+            f"{rng.choice(_FILLER_TAILS)}.")
+
+
+def default_depths(n: int) -> list[float]:
+    """Needle depths spread evenly over the haystack, one per probe, never at its very edges."""
+    return [round(0.1 + 0.8 * (i + 0.5) / n, 4) for i in range(n)]
+
+
+def make_needle_probes(
+    tokenizer,
+    n: int,
+    context_tokens: int,
+    seed: int = 0,
+    *,
+    depths: Sequence[float] | None = None,
+    needle: str | None = None,
+    key: str | None = None,
+    question: str | None = None,
+    filler: Sequence[str] | None = None,
+    instruction: str = NEEDLE_INSTRUCTION,
+    answer_prefix: str = "",
+) -> list[NeedleProbe]:
+    """`n` needle copy probes of at most `context_tokens` tokens, the needle at `depths` (fractions of the haystack).
+
+    By default each probe invents its own needle ("The special magic number for <place> is <digits>.")
+    and asks for it; `needle`/`key`/`question`/`filler` replace the invented parts (the same needle in
+    every probe), for controlled experiments.
+    """
+    _check_request(n, context_tokens, minimum=96)
+    depths = list(depths) if depths is not None else default_depths(n)
+    if len(depths) != n:
+        raise ValueError(f"got {len(depths)} depths for {n} probes; give one depth per probe")
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"needle depths must lie in [0, 1], got {depths}")
+    if (needle is None) != (key is None) or (needle is None) != (question is None):
+        raise ValueError("give needle, key and question together (or none of them)")
+    if needle is not None and key not in needle:
+        raise ValueError(f"the key {key!r} must occur in the needle {needle!r}")
+    probes = []
+    for i, depth in enumerate(depths):
+        rng = random.Random(f"needle-{seed}-{i}")
+        if needle is None:
+            place = _unique_names(rng, 1, (2, 3), set())[0]
+            code = str(rng.randint(1_000_000, 9_999_999))
+            this_needle = f"The special magic number for {place} is {code}."
+            this_key, this_question = code, f"What is the special magic number for {place}?"
+        else:
+            this_needle, this_key, this_question = needle, key, question
+        probes.append(_needle_probe(tokenizer, context_tokens, rng, seed, depth, this_needle, this_key,
+                                    this_question, filler, instruction, answer_prefix))
+    return probes
+
+
+def _needle_probe(tokenizer, context_tokens, rng, seed, depth, needle, key, question, filler, instruction,
+                  answer_prefix) -> NeedleProbe:
+    ask = f"{question} Answer by repeating the sentence that states it."
+    skeleton = render_prompt(tokenizer, f"{instruction}\n\n{needle}\n\n{ask}", answer_prefix)
+    budget = context_tokens - _count_tokens(tokenizer, skeleton) - 4
+    if budget < 8:
+        raise ValueError(f"context of {context_tokens} tokens leaves no room for filler around the needle")
+    pool = list(filler) if filler is not None else None
+    sentences, used = [], 0
+    while True:
+        s = rng.choice(pool) if pool is not None else _filler_sentence(rng)
+        cost = _count_tokens(tokenizer, " " + s)
+        if used + cost > budget:
+            break
+        sentences.append(s)
+        used += cost
+    while True:
+        cut = round(depth * len(sentences))
+        haystack = " ".join([*sentences[:cut], needle, *sentences[cut:]])
+        text = render_prompt(tokenizer, f"{instruction}\n\n{haystack}\n\n{ask}", answer_prefix)
+        ids, offsets = _encode(tokenizer, text)
+        if len(ids) <= context_tokens or not sentences:
+            break
+        sentences.pop()
+    if len(ids) > context_tokens:
+        raise ValueError(f"the needle prompt needs {len(ids)} tokens, more than the context of {context_tokens}")
+    at = text.index(needle, text.index(instruction) + len(instruction))
+    span = _token_span(offsets, at, at + len(needle))
+    return NeedleProbe(prompt_ids=ids, needle_span=span, needle=needle, key=key, depth=depth, seed=seed,
+                       max_new_tokens=span[1] - span[0] + 8)
