@@ -31,47 +31,45 @@ completely or not at all, and two writers never share a number.
 from __future__ import annotations
 
 import errno
-import gzip
-import hashlib
-import io
 import json
 import os
 import re
 import shutil
 import socket
-import tarfile
 import time
 import uuid
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load as load_safetensors
-from safetensors.numpy import save as save_safetensors
 
+from registry.archive import ArchiveEntry, read_archive, write_archive
 from registry.errors import (
     InvalidReference,
     ProfileCorrupted,
     ProfileNotFound,
     ProfileValidationError,
     RegistryError,
-    UnsafeArchiveError,
+)
+from registry.files import (
+    PROFILE_FILE,
+    SCORES_FILE,
+    SEED,
+    VERSION_FILES,
+    is_version_name,
+    profile_from_files,
+    profile_to_files,
+    sha256,
 )
 from registry.profile import Profile, canonical_json, validate_model_name
 
 ENV_VAR = "DYSCO_REGISTRY"
 FORMAT = "dysco-registry/1"
-ARCHIVE_FORMAT = "dysco-registry-archive/1"
 MANIFEST_FILE = "manifest.json"
-PROFILE_FILE = "profile.json"
-SCORES_FILE = "head_scores.safetensors"
-VERSION_FILES = (PROFILE_FILE, SCORES_FILE)
-ARCHIVE_INDEX = "archive.json"
-SEED = "seed"
 LATEST = "latest"
 HASH_PREFIX_MIN = 6
 
@@ -80,10 +78,6 @@ _STALE_AFTER_S = 24 * 3600  # staging dirs of another host (or unknown pid) olde
 _SELECTOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
 _TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
-_ARCHIVE_FILE_RE = re.compile(r"^([1-9][0-9]{0,5})/(profile\.json|head_scores\.safetensors)$")
-_ARCHIVE_MAX_FILE = 256 * 2**20
-_ARCHIVE_MAX_TOTAL = 1024 * 2**20
-_ARCHIVE_MAX_MEMBERS = 30_000
 
 
 def default_root() -> Path:
@@ -117,11 +111,7 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return name, selector
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _is_version_name(entry: str) -> bool:
+def is_version_name(entry: str) -> bool:
     return entry.isdigit() and entry.isascii() and str(int(entry)) == entry and entry != "0"
 
 
@@ -178,35 +168,7 @@ def _host_label() -> str:
 
 
 def _manifest_checksum(manifest: dict[str, Any]) -> str:
-    return _sha256(canonical_json({k: v for k, v in manifest.items() if k != "manifest_sha256"}))
-
-
-def _profile_file_bytes(profile: Profile) -> bytes:
-    return (json.dumps(profile.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-
-
-def _scores_file_bytes(profile: Profile) -> bytes:
-    matrices = {key: np.ascontiguousarray(m) for key, m in profile.head_scores.items()}
-    return save_safetensors(matrices)
-
-
-def _profile_from_bytes(profile_bytes: bytes, scores_bytes: bytes, where: str) -> Profile:
-    """Parse a stored profile; any failure is reported as corruption of the file at `where`."""
-    try:
-        data = json.loads(profile_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ProfileCorrupted(f"{where}/{PROFILE_FILE} is not valid JSON: {err}",
-                               f"{where}/{PROFILE_FILE}") from None
-    try:
-        scores = load_safetensors(scores_bytes)
-    except Exception as err:  # safetensors raises its own SafetensorError and others
-        raise ProfileCorrupted(f"{where}/{SCORES_FILE} is not a valid safetensors file: {err}",
-                               f"{where}/{SCORES_FILE}") from None
-    try:
-        return Profile.from_dict(data, scores)
-    except ProfileValidationError as err:
-        raise ProfileCorrupted(f"{where}/{PROFILE_FILE} holds an invalid profile: {err}",
-                               f"{where}/{PROFILE_FILE}") from None
+    return sha256(canonical_json({k: v for k, v in manifest.items() if k != "manifest_sha256"}))
 
 
 @dataclass(frozen=True)
@@ -299,7 +261,7 @@ class Registry:
         if not folder.is_dir():
             return []
         return sorted(
-            int(e.name) for e in folder.iterdir() if _is_version_name(e.name) and e.is_dir()
+            int(e.name) for e in folder.iterdir() if is_version_name(e.name) and e.is_dir()
         )
 
     def tags(self, name: str) -> dict[str, int]:
@@ -367,14 +329,14 @@ class Registry:
                 data = path.read_bytes()
             except FileNotFoundError:
                 raise ProfileCorrupted(f"{ref}: {path} is missing", str(path)) from None
-            if _sha256(data) != files[file_name]:
+            if sha256(data) != files[file_name]:
                 raise ProfileCorrupted(
                     f"{ref}: checksum mismatch in {path} (expected sha256 {files[file_name]}, "
-                    f"found {_sha256(data)}): the file was changed after it was registered",
+                    f"found {sha256(data)}): the file was changed after it was registered",
                     str(path),
                 )
             contents[file_name] = data
-        profile = _profile_from_bytes(contents[PROFILE_FILE], contents[SCORES_FILE], str(folder))
+        profile = profile_from_files(contents, str(folder))
         if profile.content_hash() != manifest.get("content_hash"):
             raise ProfileCorrupted(
                 f"{ref}: the profile's content hash differs from the one in "
@@ -528,16 +490,15 @@ class Registry:
         staging = folder / f"{_STAGING_PREFIX}{_host_label()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         staging.mkdir()
         try:
-            profile_bytes = _profile_file_bytes(profile)
-            scores_bytes = _scores_file_bytes(profile)
-            _write_durable(staging / SCORES_FILE, scores_bytes)
-            _write_durable(staging / PROFILE_FILE, profile_bytes)
+            files = profile_to_files(profile)
+            for file_name in (SCORES_FILE, PROFILE_FILE):
+                _write_durable(staging / file_name, files[file_name])
             manifest: dict[str, Any] = {
                 "format": FORMAT,
                 "name": profile.model.name,
                 "content_hash": profile.content_hash(),
                 "registered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "files": {PROFILE_FILE: _sha256(profile_bytes), SCORES_FILE: _sha256(scores_bytes)},
+                "files": {file_name: sha256(data) for file_name, data in files.items()},
             }
             self._write_manifest(staging, manifest)
             _fsync_dir(staging)
@@ -555,7 +516,7 @@ class Registry:
     def _claim_version(self, folder: Path, staging: Path) -> int:
         """Rename `staging` to the next free version number; retry on collision."""
         for _ in range(100_000):
-            taken = [int(e.name) for e in folder.iterdir() if _is_version_name(e.name)]
+            taken = [int(e.name) for e in folder.iterdir() if is_version_name(e.name)]
             version = max(taken, default=0) + 1
             target = folder / str(version)
             if target.exists():
@@ -692,176 +653,46 @@ class Registry:
         """
         if "@" in ref_or_name:
             name, version, _ = self._resolve(ref_or_name)
-            chosen: list[tuple[str, int | str]] = [(name, version)]
+            chosen: list[int | str] = [version]
         else:
             name, _ = parse_ref(ref_or_name)
-            stored = self.versions(name)
-            if stored:
-                chosen = [(name, v) for v in stored]
-            elif name in seed_names():
-                chosen = [(name, SEED)]
-            else:
+            chosen = list(self.versions(name))
+            if not chosen and name in seed_names():
+                chosen = [SEED]
+            if not chosen:
                 raise self._not_found(name)
         tags = self.tags(name)
         entries = []
-        files: dict[str, bytes] = {}
-        exported = []
-        for name_, version in chosen:
+        for version in chosen:
             try:
-                profile = self.load(f"{name_}@{version}")
+                profile = self.load(f"{name}@{version}")
             except ProfileCorrupted as err:
                 if len(chosen) == 1:
                     raise
                 warnings.warn(f"not exporting corrupt version: {err}", stacklevel=2)
                 continue
-            slot = str(len(entries) + 1)
-            payload = {PROFILE_FILE: _profile_file_bytes(profile),
-                       SCORES_FILE: _scores_file_bytes(profile)}
-            for file_name, data in payload.items():
-                files[f"{slot}/{file_name}"] = data
-            entries.append({
-                "dir": slot,
-                "name": name_,
-                "version": version,
-                "content_hash": profile.content_hash(),
-                "tags": sorted(t for t, v in tags.items() if v == version),
-                "files": {k: _sha256(v) for k, v in payload.items()},
-            })
-            exported.append(f"{name_}@{version}")
+            version_tags = sorted(t for t, v in tags.items() if v == version)
+            entries.append(ArchiveEntry(profile, name, version, tuple(version_tags)))
         if not entries:
             raise ProfileCorrupted(f"nothing to export: every version of {name!r} is corrupt")
-        index = {"format": ARCHIVE_FORMAT, "entries": entries}
-        files = {ARCHIVE_INDEX: json.dumps(index, indent=2, sort_keys=True).encode(), **files}
-
-        target = Path(archive_path)
-        temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
-        try:
-            with open(temp, "wb") as raw:
-                # mtime=0 everywhere: the same profiles always give the same archive bytes.
-                with gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as zipped:
-                    with tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                        for member_name, data in files.items():
-                            info = tarfile.TarInfo(member_name)
-                            info.size, info.mode, info.mtime = len(data), 0o644, 0
-                            tar.addfile(info, io.BytesIO(data))
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.replace(temp, target)
-        finally:
-            temp.unlink(missing_ok=True)
-        return exported
+        write_archive(Path(archive_path), entries)
+        return [entry.ref for entry in entries]
 
     def import_archive(self, path: str | os.PathLike[str]) -> list[str]:
         """Verify an archive made by `export` and register its profiles; return their refs here.
 
-        Nothing is extracted to disk and nothing is unpickled: members are read into memory,
-        checked against a whitelist and their sha256, parsed as JSON / safetensors, validated,
-        and only then registered. Any problem refuses the whole archive before anything is
-        written. A profile whose content hash is already stored under its name is not duplicated
-        (its existing ref is returned). Tags in the archive are informational and not applied.
+        Every check (see `registry.archive.read_archive`) passes before anything is written. A
+        profile whose content hash is already stored under its name is not duplicated (its
+        existing ref is returned). Version numbers are local to a store, so imported profiles
+        take the next free numbers; `name@<hash prefix>` finds them in any store. Tags in the
+        archive are informational and not applied.
         """
-        members = _read_archive_members(Path(path))
-        label = Path(path).name
-        if ARCHIVE_INDEX not in members:
-            raise UnsafeArchiveError(f"{label}: no {ARCHIVE_INDEX}; not a dysco registry archive")
-        try:
-            index = json.loads(members[ARCHIVE_INDEX].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ProfileCorrupted(f"{label}: {ARCHIVE_INDEX} is not valid JSON: {err}",
-                                   f"{label}:{ARCHIVE_INDEX}") from None
-        if not isinstance(index, dict) or index.get("format") != ARCHIVE_FORMAT or not isinstance(
-            index.get("entries"), list
-        ):
-            raise UnsafeArchiveError(f"{label}: {ARCHIVE_INDEX} is not a {ARCHIVE_FORMAT} index")
-        expected: set[str] = {ARCHIVE_INDEX}
-        profiles: list[Profile] = []
-        for entry in index["entries"]:
-            slot = entry.get("dir") if isinstance(entry, dict) else None
-            checksums = entry.get("files") if isinstance(entry, dict) else None
-            if not isinstance(slot, str) or not isinstance(checksums, dict) or set(
-                checksums
-            ) != set(VERSION_FILES) or not _is_version_name(slot):
-                raise UnsafeArchiveError(f"{label}: malformed entry in {ARCHIVE_INDEX}: {entry!r}")
-            for file_name in VERSION_FILES:
-                member = f"{slot}/{file_name}"
-                if member not in members:
-                    raise UnsafeArchiveError(f"{label}: {member} is listed but missing")
-                if _sha256(members[member]) != checksums[file_name]:
-                    raise ProfileCorrupted(
-                        f"{label}: checksum mismatch in {member} (expected sha256 "
-                        f"{checksums[file_name]}, found {_sha256(members[member])})",
-                        f"{label}:{member}",
-                    )
-                expected.add(member)
-            profile = _profile_from_bytes(
-                members[f"{slot}/{PROFILE_FILE}"], members[f"{slot}/{SCORES_FILE}"],
-                f"{label}:{slot}",
-            )
-            if profile.content_hash() != entry.get("content_hash"):
-                raise ProfileCorrupted(
-                    f"{label}: entry {slot} does not match its content hash in {ARCHIVE_INDEX}",
-                    f"{label}:{slot}",
-                )
-            profiles.append(profile)
-        unexpected = sorted(set(members) - expected)
-        if unexpected:
-            raise UnsafeArchiveError(
-                f"{label}: unexpected file(s) not listed in {ARCHIVE_INDEX}: {', '.join(unexpected)}"
-            )
         refs = []
-        for profile in profiles:
-            name = profile.model.name
-            existing = self._by_hash(name, profile.content_hash())
-            refs.append(f"{name}@{existing}" if existing is not None else self.register(profile))
+        for entry in read_archive(Path(path)):
+            profile = entry.profile
+            existing = self._by_hash(profile.model.name, profile.content_hash())
+            if existing is not None:
+                refs.append(f"{profile.model.name}@{existing}")
+            else:
+                refs.append(self.register(profile))
         return refs
-
-
-def _read_archive_members(path: Path) -> dict[str, bytes]:
-    """Read every member of an archive into memory, refusing anything that is not a plain file
-    with a whitelisted relative name."""
-    label = path.name
-    if not path.is_file():
-        raise ProfileNotFound(f"archive {path} does not exist")
-    members: dict[str, bytes] = {}
-    total = 0
-    try:
-        with tarfile.open(path, mode="r:gz") as tar:
-            for count, member in enumerate(tar, start=1):
-                if count > _ARCHIVE_MAX_MEMBERS:
-                    raise UnsafeArchiveError(f"{label}: more than {_ARCHIVE_MAX_MEMBERS} members")
-                name = member.name
-                parts = PurePosixPath(name.replace("\\", "/")).parts
-                if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-                    raise UnsafeArchiveError(f"{label}: refusing absolute path {name!r}")
-                if ".." in parts:
-                    raise UnsafeArchiveError(f"{label}: refusing path with '..': {name!r}")
-                if member.issym() or member.islnk():
-                    raise UnsafeArchiveError(
-                        f"{label}: refusing link {name!r} -> {member.linkname!r}"
-                    )
-                if member.isdir():
-                    if _is_version_name(name.rstrip("/")):
-                        continue  # a folder for one entry, as other tar tools write them
-                    raise UnsafeArchiveError(f"{label}: unexpected directory {name!r}")
-                if not member.isfile():
-                    raise UnsafeArchiveError(
-                        f"{label}: refusing {name!r}: not a regular file (device, fifo or other)"
-                    )
-                if name != ARCHIVE_INDEX and not _ARCHIVE_FILE_RE.match(name):
-                    raise UnsafeArchiveError(
-                        f"{label}: unexpected file {name!r}; an archive holds only "
-                        f"{ARCHIVE_INDEX} and <n>/{PROFILE_FILE}, <n>/{SCORES_FILE}"
-                    )
-                if name in members:
-                    raise UnsafeArchiveError(f"{label}: {name!r} appears twice")
-                if member.size > _ARCHIVE_MAX_FILE or total + member.size > _ARCHIVE_MAX_TOTAL:
-                    raise UnsafeArchiveError(f"{label}: {name!r} is too large")
-                handle = tar.extractfile(member)
-                data = handle.read(member.size + 1) if handle is not None else b""
-                if len(data) != member.size:
-                    raise UnsafeArchiveError(f"{label}: {name!r} is truncated")
-                total += len(data)
-                members[name] = data
-    except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as err:
-        raise UnsafeArchiveError(f"{label}: not a readable tar.gz archive ({err})") from None
-    return members
