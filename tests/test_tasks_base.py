@@ -204,3 +204,29 @@ def test_loading_a_broken_examples_file_names_the_line(tmp_path):
     path.write_text(json.dumps(bad_role) + "\n")
     with pytest.raises(ValueError, match="role 'robot'; accepted roles: system, user, assistant"):
         load_examples(path)
+
+
+def test_examples_do_not_depend_on_the_interpreter_hash_seed(tok):
+    # Set iteration order changes with PYTHONHASHSEED; generated examples must not.
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, json\n"
+        "from decoder.tiny import tiny_tokenizer\n"
+        "from calibration.tasks import get_task\n"
+        "h = hashlib.sha256()\n"
+        "for name in ('mrcr', 'pathtrans', 'kv', 'needle'):\n"
+        "    for e in get_task(name).generate(tiny_tokenizer(), 1, 1200, seed=0):\n"
+        "        h.update(json.dumps(e.to_dict(), sort_keys=True).encode())\n"
+        "print(h.hexdigest())\n"
+    )
+    here = hashlib.sha256()
+    for name in ("mrcr", "pathtrans", "kv", "needle"):
+        for e in get_task(name).generate(tok, 1, 1200, seed=0):
+            here.update(json.dumps(e.to_dict(), sort_keys=True).encode())
+    env = dict(os.environ, PYTHONHASHSEED="12345")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == here.hexdigest()
