@@ -1,0 +1,639 @@
+"""Generation with DySCO, AttnTS or vanilla decoding, batched, on any attached transformers model.
+
+    >>> decoder = Decoder(model, tokenizer, method="dysco",
+    ...                   dysco=DyscoConfig(head_set=[(21, 31), (21, 18)], strength=2.0))
+    >>> result = decoder.generate([{"role": "user", "content": "Where does Alice live?"}], max_new_tokens=20)
+    >>> result.text, result.diagnostics[0][0]            # {"selected": 17, "mass": 0.97}
+
+Prompts are chat conversations (one, or a list of them), strings, or token ids (one list or a list
+of lists; a 1-D or 2-D tensor). A batch is left-padded; every row keeps its own importance and
+selection, and a row that finishes (EOS, a stop string, `max_new_tokens`) leaves the batch.
+
+The DySCO step order is in `decoder.dysco`'s docstring. Costs of this (CPU-first, exact) path: the
+model's DynamicCache concatenates each layer's keys and values on every forward, as transformers'
+own generate does; the probe concatenates too (up to the deepest layer of S) and its writes are
+undone by restoring references, never by copying the cache. Finished rows are dropped from the cache
+once (`batch_select_indices`). The bias is applied inside the attention call and the probe computes
+probabilities only for the heads of S; importance, selection and bias stay on the model's device.
+
+For calibration, `prefill` runs the knob-independent part once and `generate_from` continues from it
+without changing it (the cache is shared by reference; DynamicCache never writes in place):
+
+    >>> state = decoder.prefill(prompts, warmup=16)     # plain prefill up to the last 16 tokens
+    >>> for knobs in trials:
+    ...     Decoder(model, tokenizer, dysco=knobs).generate_from(state, max_new_tokens=64)
+
+`model.generate(**inputs, custom_generate=decoder.custom_generate, max_new_tokens=32)` runs the same
+decoding inside transformers' generate and returns its usual tensor of sequences.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from decoder.attention import AttentionPlan, attach, attention_layers, use_plan
+from decoder.dysco import DyscoConfig, select_positions, update_importance, upweighted_positions, dysco_bias
+from decoder.template import encode_chat
+
+__all__ = ["METHODS", "Decoder", "Generation", "PrefillState", "StepEvent", "model_shape"]
+
+METHODS = ("dysco", "vanilla", "attnts")
+
+
+@dataclass
+class PrefillState:
+    """A batch after its knob-independent prefill; `generate_from` continues from it without changing it."""
+
+    cache: Any  # transformers DynamicCache holding the first `prefilled` columns
+    input_ids: torch.Tensor  # [batch, prompt_len] left-padded
+    real: torch.Tensor  # bool [batch, prompt_len]: True on real tokens
+    template: torch.Tensor  # bool [batch, prompt_len]: True on chat-template tokens
+    prompt_ids: list[list[int]]  # unpadded prompts
+    prefilled: int  # columns already in the cache
+    temperature: float  # attention temperature the prefill ran with (AttnTS), 1.0 otherwise
+    last_logits: torch.Tensor | None = None  # [batch, vocab] when the whole prompt is prefilled
+
+
+@dataclass
+class StepEvent:
+    """What a callback sees after each generation step."""
+
+    step: int  # 0 for the first generated token
+    rows: list[int]  # batch rows (as given) that produced a token at this step
+    tokens: list[int]  # their new tokens, aligned with `rows`
+    diagnostics: list[dict] | None  # per row {"selected": n, "mass": m} for DySCO steps
+
+
+@dataclass
+class Generation:
+    """The result of `Decoder.generate`: one entry per prompt, in the order given."""
+
+    texts: list[str]
+    token_ids: list[list[int]]  # generated ids (EOS included when it ended the row)
+    prompt_ids: list[list[int]]
+    finish_reasons: list[str]  # "eos", "stop_string" or "length"
+    diagnostics: list[list[dict]] | None = None  # per row, per DySCO step: {"selected", "mass"}
+    logits: list[torch.Tensor] | None = None  # per row float32 [n_generated, vocab]
+
+    @property
+    def text(self) -> str:
+        """The first (often only) row's text."""
+        return self.texts[0]
+
+
+def model_shape(model) -> tuple[int, int]:
+    """(layers, query heads) of a transformers causal LM."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_hidden_layers), int(config.num_attention_heads)
+
+
+def _context_limit(model) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+class Decoder:
+    """Vanilla, AttnTS or DySCO decoding for one model (attached on construction).
+
+    `temperature` is the AttnTS attention temperature (every attention logit divided by it, in prefill
+    and decode); sampling temperature is an argument of `generate`.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        method: str = "dysco",
+        dysco: DyscoConfig | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"attention temperature must be a finite number > 0, got {temperature!r}")
+        if method != "attnts" and temperature != 1.0:
+            raise ValueError(f"temperature={temperature} is the AttnTS attention temperature; use method='attnts' for it")
+        if method == "dysco":
+            if dysco is None:
+                raise ValueError("method='dysco' needs a DyscoConfig (its head set at least), e.g. from a registry profile")
+            if not isinstance(dysco, DyscoConfig):
+                raise TypeError(f"dysco must be a DyscoConfig, got {type(dysco).__name__}")
+        attach(model)
+        if method == "dysco":
+            layers, heads = model_shape(model)
+            try:
+                dysco.check_model(layers, heads, attention_layers(model))
+            except ValueError as err:
+                raise ValueError(f"{type(model).__name__}: {err}") from None
+        self.model = model
+        self.tokenizer = tokenizer
+        self.method = method
+        self.dysco = dysco if method == "dysco" else None
+        self.temperature = float(temperature)
+        self.device = model.get_input_embeddings().weight.device
+        self.pad_id = next(
+            (i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)) if i is not None), 0
+        )
+
+    @classmethod
+    def from_profile(cls, model, tokenizer, profile, *, force: bool = False, name: str | None = None) -> Decoder:
+        """A DySCO (or AttnTS, for an AttnTS profile) decoder from a registry profile, checked against the model."""
+        from decoder.loading import model_identity
+        from registry import check_model
+
+        identity = model_identity(model, name or getattr(model, "name_or_path", None) or profile.model.name)
+        check_model(profile, identity, force=force)
+        knobs = profile.knobs
+        if getattr(knobs, "attnts_temperature", None) is not None:
+            return cls(model, tokenizer, method="attnts", temperature=knobs.attnts_temperature)
+        config = DyscoConfig(
+            head_set=[tuple(pair) for pair in profile.head_set],
+            strength=knobs.strength,
+            top_p=knobs.top_p,
+            top_k=knobs.top_k,
+            decay=knobs.decay,
+            context_warmup=knobs.context_warmup,
+            selection=knobs.selection,
+        )
+        return cls(model, tokenizer, method="dysco", dysco=config)
+
+    # ------------------------------------------------------------------------------------------
+    # Prompts
+    # ------------------------------------------------------------------------------------------
+
+    def encode(self, prompts, template_mask: Sequence[Sequence[bool]] | None = None) -> tuple[list[list[int]], list[list[bool]]]:
+        """Token ids and chat-template masks of a batch of prompts (see the module docstring for forms)."""
+        rows = _as_batch(prompts)
+        ids, masks = [], []
+        for i, prompt in enumerate(rows):
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise ValueError(f"prompt {i} is an empty string")
+                row = list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+                mask = [False] * len(row)
+            elif prompt and isinstance(prompt[0], Mapping):
+                row, mask = encode_chat(self.tokenizer, prompt)
+            else:
+                row = [int(t) for t in prompt]
+                mask = [False] * len(row)
+            if not row:
+                raise ValueError(f"prompt {i} has no tokens")
+            ids.append(row)
+            masks.append(mask)
+        if template_mask is not None:
+            if len(template_mask) != len(ids):
+                raise ValueError(f"template_mask has {len(template_mask)} rows for {len(ids)} prompts")
+            for i, (row, mask) in enumerate(zip(ids, template_mask)):
+                if len(mask) != len(row):
+                    raise ValueError(f"template_mask row {i} has {len(mask)} entries for a prompt of {len(row)} tokens")
+            masks = [[bool(x) for x in mask] for mask in template_mask]
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        for i, row in enumerate(ids):
+            bad = [t for t in row if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary of {vocab}")
+        return ids, masks
+
+    # ------------------------------------------------------------------------------------------
+    # Prefill
+    # ------------------------------------------------------------------------------------------
+
+    def _warmup(self, prompt_len: int) -> int:
+        """Prompt columns fed one at a time (DySCO's warmup, the last prompt token included)."""
+        return min(self.dysco.context_warmup, prompt_len) if self.dysco is not None else 0
+
+    def prefill(self, prompts, *, template_mask=None, warmup: int | None = None, max_new_tokens: int = 0) -> PrefillState:
+        """Plain (or AttnTS) prefill of all but the last `warmup` prompt columns (default: this decoder's warmup)."""
+        from transformers import DynamicCache
+
+        ids, masks = self.encode(prompts, template_mask)
+        width = max(len(row) for row in ids)
+        limit = _context_limit(self.model)
+        if limit is not None:
+            longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+            if width > limit:
+                raise ValueError(f"prompt {longest} has {width} tokens, longer than the model's context of {limit} tokens")
+            if width + max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {longest} has {width} tokens; with max_new_tokens={max_new_tokens} it would exceed the "
+                    f"model's context of {limit} tokens"
+                )
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        real = torch.zeros(len(ids), width, dtype=torch.bool)
+        template = torch.zeros(len(ids), width, dtype=torch.bool)
+        for i, (row, mask) in enumerate(zip(ids, masks)):
+            input_ids[i, width - len(row):] = torch.tensor(row)
+            real[i, width - len(row):] = True
+            template[i, width - len(row):] = torch.tensor(mask, dtype=torch.bool)
+        input_ids, real, template = (x.to(self.device) for x in (input_ids, real, template))
+        warmup = self._warmup(width) if warmup is None else min(int(warmup), width)
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        cache = DynamicCache(config=self.model.config)
+        state = PrefillState(cache, input_ids, real, template, ids, prefilled=0, temperature=self.temperature)
+        if width - warmup > 0:
+            state.last_logits = self._forward(state, cache, 0, width - warmup, plan=self._plain_plan())
+            state.prefilled = width - warmup
+        if state.prefilled < width:
+            state.last_logits = None
+        return state
+
+    def _plain_plan(self) -> AttentionPlan | None:
+        return AttentionPlan(temperature=self.temperature) if self.temperature != 1.0 else None
+
+    def _forward(self, state, cache, start: int, end: int, plan: AttentionPlan | None, *, ids=None, real=None, frozen=False):
+        """Run columns [start, end) through the model; returns the last column's logits [batch, vocab] (float32)."""
+        ids = state.input_ids if ids is None else ids
+        real = state.real if real is None else real
+        attention_mask = real[:, :end].long()
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, start:end]
+        kwargs = dict(
+            input_ids=ids[:, start:end], attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, use_cache=True, logits_to_keep=1,
+        )
+        with torch.no_grad():
+            if plan is None:
+                return self.model(**kwargs).logits[:, -1].float()
+            with use_plan(self.model, plan, frozen_cache=cache if frozen else None):
+                output = self.model(**kwargs)
+                return output.logits[:, -1].float()
+        return None  # a stopped probe forward
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts,
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_strings: Sequence[str] | str | None = None,
+        eos: int | Sequence[int] | None = None,
+        callback: Callable[[StepEvent], None] | None = None,
+        streamer=None,
+        return_diagnostics: bool = False,
+        return_logits: bool = False,
+        template_mask: Sequence[Sequence[bool]] | None = None,
+    ) -> Generation:
+        """Generate for a batch of prompts; `temperature`/`top_p` here are *sampling* knobs (with `do_sample`)."""
+        _check_positive_int(max_new_tokens, "max_new_tokens")
+        state = self.prefill(prompts, template_mask=template_mask, max_new_tokens=max_new_tokens)
+        return self.generate_from(
+            state, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+            seed=seed, stop_strings=stop_strings, eos=eos, callback=callback, streamer=streamer,
+            return_diagnostics=return_diagnostics, return_logits=return_logits,
+        )
+
+    def generate_from(
+        self,
+        state: PrefillState,
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_strings: Sequence[str] | str | None = None,
+        eos: int | Sequence[int] | None = None,
+        callback: Callable[[StepEvent], None] | None = None,
+        streamer=None,
+        return_diagnostics: bool = False,
+        return_logits: bool = False,
+    ) -> Generation:
+        """Continue a `prefill` state (left unchanged) with this decoder's method and knobs."""
+        _check_positive_int(max_new_tokens, "max_new_tokens")
+        if do_sample:
+            if not (isinstance(temperature, (int, float)) and temperature > 0):
+                raise ValueError(f"sampling temperature must be > 0, got {temperature!r}")
+            if not 0 < top_p <= 1:
+                raise ValueError(f"sampling top_p must be in (0, 1], got {top_p!r}")
+        if state.temperature != self.temperature:
+            raise ValueError(
+                f"this state was prefilled with attention temperature {state.temperature}, but this decoder uses "
+                f"{self.temperature}; AttnTS changes the prefill, so prefill again with this decoder"
+            )
+        width = state.input_ids.shape[1]
+        warmup = self._warmup(width)
+        if state.prefilled > width - warmup:
+            raise ValueError(
+                f"this state was prefilled up to column {state.prefilled} of {width}, past this decoder's warmup start "
+                f"({width - warmup}); prefill with warmup >= {warmup}"
+            )
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        stop_strings = [s for s in (stop_strings or []) if s]
+        eos_ids = self._eos_ids(eos)
+        generator = None
+        if do_sample and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+
+        run = _Run(self, state, max_new_tokens, return_diagnostics)
+        logits = run.start(warmup)
+        batch = len(state.prompt_ids)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        row_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        diagnostics: list[list[dict]] = [[] for _ in range(batch)]
+        reasons = ["length"] * batch
+        if streamer is not None:
+            if batch != 1:
+                raise ValueError("a streamer follows one prompt; give a batch of one or use `callback`")
+            streamer.put(torch.tensor([state.prompt_ids[0]]))
+
+        for step in range(max_new_tokens):
+            tokens = _next_tokens(logits, do_sample, temperature, top_p, generator)  # [active]
+            token_list = tokens.tolist()
+            rows = list(run.rows)
+            step_diagnostics = run.last_diagnostics
+            for i, (row, token) in enumerate(zip(rows, token_list)):
+                generated[row].append(token)
+                if return_logits:
+                    row_logits[row].append(logits[i].cpu())
+                if step_diagnostics is not None:
+                    diagnostics[row].append(step_diagnostics[i])
+            if callback is not None:
+                callback(StepEvent(step, rows, token_list, step_diagnostics))
+            if streamer is not None:
+                streamer.put(torch.tensor(token_list))
+            finished = []
+            for i, (row, token) in enumerate(zip(rows, token_list)):
+                if token in eos_ids:
+                    reasons[row] = "eos"
+                elif stop_strings and any(s in self._decode(generated[row]) for s in stop_strings):
+                    reasons[row] = "stop_string"
+                else:
+                    continue
+                finished.append(i)
+            if len(finished) == len(rows) or step == max_new_tokens - 1:
+                break
+            if finished:
+                run.drop(finished)
+            logits = run.step(tokens if not finished else tokens[[i for i in range(len(rows)) if i not in finished]])
+        if streamer is not None:
+            streamer.end()
+
+        texts = []
+        for row, ids in enumerate(generated):
+            visible = ids[:-1] if reasons[row] == "eos" else ids
+            text = self._decode(visible)
+            if reasons[row] == "stop_string":
+                text = text[: min(text.find(s) for s in stop_strings if s in text)]
+            texts.append(text)
+        return Generation(
+            texts=texts,
+            token_ids=generated,
+            prompt_ids=[list(p) for p in state.prompt_ids],
+            finish_reasons=reasons,
+            diagnostics=diagnostics if return_diagnostics and self.method == "dysco" else None,
+            logits=[torch.stack(x) for x in row_logits] if return_logits else None,
+        )
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _eos_ids(self, eos) -> set[int]:
+        if eos is not None:
+            return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+        found = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if value is not None:
+                found |= {value} if isinstance(value, int) else set(value)
+        return found
+
+    # ------------------------------------------------------------------------------------------
+    # transformers' generate(custom_generate=...)
+    # ------------------------------------------------------------------------------------------
+
+    def custom_generate(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        logits_processor=None,
+        stopping_criteria=None,
+        generation_config=None,
+        template_mask: Sequence[Sequence[bool]] | None = None,
+        **model_kwargs,
+    ) -> torch.Tensor:
+        """Entry point for `model.generate(..., custom_generate=decoder.custom_generate)`: returns sequences."""
+        if model is not self.model:
+            raise ValueError("this decoder was built for another model; build a Decoder for the model you call generate on")
+        attention_mask = model_kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+        config = generation_config
+        max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
+        result = self.generate(
+            prompts,
+            max_new_tokens=max_new,
+            do_sample=bool(config.do_sample),
+            temperature=config.temperature if config.do_sample and config.temperature else 1.0,
+            top_p=config.top_p if config.do_sample and config.top_p else 1.0,
+            eos=config.eos_token_id,
+            stop_strings=config.stop_strings,
+            streamer=model_kwargs.get("streamer"),
+            template_mask=template_mask,
+        )
+        width = max(len(ids) for ids in result.token_ids)
+        pad = config.pad_token_id if config.pad_token_id is not None else self.pad_id
+        tail = torch.full((input_ids.shape[0], width), int(pad), dtype=input_ids.dtype, device=input_ids.device)
+        for i, ids in enumerate(result.token_ids):
+            tail[i, : len(ids)] = torch.tensor(ids, dtype=input_ids.dtype)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+class _Run:
+    """The mutable state of one `generate_from` call: the active rows, their cache and DySCO state."""
+
+    def __init__(self, decoder: Decoder, state: PrefillState, max_new_tokens: int, diagnostics: bool) -> None:
+        self.decoder = decoder
+        self.state = state
+        self.dysco = decoder.dysco
+        self.diagnostics = diagnostics
+        self.cache = _share_cache(state.cache)
+        batch, width = state.input_ids.shape
+        total = width + max_new_tokens
+        device = state.input_ids.device
+        # Buffers over every column this run can reach; column t holds the token fed at step t.
+        self.ids = torch.full((batch, total), decoder.pad_id, dtype=torch.long, device=device)
+        self.ids[:, :width] = state.input_ids
+        self.real = torch.zeros(batch, total, dtype=torch.bool, device=device)
+        self.real[:, :width] = state.real
+        self.template = torch.zeros(batch, total, dtype=torch.bool, device=device)
+        self.template[:, :width] = state.template
+        self.rows = list(range(batch))
+        self.column = state.prefilled  # next column to feed
+        self.importance: torch.Tensor | None = None  # float32 [active, column]
+        self.static_set: torch.Tensor | None = None  # bool [active, total] (static selection)
+        self.last_diagnostics: list[dict] | None = None
+        if self.dysco is not None:
+            self.heads = {
+                layer: torch.tensor(heads, dtype=torch.long, device=device) for layer, heads in self.dysco.heads_by_layer.items()
+            }
+
+    # -- feeding columns ------------------------------------------------------------------------
+
+    def _plain(self, start: int, end: int, plan: AttentionPlan | None = None) -> torch.Tensor:
+        plan = plan if plan is not None else self.decoder._plain_plan()
+        return self.decoder._forward(self.state, self.cache, start, end, plan, ids=self.ids, real=self.real)
+
+    def start(self, warmup: int) -> torch.Tensor:
+        """Feed the prompt columns not yet in the cache; returns the logits of the first token."""
+        width = self.state.input_ids.shape[1]
+        if self.column == width:
+            return self.state.last_logits
+        logits = None
+        if width - warmup > self.column:  # a chunk the state's prefill left over
+            logits = self._plain(self.column, width - warmup)
+            self.column = width - warmup
+        while self.column < width - 1:  # warmup: plain passes that also read importance
+            self._warmup_step()
+        if self.column == width - 1:
+            logits = self._dysco_step()
+        return logits
+
+    def _warmup_step(self) -> None:
+        t = self.column
+        plan = AttentionPlan(capture_heads=self.heads, kv_length=t + 1)
+        self.decoder._forward(self.state, self.cache, t, t + 1, plan, ids=self.ids, real=self.real)
+        updated = update_importance(self.importance, self._current(plan), self.dysco.decay)
+        past = torch.nn.functional.pad(self.importance, (0, 1)) if self.importance is not None else torch.zeros_like(updated)
+        self.importance = torch.where(self.real[:, t : t + 1], updated, past)  # padding columns leave it as it was
+        self.column += 1
+
+    def _current(self, plan: AttentionPlan) -> torch.Tensor:
+        """`cur`: mean over the heads of S of the current query's probabilities, [active, column + 1]."""
+        probs = torch.cat([plan.captured[layer][:, :, -1, :] for layer in self.heads], dim=1)  # [active, |S|, n]
+        return probs.mean(dim=1)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append the sampled tokens and produce the next logits."""
+        t = self.column
+        self.ids[:, t] = tokens
+        self.real[:, t] = True
+        if self.dysco is None:
+            logits = self._plain(t, t + 1)
+            self.column += 1
+            return logits
+        return self._dysco_step()
+
+    def _dysco_step(self) -> torch.Tensor:
+        """One real DySCO decode step for column `self.column`: probe, importance, select, full pass."""
+        dysco, t = self.dysco, self.column
+        n = t + 1
+        real, template = self.real[:, :n], self.template[:, :n]
+        if dysco.selection == "dynamic" or self.static_set is None:
+            probe = AttentionPlan(capture_heads=self.heads, stop_after_layer=dysco.deepest_layer, kv_length=n)
+            self.decoder._forward(self.state, self.cache, t, n, probe, ids=self.ids, real=self.real, frozen=True)
+            self.importance = update_importance(self.importance, self._current(probe), dysco.decay)
+            selected = select_positions(self.importance, dysco.top_p, dysco.top_k)
+            up = upweighted_positions(selected, template, real)
+            if dysco.selection == "static":
+                self.static_set = torch.nn.functional.pad(up, (0, self.real.shape[1] - n))
+        else:
+            up = self.static_set[:, :n].clone()
+            up[:, -1] = True
+        bias = dysco_bias(up, dysco.strength)  # `up` already excludes template and padding
+        if self.diagnostics:
+            count = up.sum(-1).tolist()
+            mass = (self.importance[:, :n] * up[:, : self.importance.shape[1]]).sum(-1).tolist()
+            self.last_diagnostics = [{"selected": int(c), "mass": float(m)} for c, m in zip(count, mass)]
+        plan = AttentionPlan(logit_bias=bias, kv_length=n)
+        logits = self.decoder._forward(self.state, self.cache, t, n, plan, ids=self.ids, real=self.real)
+        self.column += 1
+        return logits
+
+    def drop(self, finished: list[int]) -> None:
+        """Remove finished rows (indices into the active rows) from the batch and the cache."""
+        keep = [i for i in range(len(self.rows)) if i not in set(finished)]
+        index = torch.tensor(keep, dtype=torch.long, device=self.ids.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.ids, self.real, self.template = self.ids[index], self.real[index], self.template[index]
+        self.cache.batch_select_indices(index)
+        if self.importance is not None:
+            self.importance = self.importance[index]
+        if self.static_set is not None:
+            self.static_set = self.static_set[index]
+
+
+def _share_cache(cache):
+    """A cache that shares `cache`'s tensors: DynamicCache rebinds on update, so the original stays as it is."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    clone = copy.copy(cache)
+    clone.layers = []
+    for layer in cache.layers:
+        if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+            raise TypeError(f"cannot share a {type(layer).__name__} cache layer; prefill states use DynamicCache")
+        clone.layers.append(copy.copy(layer))
+    return clone
+
+
+def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """Greedy or temperature/nucleus sampling over `logits` [batch, vocab]."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        ordered, order = probs.sort(dim=-1, descending=True)
+        outside = ordered.cumsum(-1) - ordered >= top_p
+        ordered = ordered.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, ordered)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _as_batch(prompts) -> list:
+    """Normalise the accepted prompt forms to a list of rows (each a str, a conversation or a list of ids)."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            prompts = [prompts.tolist()]
+        elif prompts.dim() == 2:
+            prompts = prompts.tolist()
+        else:
+            raise ValueError(f"token-id tensors must be 1-D or 2-D, got shape {tuple(prompts.shape)}")
+        if not prompts:
+            raise ValueError("the batch of prompts is empty")
+        return prompts
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Mapping):
+        raise ValueError("a single message must be inside a list: [{'role': 'user', 'content': ...}]")
+    if not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts must be a string, chat messages or token ids, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("the batch of prompts is empty")
+    first = prompts[0]
+    if isinstance(first, Mapping):  # one conversation
+        return [list(prompts)]
+    if isinstance(first, int) or (hasattr(first, "__index__") and not isinstance(first, (str, Sequence))):
+        return [list(prompts)]  # one list of token ids
+    rows = []
+    for i, row in enumerate(prompts):
+        if isinstance(row, torch.Tensor):
+            row = row.tolist()
+        if isinstance(row, str):
+            rows.append(row)
+        elif isinstance(row, Sequence):
+            if len(row) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            rows.append(list(row))
+        else:
+            raise ValueError(f"prompt {i} must be a string, chat messages or token ids, got {type(row).__name__}")
+    return rows
