@@ -12,11 +12,11 @@ class ProfileNotFound(RegistryError, LookupError):
 
 
 class InvalidReference(RegistryError, ValueError):
-    """A profile reference is not of the form `name`, `name@latest`, `name@N`, `name@tag`, `name@hash`."""
+    """A reference is not `name`, `name@latest`, `name@N`, `name@tag`, `name@hash`, `name@seed`."""
 
 
 class ProfileValidationError(RegistryError, ValueError):
-    """A profile breaks the schema (bad knob, head index outside the model, non-finite score …)."""
+    """A profile breaks the schema (bad knob, head outside the model, non-finite score …)."""
 
 
 class ProfileCorrupted(RegistryError):
@@ -32,4 +32,4 @@ class ProfileMismatchError(RegistryError):
 
 
 class UnsafeArchiveError(RegistryError):
-    """An archive holds something `import` refuses: absolute paths, `..`, links, unexpected files."""
+    """An archive holds what `import` refuses: absolute paths, `..`, links, unexpected files."""

@@ -81,7 +81,7 @@ _TAG_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")
 
 
 def default_root() -> Path:
-    """Where the registry lives: `$DYSCO_REGISTRY`, else `<user data dir>/dysco-toolkit/registry`."""
+    """The registry's home: `$DYSCO_REGISTRY`, else `<user data dir>/dysco-toolkit/registry`."""
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
@@ -91,7 +91,7 @@ def default_root() -> Path:
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
-    """Split `name@selector` into (name, selector or None); raise `InvalidReference` if malformed."""
+    """Split `name@selector` into (name, selector or None); `InvalidReference` if malformed."""
     if not isinstance(ref, str) or not ref.strip():
         raise InvalidReference(f"a profile reference must be a non-empty string, got {ref!r}")
     name, at, selector = ref.partition("@")
@@ -562,7 +562,7 @@ class Registry:
         _fsync_dir(folder)
 
     def tag(self, ref: str, tag: str) -> str:
-        """Point `tag` at the version `ref` resolves to (moving it if it exists); return that ref."""
+        """Point `tag` at the version `ref` resolves to (moving it if set); return that ref."""
         _check_tag_name(tag)
         name, version, _ = self._resolve(ref)
         if version == SEED:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from registry import (
     InvalidReference,
@@ -452,3 +454,47 @@ def test_check_model_never_forces_heads_outside_the_model():
         check_model(profile, small, force=True)
     with pytest.raises(ProfileValidationError, match="missing num_heads"):
         check_model(profile, {"architecture": "llama", "num_layers": 4, "num_kv_heads": 2})
+
+
+# --- property: any valid profile survives the store unchanged ------------------------------------
+
+@st.composite
+def random_profiles(draw) -> Profile:
+    layers, kv = draw(st.integers(1, 6)), draw(st.integers(1, 3))
+    heads = kv * draw(st.integers(1, 3))
+    cells = st.tuples(st.integers(0, layers - 1), st.integers(0, heads - 1))
+    head_set = draw(st.lists(cells, min_size=1, max_size=layers * heads, unique=True))
+    finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+    matrices = draw(st.dictionaries(
+        st.sampled_from(["qr", "qr_ndcg", "retrieval"]),
+        st.lists(finite, min_size=layers * heads, max_size=layers * heads), max_size=3,
+    ))
+    knobs = Knobs(
+        strength=draw(st.floats(0.01, 200)), top_p=draw(st.floats(0.001, 1.0)),
+        top_k=draw(st.integers(1, 10**6)), decay=draw(st.floats(0.0, 0.999)),
+        context_warmup=draw(st.integers(0, 64)),
+        selection=draw(st.sampled_from(["dynamic", "static"])),
+    )
+    metrics = draw(st.dictionaries(st.text(max_size=8), st.one_of(
+        st.floats(allow_nan=False, allow_infinity=False), st.integers(), st.text(max_size=10)),
+        max_size=4))
+    fingerprint = draw(st.none() | st.text(min_size=1, max_size=8))
+    return Profile(
+        model=ModelIdentity("rand", "llama", layers, heads, kv, fingerprint, None),
+        head_set=head_set, knobs=knobs, metrics=metrics,
+        head_scores={
+            key: np.array(values, dtype=np.float32).reshape(layers, heads)
+            for key, values in matrices.items()
+        },
+    )
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(profile=random_profiles())
+def test_any_valid_profile_round_trips_with_the_same_hash(tmp_path, profile):
+    reg = Registry(tmp_path / "prop")
+    ref = reg.register(profile)
+    loaded = reg.load(ref)
+    assert loaded == profile and loaded.content_hash() == profile.content_hash()
+    assert reg.load(f"rand@{profile.content_hash()[:12]}") == profile

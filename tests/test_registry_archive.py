@@ -1,4 +1,4 @@
-"""Registry export/import: round trip, and crafted untrusted archives refused with nothing written."""
+"""Registry export/import: round trip; crafted untrusted archives refused, nothing written."""
 
 from __future__ import annotations
 
@@ -156,7 +156,8 @@ def test_tampered_members_are_caught_by_checksum_or_validation(tmp_path, exporte
     members = read_members(archive)
 
     edited = dict(members)
-    edited["2/profile.json"] = edited["2/profile.json"].replace(b'"strength": 2.5', b'"strength": 7')
+    original = members["2/profile.json"]
+    edited["2/profile.json"] = original.replace(b'"strength": 2.5', b'"strength": 7')
     assert edited["2/profile.json"] != members["2/profile.json"]
     crafted = write_archive(tmp_path / "a.tar.gz", [file_member(k, v) for k, v in edited.items()])
     with pytest.raises(ProfileCorrupted, match="checksum mismatch in 2/profile.json"):
@@ -171,7 +172,7 @@ def test_tampered_members_are_caught_by_checksum_or_validation(tmp_path, exporte
     # ... and a consistent but invalid profile fails validation. Entry 1 is fine, entry 2 is not:
     # the whole archive is refused, so entry 1 is not registered either.
     edited = dict(members)
-    edited["2/profile.json"] = edited["2/profile.json"].replace(b'"num_layers": 4', b'"num_layers": 1')
+    edited["2/profile.json"] = original.replace(b'"num_layers": 4', b'"num_layers": 1')
     crafted = write_archive(tmp_path / "c.tar.gz",
                             [file_member(k, v) for k, v in _reindexed(edited).items()])
     with pytest.raises(ProfileCorrupted, match="invalid profile.*outside the model's shape"):
