@@ -238,8 +238,14 @@ class Profile:
     """One model's DySCO profile. Construction validates; an invalid profile cannot exist.
 
     Fields: `model` (identity), `head_set` ((layer, head) pairs, ranked, no duplicates),
-    `knobs`, `head_scores` (name -> float32 [num_layers, num_heads], e.g. "qr", "retrieval"),
-    `metrics` and `provenance` (free-form JSON), `schema_version`.
+    `knobs`, `head_scores` (name -> float32 [num_layers, num_heads], e.g. "qr", "qr_ndcg",
+    "retrieval"), `metrics` and `provenance` (free-form JSON), `schema_version`.
+
+    Conventional keys — metrics: `dev_<task>`, `test_<task>`, `baseline_<method>_<task>`,
+    `tokens_per_s`; provenance: `probe_kind`, `probe_count`, `probe_length`, `seed`, `study`,
+    `mlflow_run_id`, `library_versions`, `created`, `parent` (the ref this one refines, e.g.
+    "smollm2-135m@1"), `source` ("paper" for the seeds). A new version from an old one:
+    `dataclasses.replace(old, knobs=Knobs(strength=3.0), metrics={...})`.
     """
 
     model: ModelIdentity
@@ -395,7 +401,8 @@ class Profile:
 def collect_provenance(**fields_: Any) -> dict[str, Any]:
     """A provenance dict with the creation time and library versions filled in, plus `fields_`.
 
-    Usage: `collect_provenance(probe_kind="qr", probe_count=64, probe_length=2048, seed=0)`.
+    Usage: `collect_provenance(probe_kind="qr", probe_count=64, probe_length=2048, seed=0,
+    study="smollm2-mrcr", mlflow_run_id=run.info.run_id, parent="smollm2-135m@1")`.
     Library versions come from installed package metadata, so nothing heavy is imported.
     """
     versions = {}
