@@ -101,19 +101,20 @@ class ExampleRunner:
         self.prefill_seconds = 0.0
 
     def _prefill(self, index: int) -> Any:
-        from decoder.generation import prefill
+        from decoder.generation import Decoder
 
         if index not in self._prefills:
             start = time.perf_counter()
             prompts = [example.messages for example in self.batches[index]]
-            self._prefills[index] = prefill(
-                self.model, self.tokenizer, prompts, context_warmup=self.context_warmup
+            # A plain prefill up to the warmup: what DySCO (any knobs) and vanilla both start from.
+            self._prefills[index] = Decoder(self.model, self.tokenizer, method="vanilla").prefill(
+                prompts, warmup=self.context_warmup, max_new_tokens=self.max_new_tokens
             )
             self.prefill_seconds += time.perf_counter() - start
         return self._prefills[index]
 
     def _decode(self, index: int, method: Method) -> tuple[list[str], int]:
-        from decoder.generation import Decoder, generate_from
+        from decoder.generation import Decoder
 
         if method.name == "attnts":
             # AttnTS changes the prefill too, so nothing cached applies: a full run.
@@ -121,13 +122,9 @@ class ExampleRunner:
             prompts = [example.messages for example in self.batches[index]]
             out = decoder.generate(prompts, max_new_tokens=self.max_new_tokens)
         else:
-            out = generate_from(
-                self._prefill(index),
-                method=method.name,
-                dysco=method.dysco,
-                max_new_tokens=self.max_new_tokens,
-            )
-        return list(out.texts), int(sum(out.num_new_tokens))
+            decoder = Decoder(self.model, self.tokenizer, method=method.name, dysco=method.dysco)
+            out = decoder.generate_from(self._prefill(index), max_new_tokens=self.max_new_tokens)
+        return list(out.texts), sum(len(ids) for ids in out.token_ids)
 
     def evaluate(self, method: Method, on_batch: OnBatch | None = None) -> Evaluation:
         """Decode every example with `method`, grade it, and report after each batch."""

@@ -281,13 +281,15 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
         # Workers write briefly and rarely; wait for the lock rather than fail.
         engine_kwargs["connect_args"] = {"timeout": 120}
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=HEARTBEAT_INTERVAL_S,
-            grace_period=HEARTBEAT_GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=HEARTBEAT_GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            )
     except Exception as err:  # sqlalchemy raises many kinds; all mean "cannot open this URL"
         raise CalibrationError(f"cannot open the study storage {url!r}: {err}") from None
 
@@ -356,7 +358,10 @@ class Calibration:
         try:
             self.task = get_task(cfg.dev)
         except (ValueError, OSError) as err:
-            raise CalibrationError(str(err)) from None
+            message = str(err)
+            if os.path.exists(cfg.dev) and cfg.dev not in message:
+                message = f"cannot read {cfg.dev}: {message}"  # e.g. a bare UnicodeDecodeError
+            raise CalibrationError(message) from None
         opts: dict[str, Any] = {}
         if cfg.needles is not None:
             if "n_needles" not in self.task.options():
@@ -496,7 +501,9 @@ class Calibration:
                     study_name=cfg.study_name, storage=self.storage, sampler=self._sampler(0),
                     pruner=self._pruner(), directions=["maximize"] * len(self.objectives),
                 )
-                study.set_metric_names(self.objectives)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names(self.objectives)
                 study.set_user_attr("definition", self.definition)
                 study.enqueue_trial(self.space.defaults(), user_attrs={"published_defaults": True})
                 self.study = study
@@ -516,10 +523,13 @@ class Calibration:
         self.study = study
 
     def _lock(self):
-        from filelock import FileLock
+        """The study's host-wide lock (a file lock; none for an in-memory study). Reentrant."""
+        if getattr(self, "_file_lock", None) is None:
+            from filelock import FileLock
 
-        path = _lock_path(self.config.storage, self.config.study_name or "")
-        return FileLock(path) if path else contextlib.nullcontext()
+            path = _lock_path(self.config.storage, self.config.study_name or "")
+            self._file_lock = FileLock(path) if path else contextlib.nullcontext()
+        return self._file_lock
 
     # --- baselines ----------------------------------------------------------------------------
 
@@ -605,7 +615,10 @@ class Calibration:
             if finished + running >= self.config.trials:
                 return study, None, False  # others hold the remaining budget: wait for them
             study = self.load_study(trial_index=len(trials))
-            trial = study.ask()
+            with warnings.catch_warnings():
+                # Optuna warns that heartbeats are meant for optimize(); this loop beats itself.
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = study.ask()
             trial.set_user_attr("worker", _this_worker())
             return study, trial, False
 
@@ -648,6 +661,11 @@ class Calibration:
 
     def finish(self, progress: bool = False) -> CalibrationResult:
         """Score the best trial and the baselines on the test examples; register the profile."""
+        # Under the lock: two commands finishing one study together register it once.
+        with self._lock():
+            return self._finish(progress)
+
+    def _finish(self, progress: bool) -> CalibrationResult:
         cfg = self.config
         study = self.load_study()
         best = self.best_trial(study)
@@ -805,12 +823,13 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Calibrati
         from calibration.tracking import Tracker
 
         tracker = Tracker(config.tracking_uri)
-        tracker.start(
-            cal.study,
-            params={**cal.definition, "model": config.model, "study_name": config.study_name,
-                    "storage": config.storage, "parent_profile": cal.parent_ref},
-            tags={"dysco.model": cal.identity.name, "dysco.dev_task": cal.task.name},
-        )
+        with cal._lock():  # one parent run per study, even when several commands start together
+            tracker.start(
+                cal.study,
+                params={**cal.definition, "model": config.model, "study_name": config.study_name,
+                        "storage": config.storage, "parent_profile": cal.parent_ref},
+                tags={"dysco.model": cal.identity.name, "dysco.dev_task": cal.task.name},
+            )
         cal.tracker = tracker
     try:
         baselines = cal.run_baselines(progress=progress)
@@ -825,7 +844,8 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Calibrati
         try:
             def on_trial(study: optuna.Study) -> None:
                 if tracker is not None:
-                    tracker.sync_trials(study)
+                    with cal._lock():  # several commands on one study log each trial once
+                        tracker.sync_trials(study)
                 if bar is not None:
                     _update_bar(bar, study)
 
@@ -839,7 +859,8 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Calibrati
         if failed:
             log.warning("%d worker process(es) exited with an error (codes %s)", len(failed), failed)
         if tracker is not None:
-            tracker.sync_trials(cal.load_study())
+            with cal._lock():
+                tracker.sync_trials(cal.load_study())
         result = cal.finish(progress=progress)
         if tracker is not None:
             tracker.log_plots(cal.load_study())

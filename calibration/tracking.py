@@ -132,9 +132,9 @@ class Tracker:
 
     # --- nested runs, one per finished trial ---------------------------------------------------
 
-    def logged_trials(self) -> set[int]:
+    def logged_trials(self, refresh: bool = False) -> set[int]:
         """Numbers of the trials that already have a nested run under the parent."""
-        if self._logged is None:
+        if self._logged is None or refresh:
             runs = self.client.search_runs(
                 [self._experiment_id()],
                 filter_string=f"tags.mlflow.parentRunId = '{self._parent()}'",
@@ -149,7 +149,8 @@ class Tracker:
 
     def sync_trials(self, study: optuna.Study) -> int:
         """Log a nested run for every finished trial without one; returns how many were added."""
-        done = self.logged_trials()
+        # Fresh from the store: another command on the same study may have logged some.
+        done = self.logged_trials(refresh=True)
         added = 0
         for trial in study.get_trials(deepcopy=False, states=tuple(_STATUS)):
             if trial.number not in done:

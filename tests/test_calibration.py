@@ -1,0 +1,338 @@
+"""The calibration study: search space, resume after SIGKILL, shared workers, MLflow, bad input.
+
+Every run uses a tiny random Llama saved as a local checkpoint (mechanics, not quality) and tiny
+sizes; the study, the MLflow store and the registry live in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from calibration.space import PUBLISHED, SearchSpace
+from calibration.study import CalibrationConfig, CalibrationError, calibrate, head_ranking, parse_heads
+
+MODEL_NAME = "tiny-llama"
+COMMON = [
+    "--dev", "kv", "--context", "300", "--examples", "2", "--test-examples", "1",
+    "--max-new-tokens", "6", "--attnts-temperatures", "0.8", "--threads", "1", "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Llama saved as a checkpoint folder that `load_model` reads like any other."""
+    from decoder.tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("models") / MODEL_NAME
+    model, tokenizer = tiny_model("llama", seed=3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_identity(tiny_checkpoint):
+    from decoder.loading import load_model, model_identity
+    from registry import ModelIdentity
+
+    model, _ = load_model(str(tiny_checkpoint), progress=False)
+    return ModelIdentity.from_dict(model_identity(model, MODEL_NAME))
+
+
+def _register_head_profile(root: Path, identity) -> str:
+    """Register a head-set profile (QR scores included) for the tiny model, as headfinder would."""
+    from registry import Profile, Registry
+
+    scores = np.random.default_rng(0).random((identity.num_layers, identity.num_heads)).astype(np.float32)
+    profile = Profile(model=identity, head_set=[(3, 1), (2, 0)], head_scores={"qr": scores},
+                      provenance={"kind": "test"})
+    return Registry(root).register(profile)
+
+
+@pytest.fixture()
+def workdir(tmp_path, tiny_checkpoint, tiny_identity):
+    """A working folder holding a registry with one head-set profile for the tiny model."""
+    registry = tmp_path / "registry"
+    ref = _register_head_profile(registry, tiny_identity)
+    return {"dir": tmp_path, "registry": registry, "ref": ref, "model": str(tiny_checkpoint)}
+
+
+def _cli(work, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "calibration.cli", "--model", work["model"], "--registry", str(work["registry"]),
+        "--storage", f"sqlite:///{work['dir'] / 'study.db'}", "--tracking-uri",
+        f"sqlite:///{work['dir'] / 'mlflow.db'}", *COMMON, *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _trials(db: Path) -> list[tuple[int, str]]:
+    """(number, state) of every trial in a study database, read with plain sqlite."""
+    with sqlite3.connect(db, timeout=30) as con:
+        return con.execute("SELECT number, state FROM trials ORDER BY number").fetchall()
+
+
+def _versions(work) -> list[int]:
+    from registry import Registry
+
+    return Registry(work["registry"]).versions(MODEL_NAME)
+
+
+# --------------------------------------------------------------------------- the search space
+
+
+def test_space_holds_the_published_defaults_and_is_clipped_to_the_model():
+    space = SearchSpace.for_model(context_length=8192, ranking_length=270)
+    assert space.defaults() == PUBLISHED
+    for name, value in PUBLISHED.items():
+        lo, hi = getattr(space, name)
+        assert lo <= value <= hi, name
+    small = SearchSpace.for_model(context_length=512, ranking_length=6)
+    assert small.top_k[1] == 512 and small.num_heads[1] == 6
+    assert small.defaults()["top_k"] == 512 and small.defaults()["num_heads"] == 6
+    dists = space.distributions()
+    assert dists["top_k"].log and dists["num_heads"].log
+
+
+def test_head_ranking_follows_qr_scores_then_head_set():
+    from registry import ModelIdentity, Profile
+
+    identity = ModelIdentity(name="m", architecture="llama", num_layers=2, num_heads=3, num_kv_heads=1)
+    scores = np.array([[0.1, 0.9, 0.3], [0.8, 0.0, 0.5]], dtype=np.float32)
+    with_scores = Profile(model=identity, head_set=[(0, 1)], head_scores={"qr": scores})
+    assert head_ranking(with_scores) == [(0, 1), (1, 0), (1, 2), (0, 2), (0, 0), (1, 1)]
+    without = Profile(model=identity, head_set=[(1, 2), (0, 0)])
+    assert head_ranking(without) == [(1, 2), (0, 0)]
+    assert parse_heads("21:31, 21:18") == [(21, 31), (21, 18)]
+    with pytest.raises(CalibrationError, match="LAYER:HEAD"):
+        parse_heads("21-31")
+
+
+# --------------------------------------------------------------------------- a whole calibration
+
+
+def test_calibration_registers_a_profile_and_logs_mlflow_runs(workdir):
+    import mlflow
+    from registry import Registry
+
+    tracking = f"sqlite:///{workdir['dir'] / 'mlflow.db'}"
+    config = CalibrationConfig(
+        dev="kv", model=workdir["model"], profile=workdir["ref"], trials=4, examples=2, test_examples=1,
+        context=300, max_new_tokens=6, storage=f"sqlite:///{workdir['dir'] / 'study.db'}",
+        tracking_uri=tracking, registry=str(workdir["registry"]), attnts_temperatures=(0.8, 0.9),
+        threads=1,
+    )
+    result = calibrate(config)
+
+    assert result.trials["finished"] == 4
+    assert set(result.scores["dev"]) == set(result.scores["test"]) == {"vanilla", "attnts", "dysco"}
+    assert result.attnts_temperature in (0.8, 0.9)
+    assert result.profile_ref == f"{MODEL_NAME}@2" and result.parent_ref == workdir["ref"]
+    profile = Registry(workdir["registry"]).load(result.profile_ref)
+    assert profile.metrics["test"] == result.scores["test"]
+    assert profile.metrics["dev"]["vanilla"] == result.scores["dev"]["vanilla"]
+    assert profile.provenance["parent"] == workdir["ref"]
+    assert profile.provenance["study_name"] == result.study_name
+    assert profile.provenance["mlflow_run_id"] == result.mlflow["run_id"]
+    assert "optuna" in profile.provenance["library_versions"]
+    assert profile.knobs.top_k == result.best_params["top_k"]
+    assert len(profile.head_set) == result.best_params["num_heads"]
+    assert "qr" in profile.head_scores  # carried over from the parent
+
+    # The first trial is the published defaults, clipped to this model (4x4 heads, 4096 context).
+    study = optuna.load_study(study_name=result.study_name, storage=config.storage)
+    first = study.trials[0]
+    assert first.params == {"strength": 2.0, "top_k": 4096, "top_p": 0.975, "decay": 0.75, "num_heads": 16}
+
+    # MLflow: one parent run, one nested run per finished trial, with params and scores.
+    mlflow.set_tracking_uri(tracking)
+    runs = mlflow.search_runs(experiment_names=["dysco-calibration"], output_format="list")
+    parent = [r for r in runs if r.info.run_id == result.mlflow["run_id"]]
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.mlflow["run_id"]]
+    assert len(parent) == 1 and len(nested) == 4
+    assert {int(r.data.tags["optuna.trial_number"]) for r in nested} == {0, 1, 2, 3}
+    for run in nested:
+        assert set(run.data.params) >= {"strength", "top_k", "top_p", "decay", "num_heads"}
+        assert "duration_s" in run.data.metrics
+    assert parent[0].data.metrics["test_dysco"] == result.scores["test"]["dysco"]
+    artifacts = {a.path for a in mlflow.MlflowClient(tracking).list_artifacts(result.mlflow["run_id"], "plots")}
+    assert "plots/optimization_history.png" in artifacts
+
+    # The same call again: the study is complete, nothing new is run or registered.
+    again = calibrate(config)
+    assert again.profile_ref == result.profile_ref
+    assert _versions(workdir) == [1, 2]
+
+
+def test_same_settings_draw_the_same_trials(workdir):
+    storage = f"sqlite:///{workdir['dir'] / 'twins.db'}"
+
+    def trial_params(name: str) -> list[dict]:
+        config = CalibrationConfig(
+            dev="kv", model=workdir["model"], profile=workdir["ref"], trials=5, examples=2, test_examples=1,
+            context=300, max_new_tokens=4, storage=storage, tracking=False, register=False,
+            registry=str(workdir["registry"]), attnts_temperatures=(0.8,), threads=1, study_name=name,
+        )
+        calibrate(config)
+        return [t.params for t in optuna.load_study(study_name=name, storage=storage).trials]
+
+    a, b = trial_params("a"), trial_params("b")
+    assert a == b and len(a) == 5
+    assert len({json.dumps(p, sort_keys=True) for p in a}) == 5  # TPE really explored
+
+
+# --------------------------------------------------------------------------- resume and workers
+
+
+def test_sigkill_then_rerun_keeps_every_finished_trial(workdir):
+    db = workdir["dir"] / "study.db"
+    cmd = _cli(workdir, "--trials", "6", "--profile", workdir["ref"], "--max-new-tokens", "24")
+    first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    done: list[tuple[int, str]] = []
+    while time.monotonic() < deadline and first.poll() is None:
+        if db.exists():
+            try:
+                done = [t for t in _trials(db) if t[1] == "COMPLETE"]
+            except sqlite3.OperationalError:
+                done = []  # tables not created yet, or locked for a moment
+        if len(done) >= 2:
+            break
+        time.sleep(0.05)
+    assert first.poll() is None, first.communicate()[1].decode()[-3000:]
+    assert len(done) >= 2, "the first run never finished two trials"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = {n: s for n, s in _trials(db)}
+    summaries = optuna.get_all_study_summaries(f"sqlite:///{db}")
+    assert len(summaries) == 1
+    name = summaries[0].study_name
+    finished_before = {
+        t.number: (t.params, t.values)
+        for t in optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials
+        if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL
+    }
+    running_before = [n for n, s in before.items() if s == "RUNNING"]
+
+    second = subprocess.run(cmd + ["--json"], env=_env(), capture_output=True, timeout=300)
+    assert second.returncode == 0, second.stderr.decode()[-3000:]
+    result = json.loads(second.stdout)
+    assert result["study_name"] == name and result["trials"]["finished"] == 6
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    for number, (params, values) in finished_before.items():  # every finished trial kept as it was
+        assert study.trials[number].params == params and study.trials[number].values == values
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 6
+    assert "RUNNING" not in states and "WAITING" not in states
+    for number in running_before:  # the trial the kill interrupted: failed, then run again
+        assert study.trials[number].state.name == "FAIL"
+        retried = [t for t in study.trials if t.user_attrs.get("retry_of") == number]
+        if study.trials[number].params:
+            assert len(retried) == 1 and retried[0].params == study.trials[number].params
+    assert _versions(workdir) == [1, 2]
+
+
+def test_two_workers_share_one_study_without_duplicates(workdir):
+    db = workdir["dir"] / "study.db"
+    cmd = _cli(workdir, "--trials", "8", "--profile", workdir["ref"], "--max-new-tokens", "16", "--json")
+    # Two independent commands on one storage (as on two machines) and the built-in --workers.
+    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err.decode()[-3000:]
+    results = [json.loads(out) for out, _ in outs]
+    assert results[0]["profile_ref"] == results[1]["profile_ref"]  # registered once, by whoever finished first
+    assert _versions(workdir) == [1, 2]
+
+    name = results[0]["study_name"]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    states = [t.state.name for t in study.trials]
+    assert len(study.trials) == 8 and set(states) <= {"COMPLETE", "PRUNED"}, states
+    pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
+    assert len(pids) == 2, "both processes should have run trials"
+    # One nested MLflow run per trial, though two processes logged.
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir['dir'] / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["dysco-calibration"], output_format="list")
+    numbers = [r.data.tags["optuna.trial_number"] for r in runs if "optuna.trial_number" in r.data.tags]
+    assert sorted(numbers) == sorted(str(t.number) for t in study.trials)
+
+    # --workers 2: this command spawns one extra worker; the budget grows to 10, exactly.
+    more = subprocess.run(_cli(workdir, "--trials", "10", "--profile", workdir["ref"], "--max-new-tokens", "16",
+                               "--workers", "2", "--json"), env=_env(), capture_output=True, timeout=400)
+    assert more.returncode == 0, more.stderr.decode()[-3000:]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    assert len(study.trials) == 10 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _run_main(*argv: str):
+    from calibration.cli import main
+
+    return main(list(argv))
+
+
+def test_bad_input_gives_clear_errors_and_registers_nothing(workdir, tmp_path, capsys, tiny_checkpoint):
+    base = ["--model", workdir["model"], "--registry", str(workdir["registry"]), "--storage",
+            f"sqlite:///{tmp_path / 'bad.db'}", "--no-tracking", "--quiet", "--context", "300",
+            "--examples", "2", "--max-new-tokens", "2", "--trials", "1"]
+
+    # trials < 1: a usage error before anything is loaded.
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main("--dev", "kv", *base, "--trials", "0")
+    assert exit_info.value.code == 2
+    assert "--trials: must be >= 1, got 0" in capsys.readouterr().err
+
+    # Unknown dev task.
+    assert _run_main("--dev", "nosuchtask", *base) == 1
+    assert "unknown dev task 'nosuchtask'" in capsys.readouterr().err
+
+    # Unreadable data file, then a well-formed file of the wrong shape (a missing field).
+    garbage = tmp_path / "mrcr.jsonl"
+    garbage.write_bytes(b"\x00\xff not json\n")
+    assert _run_main("--dev", str(garbage), *base) == 1
+    err = capsys.readouterr().err
+    assert "calibrate: error:" in err and str(garbage) in err
+    shaped = tmp_path / "mrcr_missing.jsonl"
+    shaped.write_text(json.dumps({"prompt": "[]", "answer": "x", "n_needles": 2}) + "\n")
+    assert _run_main("--dev", str(shaped), *base) == 1
+    assert "random_string_to_prepend" in capsys.readouterr().err
+
+    # A profile made for another model.
+    from registry import ModelIdentity, Profile, Registry
+
+    other = ModelIdentity(name="other-model", architecture="llama", num_layers=30, num_heads=9,
+                          num_kv_heads=3, weights_fingerprint="f" * 64)
+    other_ref = Registry(workdir["registry"]).register(Profile(model=other, head_set=[(14, 2)]))
+    assert _run_main("--dev", "kv", *base, "--profile", other_ref, "--json") == 1
+    out, err = capsys.readouterr()
+    assert "does not match" in json.loads(out)["error"] and "does not match" in err
+
+    # --needles on a task without needles; heads outside the model.
+    assert _run_main("--dev", "kv", *base, "--needles", "4") == 1
+    assert "--needles applies to the mrcr task only" in capsys.readouterr().err
+    assert _run_main("--dev", "kv", *base, "--heads", "9:0") == 1
+    assert "outside tiny-llama (4 layers x 4 heads)" in capsys.readouterr().err
+
+    # Nothing was registered for the tiny model, and no study was left half made.
+    assert _versions(workdir) == [1]
+    bad_db = tmp_path / "bad.db"
+    assert not bad_db.exists() or optuna.get_all_study_summaries(f"sqlite:///{bad_db}") == []
