@@ -1,0 +1,733 @@
+"""The fast decoding path: static KV buffers, a fused biased decode kernel, a GPU-resident DySCO step.
+
+It computes what `decoder.generation` (the exact path) computes, in the same order, and differs only
+in how the work is laid out:
+
+- **Static KV buffers.** Each attention layer gets `k, v [batch, kv_heads, max_len, head_dim]` once,
+  on that layer's device. Prefill writes them; each decode step writes one column (`index_copy_` at a
+  device-side column index `t`). No per-step concatenation, no O(context) copy.
+- **One attention function** registered in transformers' `AttentionInterface` (`dysco_fast`) and no
+  mask function, so transformers builds no masks: prefill runs SDPA (flash where available) on the
+  prompt, unchanged by DySCO; decode runs `decode_attention` (a split-KV Triton kernel on CUDA) over the
+  buffers with one additive bias `[batch, max_len]` shared by every head of every layer: padding
+  (-inf) plus, for DySCO, log(strength) on the up-weighted columns.
+- **The probe** runs the model's own decoder with its layer list cut after the deepest layer of S
+  and plain attention. The decode kernel also writes the raw logits of the heads in S (no second pass
+  over K); softmax over them gives `cur`. The probe writes column `t` of the layers it runs; the full
+  pass then writes column `t` of every layer again, so nothing the probe leaves survives the step.
+- **Selection on the GPU.** Importance, selection and bias are `decoder.dysco`'s own functions, run on
+  `[batch, max_len]` tensors (columns past `t` hold zero importance and are never selected), so a
+  decode step never waits for the host.
+- **CUDA graphs.** On a single CUDA device, each kind of step (warmup, DySCO, static, plain) is
+  captured once per (batch, max_len) and replayed; the step reads its input token from a device-side
+  token buffer and writes the next one back, so the host only launches replays. The host syncs every
+  `sync_every` steps to check EOS.
+- **device_map.** A model spread over several devices keeps working (eager, no graphs): buffers, the
+  bias and the column index live on each layer's device.
+
+    >>> fast = FastDecoder(model, method="dysco", dysco=DyscoConfig(head_set=[(2, 1), (3, 0)]))
+    >>> out = fast.generate_ids(input_ids, attention_mask, max_new_tokens=16)
+    >>> out.tokens.shape
+    torch.Size([batch, 16])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from decoder.dysco import DyscoConfig, dysco_bias, select_positions, update_importance, upweighted_positions
+from decoder.fast_kernels import decode_attention
+
+__all__ = ["FastDecoder", "FastOutput", "FAST_IMPLEMENTATION"]
+
+FAST_IMPLEMENTATION = "dysco_fast"
+METHODS = ("vanilla", "attnts", "dysco")
+
+
+# --------------------------------------------------------------------------------------------------
+# The state one generation shares with the attention function
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LayerInfo:
+    device: torch.device
+    dtype: torch.dtype
+    heads: int
+    kv_heads: int
+    head_dim: int
+    window: int | None = None  # sliding window of this layer, if any
+
+
+@dataclass
+class _Run:
+    """Everything the attention function needs; built per (batch, max_len), reused across generations."""
+
+    mode: str = "discover"  # discover | prefill | decode
+    temperature: float = 1.0
+    layers: dict[int, _LayerInfo] = field(default_factory=dict)
+    k: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [batch, kv_heads, max_len, head_dim]
+    v: dict[int, torch.Tensor] = field(default_factory=dict)
+    # prefill: which batch rows and which first column this forward writes
+    rows: slice = field(default_factory=lambda: slice(None))
+    offset: int = 0
+    # decode: per device, the current column [1] int64 and the bias [batch, max_len] float32 (or None)
+    t: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    bias: dict[torch.device, torch.Tensor | None] = field(default_factory=dict)
+    capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> (head_to_row, scores)
+
+
+_ACTIVE: _Run | None = None
+
+
+def _fast_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [batch, heads, q_len, head_dim]
+    key: torch.Tensor,  # [batch, kv_heads, q_len, head_dim] (no cache: this forward's tokens only)
+    value: torch.Tensor,  # [batch, kv_heads, q_len, head_dim]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    run = _ACTIVE
+    if run is None:
+        raise RuntimeError(f"the {FAST_IMPLEMENTATION} attention runs only inside FastDecoder")
+    if softcap is not None:
+        raise NotImplementedError("the fast path does not support attention logit soft-capping; use the exact Decoder")
+    layer = module.layer_idx
+    scale = (scaling if scaling is not None else query.shape[-1] ** -0.5) / run.temperature
+    window = sliding_window if sliding_window else None
+
+    if run.mode == "discover":
+        run.layers[layer] = _LayerInfo(query.device, key.dtype, query.shape[1], key.shape[1], key.shape[-1], window)
+        return _prefill_attention(query, key, value, scale, window), None
+
+    if run.mode == "prefill":
+        q_len = key.shape[-2]
+        run.k[layer][run.rows, :, run.offset : run.offset + q_len] = key
+        run.v[layer][run.rows, :, run.offset : run.offset + q_len] = value
+        return _prefill_attention(query, key, value, scale, window), None
+
+    # decode: one token per row, written at column t, attended over columns 0..t
+    t = run.t[query.device]
+    k_buf, v_buf = run.k[layer], run.v[layer]
+    k_buf.index_copy_(2, t, key)
+    v_buf.index_copy_(2, t, value)
+    capture = run.capture.get(layer) if run.capture is not None else None
+    out = decode_attention(query[:, :, 0], k_buf, v_buf, run.bias[query.device], t, scale, window, capture)
+    return out.unsqueeze(1), None  # [batch, 1, heads, head_dim]
+
+
+def _prefill_attention(query, key, value, scale: float, window: int | None) -> torch.Tensor:
+    """Causal attention over this forward's tokens (SDPA; flash on CUDA): [batch, q_len, heads, head_dim]."""
+    q_len = query.shape[-2]
+    mask, causal = None, True
+    if window is not None and q_len > window:
+        i = torch.arange(q_len, device=query.device)
+        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)  # [q_len, q_len]
+        causal = False
+    try:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scale,
+                                             enable_gqa=True)
+    except (RuntimeError, TypeError):  # a kernel without GQA: repeat the KV heads (prefill only, once)
+        n_rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scale)
+    return out.transpose(1, 2).contiguous()
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    # Attention only, no mask function: transformers then builds no mask at all (the bias is ours).
+    AttentionInterface.register(FAST_IMPLEMENTATION, _fast_attention)
+
+
+@contextlib.contextmanager
+def _activated(model: torch.nn.Module, run: _Run) -> Iterator[None]:
+    """Route the model's attention through `_fast_attention` with `run` as its state."""
+    global _ACTIVE
+    if _ACTIVE is run:  # already routed (an eager generation activates once for all its steps)
+        yield
+        return
+    if _ACTIVE is not None:
+        raise RuntimeError("a FastDecoder generation is already running; they do not nest")
+    previous = model.config._attn_implementation
+    _register()
+    model.set_attn_implementation(FAST_IMPLEMENTATION)
+    _ACTIVE = run
+    try:
+        yield
+    finally:
+        _ACTIVE = None
+        model.set_attn_implementation(previous)
+
+
+@contextlib.contextmanager
+def _truncated(decoder: torch.nn.Module, n_layers: int) -> Iterator[None]:
+    """Run the model's decoder with only its first `n_layers` layers (the probe)."""
+    layers = decoder.layers
+    decoder.layers = layers[:n_layers]
+    try:
+        yield
+    finally:
+        decoder.layers = layers
+
+
+# --------------------------------------------------------------------------------------------------
+# The decoder
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FastOutput:
+    """Generated tokens [batch, n] (pad after EOS), optional per-step logits, and timings in seconds."""
+
+    tokens: torch.Tensor
+    logits: torch.Tensor | None = None  # float32 [batch, n, vocab] when asked for
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Shape:
+    """Buffers and captured graphs for one (batch, max_len)."""
+
+    def __init__(self, batch: int, max_len: int):
+        self.batch, self.max_len = batch, max_len
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+
+class FastDecoder:
+    """Vanilla, AttnTS and DySCO decoding with static buffers, a fused biased kernel and CUDA graphs."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer=None,
+        method: str = "dysco",
+        dysco: DyscoConfig | None = None,
+        temperature: float = 1.0,
+        *,
+        cuda_graphs: bool | None = None,
+        sync_every: int = 16,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        if method == "dysco" and dysco is None:
+            raise ValueError("method 'dysco' needs a DyscoConfig (its head set and knobs)")
+        if temperature <= 0:
+            raise ValueError(f"attention temperature must be > 0, got {temperature}")
+        self.model, self.tokenizer, self.method = model, tokenizer, method
+        self.dysco = dysco if method == "dysco" else None
+        self.temperature = temperature if method == "attnts" else 1.0
+        self.sync_every = sync_every
+        self.decoder = model.get_decoder()
+        if not hasattr(self.decoder, "layers"):
+            raise TypeError(f"{type(self.decoder).__name__} has no `layers` list; the fast path cannot cut the probe")
+        self.run = _Run(temperature=self.temperature)
+        self._discover()
+        devices = {info.device for info in self.run.layers.values()}
+        self.device = model.get_input_embeddings().weight.device
+        self.single_device = devices == {self.device}
+        if cuda_graphs is None:
+            cuda_graphs = self.single_device and self.device.type == "cuda"
+        if cuda_graphs and not (self.single_device and self.device.type == "cuda"):
+            raise ValueError("CUDA graphs need the whole model on one CUDA device")
+        self.cuda_graphs = cuda_graphs
+        if self.dysco is not None:
+            heads = model.config.num_attention_heads
+            self.dysco.check_model(model.config.num_hidden_layers, heads, self.run.layers.keys())
+        self._shape: _Shape | None = None
+
+    # ---------------------------------------------------------------- setup
+
+    def _discover(self) -> None:
+        """A two-token forward records each attention layer's device, dtype and head counts."""
+        device = self.model.get_input_embeddings().weight.device
+        with torch.no_grad(), _activated(self.model, self.run):
+            self.model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+        if not self.run.layers:
+            raise TypeError(f"{type(self.model).__name__}: no attention layer goes through transformers' AttentionInterface")
+        self.run.mode = "prefill"
+
+    def prepare(self, batch: int, max_len: int) -> None:
+        """Allocate the buffers for (batch, max_len) and, with CUDA graphs, capture the decode steps."""
+        if self._shape is not None and (self._shape.batch, self._shape.max_len) == (batch, max_len):
+            return
+        self._shape = None
+        run = self.run
+        run.k.clear(), run.v.clear(), run.t.clear(), run.bias.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        for layer, info in self.run.layers.items():
+            shape = (batch, info.kv_heads, max_len, info.head_dim)
+            # Zeros, not empty: never-written columns (padding) must hold finite values.
+            run.k[layer] = torch.zeros(shape, dtype=info.dtype, device=info.device)
+            run.v[layer] = torch.zeros(shape, dtype=info.dtype, device=info.device)
+        devices = {info.device for info in self.run.layers.values()} | {self.device}
+        for device in devices:
+            run.t[device] = torch.zeros(1, dtype=torch.long, device=device)
+            run.bias[device] = torch.zeros(batch, max_len, dtype=torch.float32, device=device)
+        shape = _Shape(batch, max_len)
+        dev = self.device
+        # Per-row state, all on the embedding device.
+        shape.tokens = torch.zeros(batch, max_len + 1, dtype=torch.long, device=dev)  # prompt, then generated
+        shape.prompt_len = torch.zeros(1, dtype=torch.long, device=dev)  # P (columns < P are prompt)
+        shape.pad = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # left padding per row
+        shape.real = torch.zeros(batch, max_len, dtype=torch.bool, device=dev)  # not padding
+        shape.template = torch.zeros(batch, max_len, dtype=torch.bool, device=dev)
+        shape.pad_bias = torch.zeros(batch, max_len, dtype=torch.float32, device=dev)  # -inf on padding
+        shape.importance = torch.zeros(batch, max_len, dtype=torch.float32, device=dev)
+        shape.static_selected = torch.zeros(batch, max_len, dtype=torch.bool, device=dev)
+        shape.columns = torch.arange(max_len, device=dev)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        shape.logits = torch.zeros(batch, vocab, dtype=torch.float32, device=dev)
+        if self.dysco is not None:
+            self._prepare_capture(shape)
+        self._shape = shape
+        if self.cuda_graphs:
+            self._capture_graphs(shape)
+
+    def _prepare_capture(self, shape: _Shape) -> None:
+        """Per layer of S: which query heads to record (head -> row) and a scores buffer for their logits."""
+        shape.capture = {}
+        for layer, heads in self.dysco.heads_by_layer.items():
+            info = self.run.layers[layer]
+            head_to_row = torch.full((info.heads,), -1, dtype=torch.int32, device=info.device)
+            head_to_row[list(heads)] = torch.arange(len(heads), dtype=torch.int32, device=info.device)
+            scores = torch.zeros(shape.batch, len(heads), shape.max_len, dtype=torch.float32, device=info.device)
+            shape.capture[layer] = (head_to_row, scores)
+
+    # ---------------------------------------------------------------- one decode step (graph body)
+
+    def _sync_devices(self) -> None:
+        """Copy the column index and the bias from the main device to the other layers' devices."""
+        if self.single_device:
+            return
+        main_t, main_bias = self.run.t[self.device], self.run.bias[self.device]
+        for device in self.run.t:
+            if device != self.device:
+                self.run.t[device].copy_(main_t)
+                self.run.bias[device].copy_(main_bias)
+
+    def _input(self, shape: _Shape):
+        t = self.run.t[self.device]
+        ids = shape.tokens.index_select(1, t)  # [batch, 1]
+        positions = (t - shape.pad).clamp_min(0)  # [batch, 1]
+        return t, ids, positions
+
+    def _current_row(self, shape: _Shape, t: torch.Tensor) -> torch.Tensor:
+        return shape.columns == t  # [max_len]
+
+    def _cur_importance(self, shape: _Shape, t: torch.Tensor) -> torch.Tensor:
+        """Mean over S of the recorded heads' attention probabilities at the current query: [batch, max_len]."""
+        total = None
+        for layer, (_, scores) in shape.capture.items():
+            visible = shape.columns.to(scores.device) <= t.to(scores.device)  # [max_len]
+            window = self.run.layers[layer].window
+            if window is not None:
+                visible = visible & (shape.columns.to(scores.device) > t.to(scores.device) - window)
+            logits = scores + shape.pad_bias.to(scores.device)[:, None, :]  # [batch, n_heads, max_len]
+            # The current column stays visible even for a padding row, so no row is all -inf.
+            logits = torch.where(self._current_row(shape, t).to(scores.device), scores, logits)
+            logits = logits.masked_fill(~visible, float("-inf"))
+            probs = torch.softmax(logits, dim=-1).sum(1).to(self.device)  # [batch, max_len]
+            total = probs if total is None else total + probs
+        return total / len(self.dysco.head_set)
+
+    def _forward_full(self, shape: _Shape, ids, positions) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1].float()  # [batch, vocab]
+
+    def _forward_probe(self, shape: _Shape, ids, positions) -> None:
+        with _truncated(self.decoder, self.dysco.deepest_layer + 1):
+            self.decoder(input_ids=ids, position_ids=positions, use_cache=False)
+
+    def _set_bias(self, bias: torch.Tensor) -> None:
+        self.run.bias[self.device].copy_(bias)
+        self._sync_devices()
+
+    def _upweighted(self, shape: _Shape, selected: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`upweighted_positions` with the current column at `t`: bool [batch, max_len].
+
+        The exact path's current column is its last one; here the buffers are wider. Folding column t
+        in as selected, real and not template makes `upweighted_positions` add it whatever it is, as the
+        exact path does. (It also sets column max_len - 1, which is never attended before t reaches it.)
+        """
+        current = self._current_row(shape, t)[None, :]  # [1, max_len]
+        return upweighted_positions(selected | current, shape.template & ~current, shape.real | current)
+
+    def _advance(self, shape: _Shape, t: torch.Tensor, logits: torch.Tensor) -> None:
+        """Greedy next token into the token buffer (past the prompt only); t += 1."""
+        shape.logits.copy_(logits)
+        next_token = logits.argmax(-1, keepdim=True).to(self.device)  # [batch, 1]
+        nxt = t + 1
+        keep = shape.tokens.index_select(1, nxt)
+        shape.tokens.index_copy_(1, nxt, torch.where(nxt >= shape.prompt_len, next_token, keep))
+        t.add_(1)
+        self._sync_devices()
+
+    def _step(self, shape: _Shape, kind: str) -> None:
+        """One decode step of `kind`: plain | warmup | dysco | static_first | static."""
+        run = self.run
+        t, ids, positions = self._input(shape)
+        if kind == "plain":
+            self._set_bias(shape.pad_bias)
+            logits = self._forward_full(shape, ids, positions)
+            self._advance(shape, t, logits)
+            return
+        if kind == "warmup":
+            # Plain attention; the heads of S are read from this very pass (it is identical to a probe).
+            self._set_bias(shape.pad_bias)
+            run.capture = shape.capture
+            try:
+                logits = self._forward_full(shape, ids, positions)
+            finally:
+                run.capture = None
+            cur = self._cur_importance(shape, t)
+            updated = update_importance(shape.importance, cur, self.dysco.decay)
+            padding_now = ~shape.real.index_select(1, t)  # [batch, 1]: this row's token is padding
+            shape.importance.copy_(torch.where(padding_now, shape.importance, updated))
+            self._advance(shape, t, logits)
+            return
+        if kind in ("dysco", "static_first"):
+            self._set_bias(shape.pad_bias)
+            run.capture = shape.capture
+            try:
+                self._forward_probe(shape, ids, positions)
+            finally:
+                run.capture = None
+            cur = self._cur_importance(shape, t)
+            shape.importance.copy_(update_importance(shape.importance, cur, self.dysco.decay))
+            selected = select_positions(shape.importance, self.dysco.top_p, self.dysco.top_k)
+            up = self._upweighted(shape, selected, t)
+            if kind == "static_first":
+                shape.static_selected.copy_(up)  # the exact path keeps the up-weighted set, its current column too
+        else:  # static: the set chosen at the first real step plus the current column, no probe
+            up = shape.static_selected | self._current_row(shape, t)[None, :]
+        # `up` already excludes template and padding columns; padding is masked by pad_bias.
+        self._set_bias(dysco_bias(up, self.dysco.strength) + shape.pad_bias)
+        logits = self._forward_full(shape, ids, positions)
+        self._advance(shape, t, logits)
+
+    # ---------------------------------------------------------------- graphs
+
+    def _step_kinds(self) -> list[str]:
+        if self.dysco is None:
+            return ["plain"]
+        if self.dysco.selection == "static":
+            return ["warmup", "static_first", "static"]
+        return ["warmup", "dysco"]
+
+    def _capture_graphs(self, shape: _Shape) -> None:
+        """Warm each step kind up eagerly (Triton compiles, workspaces settle), then capture it."""
+        saved = self._save_state(shape)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), _activated(self.model, self.run):
+            self.run.mode = "decode"
+            with torch.cuda.stream(stream):
+                for kind in self._step_kinds():
+                    for _ in range(2):
+                        self._step(shape, kind)
+                        self._restore_state(shape, saved)
+            torch.cuda.current_stream().wait_stream(stream)
+            for kind in self._step_kinds():
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=shape.pool):
+                    self._step(shape, kind)
+                shape.pool = graph.pool()
+                shape.graphs[kind] = graph
+            self.run.mode = "prefill"
+        self._restore_state(shape, saved)
+
+    def _save_state(self, shape: _Shape) -> dict[str, torch.Tensor]:
+        state = {"t": self.run.t[self.device], "tokens": shape.tokens, "importance": shape.importance,
+                 "static_selected": shape.static_selected}
+        return {name: value.clone() for name, value in state.items()}
+
+    def _restore_state(self, shape: _Shape, saved: dict[str, torch.Tensor]) -> None:
+        self.run.t[self.device].copy_(saved["t"])
+        shape.tokens.copy_(saved["tokens"])
+        shape.importance.copy_(saved["importance"])
+        shape.static_selected.copy_(saved["static_selected"])
+        self._sync_devices()
+
+    def _run_step(self, shape: _Shape, kind: str) -> None:
+        if self.cuda_graphs:
+            shape.graphs[kind].replay()
+            return
+        with _activated(self.model, self.run):
+            self.run.mode = "decode"
+            try:
+                self._step(shape, kind)
+            finally:
+                self.run.mode = "prefill"
+
+    # ---------------------------------------------------------------- generation
+
+    @staticmethod
+    def bucket(length: int, granule: int = 4096) -> int:
+        """Round a buffer length up so that nearby prompt lengths share buffers and graphs."""
+        granule = min(granule, max(64, 1 << max(0, (length - 1).bit_length() - 3)))
+        return math.ceil(length / granule) * granule
+
+    def _exact(self):
+        """The exact `Decoder` for this model and method: prompt encoding, EOS ids and the fallback."""
+        if getattr(self, "_exact_decoder", None) is None:
+            from decoder.generation import Decoder
+
+            method_temperature = self.temperature if self.method == "attnts" else 1.0
+            self._exact_decoder = Decoder(self.model, self.tokenizer, self.method, self.dysco, method_temperature)
+        return self._exact_decoder
+
+    def generate(
+        self,
+        prompts,
+        *,
+        max_new_tokens: int = 64,
+        eos: int | Sequence[int] | None = None,
+        stop_strings: Sequence[str] | str | None = None,
+        return_logits: bool = False,
+        template_mask: Sequence[Sequence[bool]] | None = None,
+    ):
+        """Greedy generation for a batch of prompts (the forms `Decoder.generate` takes): a `Generation`."""
+        from decoder.generation import Generation
+
+        exact = self._exact()
+        ids, masks = exact.encode(prompts, template_mask)
+        width = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), width), exact.pad_id, dtype=torch.long)
+        real = torch.zeros(len(ids), width, dtype=torch.bool)
+        template = torch.zeros(len(ids), width, dtype=torch.bool)
+        for i, (row, mask) in enumerate(zip(ids, masks)):
+            input_ids[i, width - len(row):] = torch.tensor(row)
+            real[i, width - len(row):] = True
+            template[i, width - len(row):] = torch.tensor(mask, dtype=torch.bool)
+        eos_ids = sorted(exact._eos_ids(eos))
+        out = self.generate_ids(input_ids, real, max_new_tokens=max_new_tokens, template=template,
+                                eos_token_id=eos_ids or None, return_logits=return_logits)
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        stop_strings = [s for s in (stop_strings or []) if s]
+        texts, token_ids, reasons, logits = [], [], [], []
+        for row, tokens in enumerate(out.tokens.tolist()):
+            reason, kept = "length", tokens
+            for n in range(1, len(tokens) + 1):
+                if tokens[n - 1] in eos_ids:
+                    reason, kept = "eos", tokens[:n]
+                    break
+                if stop_strings and any(s in exact._decode(tokens[:n]) for s in stop_strings):
+                    reason, kept = "stop_string", tokens[:n]
+                    break
+            text = exact._decode(kept[:-1] if reason == "eos" else kept)
+            if reason == "stop_string":
+                text = text[: min(text.find(s) for s in stop_strings if s in text)]
+            texts.append(text)
+            token_ids.append(kept)
+            reasons.append(reason)
+            if return_logits:
+                logits.append(out.logits[row, : len(kept)].cpu())
+        return Generation(texts=texts, token_ids=token_ids, prompt_ids=ids, finish_reasons=reasons,
+                          logits=logits if return_logits else None)
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        template: torch.Tensor | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        return_logits: bool = False,
+        max_len: int | None = None,
+    ) -> FastOutput:
+        """Greedy generation from left-padded `input_ids` [batch, P] (mask: 1 = real token)."""
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        batch, prompt = input_ids.shape
+        dev = self.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(dev).bool()
+        if not attention_mask.any(-1).all():
+            raise ValueError("every row needs at least one real token")
+        if (attention_mask.long().diff(dim=-1) < 0).any():
+            raise ValueError("the fast path needs left padding (padding first, then the prompt)")
+        need = prompt + max_new_tokens
+        max_len = max_len or self.bucket(need)
+        if max_len < need:
+            raise ValueError(f"max_len {max_len} < prompt + max_new_tokens = {need}")
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and need > limit:
+            raise ValueError(f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) exceeds the model's context {limit}")
+
+        timings: dict[str, float] = {}
+        timer = _Timer(dev)
+        timer.mark("start")
+        self.prepare(batch, max_len)
+        timer.mark("prepared")
+        shape = self._shape
+        pads = (~attention_mask).sum(-1)  # [batch]
+        self._load_prompt(shape, input_ids.to(dev), attention_mask, pads, template)
+
+        warmup = self.dysco.context_warmup if self.dysco is not None else 0
+        n_prefill = max(0, prompt - warmup) if self.dysco is not None else prompt
+        first_logits = self._prefill(shape, input_ids.to(dev), pads, n_prefill)
+        self.run.t[dev].fill_(n_prefill)
+        self._sync_devices()
+        timer.mark("prefill")
+
+        steps: list[str] = []
+        if self.dysco is None:
+            steps = ["plain"] * (max_new_tokens - 1)
+        else:
+            real_kind = "static_first" if self.dysco.selection == "static" else "dysco"
+            later_kind = "static" if self.dysco.selection == "static" else "dysco"
+            n_warm = prompt - 1 - n_prefill if n_prefill < prompt else 0
+            if n_prefill == prompt:  # context_warmup 0: the first token comes from the prefill logits
+                steps = [real_kind] + [later_kind] * (max_new_tokens - 2) if max_new_tokens > 1 else []
+            else:
+                steps = ["warmup"] * n_warm + [real_kind] + [later_kind] * (max_new_tokens - 1)
+
+        # Eager steps (no graphs) run inside one activation instead of switching per step.
+        eager = contextlib.nullcontext() if self.cuda_graphs else _activated(self.model, self.run)
+        with eager:
+            produced, logits_out = self._decode_loop(shape, steps, first_logits, prompt, max_new_tokens,
+                                                     eos_token_id, return_logits, timer)
+        timer.mark("end")
+        tokens = shape.tokens[:, prompt : prompt + produced].clone()
+        eos = _eos_set(eos_token_id)
+        if eos is not None:
+            tokens = _pad_after_eos(tokens, eos, pad_token_id)
+        timings = timer.read(produced)
+        logits = torch.stack(logits_out, 1) if return_logits else None
+        return FastOutput(tokens=tokens, logits=logits, timings=timings)
+
+    def _decode_loop(self, shape, steps, first_logits, prompt, max_new_tokens, eos_token_id, return_logits, timer):
+        dev = self.device
+        logits_out: list[torch.Tensor] = []
+        if first_logits is not None:  # prefill produced the first token
+            shape.logits.copy_(first_logits)
+            shape.tokens[:, prompt] = first_logits.argmax(-1)
+            if return_logits:
+                logits_out.append(first_logits.clone())
+            timer.mark("first")
+        eos = _eos_set(eos_token_id)
+        eos = eos.to(dev) if eos is not None else None
+        produced = 1 if first_logits is not None else 0
+        for i, kind in enumerate(steps):
+            self._run_step(shape, kind)
+            if kind == "warmup":
+                continue
+            produced += 1
+            if produced == 1:
+                timer.mark("first")
+            if return_logits:
+                logits_out.append(shape.logits.clone())
+            if eos is not None and produced % self.sync_every == 0:
+                generated = shape.tokens[:, prompt : prompt + produced]
+                if bool(torch.isin(generated, eos).any(-1).all()):
+                    break
+        return produced, logits_out
+
+    def _load_prompt(self, shape: _Shape, ids, mask, pads, template) -> None:
+        batch, prompt = ids.shape
+        shape.tokens.zero_()
+        shape.tokens[:, :prompt] = ids
+        shape.prompt_len.fill_(prompt)
+        shape.pad.copy_(pads[:, None])
+        shape.real.zero_()
+        shape.real[:, :prompt] = mask
+        shape.real[:, prompt:] = True
+        shape.pad_bias.zero_()
+        shape.pad_bias[:, :prompt].masked_fill_(~mask, float("-inf"))
+        shape.template.zero_()
+        if template is not None:
+            shape.template[:, :prompt] = template.to(self.device).bool()
+        shape.importance.zero_()
+        shape.static_selected.zero_()
+
+    def _prefill(self, shape: _Shape, ids: torch.Tensor, pads: torch.Tensor, n_prefill: int) -> torch.Tensor | None:
+        """Prefill columns [0, n_prefill) row by row (or all rows at once when none is padded there).
+
+        Returns the float32 logits [batch, vocab] of the last prefilled column when it is the last
+        prompt column (the first generated token comes from them), else None.
+        """
+        batch, prompt = ids.shape
+        if n_prefill == 0:
+            return None
+        run = self.run
+        last = torch.zeros(batch, shape.logits.shape[-1], dtype=torch.float32, device=self.device)
+        pad_list = pads.tolist()  # one host read per generation, not per step
+        with _activated(self.model, run):
+            run.mode = "prefill"
+            if max(pad_list) == 0:
+                groups = [(slice(None), 0)]
+            else:
+                groups = [(slice(b, b + 1), pad_list[b]) for b in range(batch) if pad_list[b] < n_prefill]
+            for rows, start in groups:
+                run.rows, run.offset = rows, start
+                chunk = ids[rows, start:n_prefill]
+                positions = torch.arange(n_prefill - start, device=self.device)[None].expand(chunk.shape[0], -1)
+                out = self.model(input_ids=chunk, position_ids=positions, use_cache=False, logits_to_keep=1)
+                last[rows] = out.logits[:, -1].float().to(self.device)
+            run.rows, run.offset = slice(None), 0
+        return last if n_prefill == prompt else None
+
+
+class _Timer:
+    """CUDA events (or wall clock on CPU) at named points; read once at the end (one sync)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: dict[str, object] = {}
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks[name] = event
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def read(self, produced: int) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            since = lambda a, b: self.marks[a].elapsed_time(self.marks[b]) / 1000.0  # noqa: E731
+        else:
+            since = lambda a, b: self.marks[b] - self.marks[a]  # noqa: E731
+        out = {"prepare_s": since("start", "prepared"), "prefill_s": since("prepared", "prefill")}
+        if "first" in self.marks:
+            out["ttft_s"] = since("prepared", "first")
+            if produced > 1:
+                out["decode_s_per_token"] = since("first", "end") / (produced - 1)
+        return out
+
+
+def _eos_set(eos_token_id) -> torch.Tensor | None:
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long) if ids else None
+
+
+def _pad_after_eos(tokens: torch.Tensor, eos: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Replace every token after a row's first EOS with `pad_token_id` (the EOS itself stays)."""
+    is_eos = torch.isin(tokens, eos.to(tokens.device))
+    after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
+    return tokens.masked_fill(after, pad_token_id if pad_token_id is not None else int(eos[0]))

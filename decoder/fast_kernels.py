@@ -1,0 +1,282 @@
+"""Decode attention for one query token over a preallocated KV cache, with an additive bias.
+
+One function, `decode_attention`, two implementations with the same contract:
+
+- on CUDA, a Triton split-KV kernel ("flash decoding"): each program takes one KV head of one batch
+  row and one chunk of the cache, computes the scores of all the query heads that share that KV head
+  (GQA packing: K and V are read once, never repeated per query head), keeps a running max and sum,
+  and writes a partial result; a second small kernel merges the chunks. Decode attention is bound by
+  reading K and V, so the split keeps every SM busy even at batch 1;
+- elsewhere, a plain PyTorch version (matmul, softmax, matmul) that the tests use as the reference.
+
+Contract, for every implementation:
+
+    q       [batch, heads, head_dim]                 the current token's queries (after RoPE)
+    k, v    [batch, kv_heads, max_len, head_dim]     the cache buffers; columns 0..t are valid
+    bias    [batch, max_len] float32 or None         added to every head's logits (-inf masks a column)
+    t       int64 tensor [1]                         the current column (its key is already written)
+    scale   float                                    logit scale (1/sqrt(d) / temperature)
+    window  int or None                              sliding window: columns <= t - window are masked
+    capture optional (head_to_row [heads] int32, scores [batch, rows, max_len] float32): the raw
+            scaled logits q.k*scale (no bias) of the heads with head_to_row >= 0 are written to
+            scores[:, head_to_row[h], :t+1]; columns past t are left as they were.
+
+Returns the attention output [batch, heads, head_dim] in q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # Triton is optional: CPU installs run the PyTorch version.
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    HAVE_TRITON = False
+
+__all__ = ["decode_attention", "decode_attention_torch", "HAVE_TRITON", "triton_usable"]
+
+_LOG2E = 1.4426950408889634
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether the Triton kernel can run on `device` (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    import os
+
+    if not HAVE_TRITON:
+        return False
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def decode_attention_torch(q, k, v, bias, t, scale, window=None, capture=None) -> torch.Tensor:
+    """Reference decode attention in plain PyTorch (same contract as `decode_attention`)."""
+    batch, heads, dim = q.shape
+    kv_heads, max_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    qg = q.view(batch, kv_heads, group, dim)
+    # [batch, kv_heads, group, max_len]: one matmul per KV head group, K never repeated.
+    logits = torch.matmul(qg, k.transpose(-1, -2)).float() * scale
+    columns = torch.arange(max_len, device=q.device)
+    if capture is not None:
+        head_to_row, scores = capture
+        rows = head_to_row.view(kv_heads * group).long()
+        picked = (rows >= 0).nonzero().flatten()
+        flat = logits.view(batch, heads, max_len)
+        cols = torch.arange(max_len, device=q.device) <= t
+        new = flat.index_select(1, picked)
+        old = scores.index_select(1, rows[picked])
+        scores.index_copy_(1, rows[picked], torch.where(cols, new, old))
+    visible = columns <= t
+    if window is not None:
+        visible = visible & (columns > t - window)
+    if bias is not None:
+        # The current column is never masked: a padding row's query then sees itself only.
+        bias = torch.where((columns == t) & torch.isneginf(bias), 0.0, bias)
+        logits = logits + bias[:, None, None, :]
+    logits = logits.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v)  # [batch, kv_heads, group, dim]
+    return out.reshape(batch, heads, dim)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _split_kernel(
+        Q, K, V, Bias, Tcur, Acc, M, L, HeadRow, Scores,
+        stride_qb, stride_qh,
+        stride_kb, stride_kh, stride_kt,
+        stride_vb, stride_vh, stride_vt,
+        stride_bb, stride_sb, stride_sr,
+        stride_ab, stride_ah, stride_as,
+        stride_mb, stride_mh,
+        scale, window, chunk,
+        KV_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+        DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAPTURE: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // KV_HEADS
+        kvh = pid % KV_HEADS
+        t = tl.load(Tcur).to(tl.int32)
+        start = split * chunk
+        end = tl.minimum(start + chunk, t + 1)
+        lo = start
+        if HAS_WINDOW:
+            first = t - window + 1
+            lo = tl.maximum(start, (first // BLOCK_N) * BLOCK_N)
+        else:
+            first = 0
+
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        heads = kvh * GROUP + offs_g  # [G_PAD] query heads sharing this KV head
+        g_ok = offs_g < GROUP
+        d_ok = offs_d < DIM
+        q = tl.load(
+            Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=g_ok[:, None] & d_ok[None, :], other=0.0,
+        )  # [G_PAD, D_PAD]
+        if HAS_CAPTURE:
+            rows = tl.load(HeadRow + heads, mask=g_ok, other=-1)  # [G_PAD]
+
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        k_base = K + b * stride_kb + kvh * stride_kh
+        v_base = V + b * stride_vb + kvh * stride_vh
+        for n0 in range(lo, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            valid = (offs_n < end) & (offs_n >= first)
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
+                        mask=valid[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
+            qk = tl.dot(q, tl.trans(k)) * scale  # [G_PAD, BLOCK_N] natural-log logits
+            if HAS_CAPTURE:
+                tl.store(Scores + b * stride_sb + rows[:, None] * stride_sr + offs_n[None, :], qk,
+                         mask=(rows[:, None] >= 0) & (offs_n[None, :] < end))
+            s = qk
+            if HAS_BIAS:
+                bias = tl.load(Bias + b * stride_bb + offs_n, mask=valid, other=0.0)
+                # The current column is never masked: a padding row's query then sees itself only.
+                bias = tl.where((offs_n == t) & (bias == float("-inf")), 0.0, bias)
+                s = s + bias[None, :]
+            s = tl.where(valid[None, :], s * 1.4426950408889634, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A block whose every column is masked leaves m at -inf: shift by 0 there, never by -inf.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
+                        mask=valid[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        a_ptr = Acc + b * stride_ab + heads[:, None] * stride_ah + split * stride_as + offs_d[None, :]
+        tl.store(a_ptr, acc, mask=g_ok[:, None] & d_ok[None, :])
+        ml_off = b * stride_mb + heads * stride_mh + split
+        tl.store(M + ml_off, m_i, mask=g_ok)
+        tl.store(L + ml_off, l_i, mask=g_ok)
+
+    @triton.jit
+    def _merge_kernel(
+        Acc, M, L, Out,
+        stride_ab, stride_ah, stride_as,
+        stride_mb, stride_mh,
+        stride_ob, stride_oh,
+        HEADS: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+        DIM: tl.constexpr, D_PAD: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = pid // HEADS
+        h = pid % HEADS
+        offs_s = tl.arange(0, S_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        s_ok = offs_s < SPLITS
+        d_ok = offs_d < DIM
+        m = tl.load(M + b * stride_mb + h * stride_mh + offs_s, mask=s_ok, other=float("-inf"))
+        l = tl.load(L + b * stride_mb + h * stride_mh + offs_s, mask=s_ok, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))  # [S_PAD]
+        acc = tl.load(Acc + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as + offs_d[None, :],
+                      mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _splits(batch: int, kv_heads: int, max_len: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """How many chunks to cut the cache into, and the chunk length (a multiple of block_n)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SM_COUNT:
+            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        target = 4 * _SM_COUNT[index]  # a few programs per SM hide the memory latency
+    else:
+        target = 8
+    blocks = math.ceil(max_len / block_n)
+    splits = max(1, min(blocks, 256, math.ceil(target / (batch * kv_heads))))
+    chunk = math.ceil(blocks / splits) * block_n
+    splits = math.ceil(max_len / chunk)
+    return splits, chunk
+
+
+class _Scratch:
+    """Partial results of the split kernel, reused across calls of the same shape (graph-safe)."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, batch, heads, splits, dim, device):
+        key = (batch, heads, splits, dim, device)
+        if key not in self.buffers:
+            acc = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=device)
+            m = torch.empty(batch, heads, splits, dtype=torch.float32, device=device)
+            l = torch.empty(batch, heads, splits, dtype=torch.float32, device=device)
+            self.buffers[key] = (acc, m, l)
+        return self.buffers[key]
+
+
+_SCRATCH = _Scratch()
+
+
+def decode_attention_triton(q, k, v, bias, t, scale, window=None, capture=None, *, block_n: int = 64,
+                            num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """Split-KV Triton decode attention (same contract as `decode_attention`)."""
+    batch, heads, dim = q.shape
+    kv_heads, max_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and q.stride(-1) == 1
+    splits, chunk = _splits(batch, kv_heads, max_len, block_n, q.device)
+    # Scratch is shared by every layer: a layer's merge reads it before the next layer's split writes.
+    acc, m, l = _SCRATCH.get(batch, heads, splits, dim, q.device)
+    out = torch.empty(batch, heads, dim, dtype=q.dtype, device=q.device)
+    if bias is not None:
+        assert bias.dtype == torch.float32 and bias.stride(-1) == 1
+    dummy = m
+    head_row, scores = capture if capture is not None else (dummy, dummy)
+    _split_kernel[(batch * kv_heads, splits)](
+        q, k, v, bias if bias is not None else dummy, t, acc, m, l, head_row, scores,
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        bias.stride(0) if bias is not None else 0,
+        scores.stride(0) if capture is not None else 0, scores.stride(1) if capture is not None else 0,
+        acc.stride(0), acc.stride(1), acc.stride(2),
+        m.stride(0), m.stride(1),
+        float(scale), int(window) if window is not None else 0, chunk,
+        KV_HEADS=kv_heads, GROUP=group, G_PAD=max(16, _next_pow2(group)),
+        DIM=dim, D_PAD=max(16, _next_pow2(dim)), BLOCK_N=block_n,
+        HAS_BIAS=bias is not None, HAS_WINDOW=window is not None, HAS_CAPTURE=capture is not None,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _merge_kernel[(batch * heads,)](
+        acc, m, l, out,
+        acc.stride(0), acc.stride(1), acc.stride(2),
+        m.stride(0), m.stride(1),
+        out.stride(0), out.stride(1),
+        HEADS=heads, SPLITS=splits, S_PAD=max(2, _next_pow2(splits)),
+        DIM=dim, D_PAD=max(16, _next_pow2(dim)),
+        num_warps=4,
+    )
+    return out
+
+
+def decode_attention(q, k, v, bias, t, scale, window=None, capture=None) -> torch.Tensor:
+    """Decode attention of one query token over cache columns 0..t, plus `bias` (see the module doc)."""
+    if triton_usable(q.device):
+        return decode_attention_triton(q, k, v, bias, t, scale, window, capture)
+    return decode_attention_torch(q, k, v, bias, t, scale, window, capture)
