@@ -418,38 +418,49 @@ def _write_manifest(entry: CatalogueEntry, folder: Path) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
-def convert_gguf(gguf: Path, out_dir: Path) -> None:
+def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> None:
     """Dequantize a GGUF file with transformers and save it as a safetensors checkpoint in `out_dir`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
 
-    # A GGUF-loaded model keeps its GGUF quantizer attached and save_pretrained refuses it. Asking
-    # transformers to dequantize at load (GgufConfig(dequantize=True)) makes it detach the quantizer
-    # and drop config.quantization_config itself once the dense weights are in place, so the model is
-    # an ordinary one that saves like any other — no private attribute is poked.
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent,
-        gguf_file=gguf.name,
-        dtype=getattr(torch, STORED_DTYPE),
-        quantization_config=GgufConfig(dequantize=True),
-    )
-    if getattr(model, "hf_quantizer", None) is not None or hasattr(model.config, "quantization_config"):
-        raise PullError(f"transformers left {gguf.name} quantized after dequantize=True; cannot save it")
-    tokenizer.padding_side = "left"
-    model.config._name_or_path = gguf.stem
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        # A GGUF-loaded model keeps its GGUF quantizer attached and save_pretrained refuses it. Asking
+        # transformers to dequantize at load (GgufConfig(dequantize=True)) makes it detach the
+        # quantizer and drop config.quantization_config itself once the dense weights are in place,
+        # so the model is an ordinary one that saves like any other; no private attribute is poked.
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=getattr(torch, STORED_DTYPE),
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        if getattr(model, "hf_quantizer", None) is not None or hasattr(model.config, "quantization_config"):
+            raise PullError(f"transformers left {gguf.name} quantized after dequantize=True; cannot save it")
+        tokenizer.padding_side = "left"
+        model.config._name_or_path = gguf.stem
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
-def _build_checkpoint(entry: CatalogueEntry, gguf: Path) -> Path:
+def _build_checkpoint(entry: CatalogueEntry, gguf: Path, progress: bool = True) -> Path:
     """Convert `gguf` into a temp folder, write the manifest, and swap it into place atomically."""
     root = entry_dir(entry.name)
     final = checkpoint_dir(entry.name)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
-        convert_gguf(gguf, tmp)
+        convert_gguf(gguf, tmp, progress)
         _write_manifest(entry, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache may be shared
         if final.exists():
             trash = root / f".trash-{os.getpid()}-{time.monotonic_ns()}"
             os.rename(final, trash)
@@ -486,7 +497,7 @@ def pull(name: str, progress: bool = True, *, force: bool = False) -> Path:
         if problem != "not installed" and progress:
             print(f"[dysco] rebuilding {entry.name}: {problem}", file=sys.stderr)
         gguf = _ensure_source(entry, progress)
-        return _build_checkpoint(entry, gguf)
+        return _build_checkpoint(entry, gguf, progress)
 
 
 def ensure_checkpoint(name: str, progress: bool = True) -> Path:
@@ -503,7 +514,7 @@ def ensure_checkpoint(name: str, progress: bool = True) -> Path:
         if problem != "not installed":
             print(f"[dysco] cached checkpoint of {entry.name} is unusable ({problem}); rebuilding it", file=sys.stderr)
         gguf = _ensure_source(entry, progress)
-        return _build_checkpoint(entry, gguf)
+        return _build_checkpoint(entry, gguf, progress)
 
 
 def verify(name: str) -> str | None:
