@@ -1,0 +1,418 @@
+"""decoder.generation against transformers' own generate and against a slow, obviously-correct reference.
+
+The reference recomputes the whole sequence at every step, without a cache, through an eager attention
+written here. Position i's query row gets the bias that was in force when position i was fed (zero for
+plain passes), which is exactly what the cached decoder's keys and values saw. Selection is a Python
+walk down the sorted importances. Logit tolerance: 1e-4 absolute (float32 tiny models; the cached and
+uncached paths sum in different orders).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from decoder.attention import UnsupportedModelError
+from decoder.dysco import DyscoConfig
+from decoder.generation import Decoder
+from decoder.tiny import ARCHITECTURES, tiny_model
+
+ATOL = 1e-4
+
+# ---------------------------------------------------------------------------------------------
+# The reference
+# ---------------------------------------------------------------------------------------------
+
+_REFERENCE = {"bias": None, "capture": {}, "captured": {}}
+
+
+def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention: logits + transformers' mask + the reference's per-row bias; records S's last row."""
+    n_rep = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(n_rep, dim=1)  # [1, heads, n, d]
+    value = value.repeat_interleave(n_rep, dim=1)
+    logits = query @ key.transpose(-1, -2) * scaling  # [1, heads, n, n]
+    if kwargs.get("softcap") is not None:
+        logits = torch.tanh(logits / kwargs["softcap"]) * kwargs["softcap"]
+    logits = logits + attention_mask + _REFERENCE["bias"]
+    probs = torch.softmax(logits.float(), dim=-1)
+    heads = _REFERENCE["capture"].get(module.layer_idx)
+    if heads is not None:
+        _REFERENCE["captured"][module.layer_idx] = probs[0, heads, -1]  # [|S_l|, n]
+    return (probs.to(value.dtype) @ value).transpose(1, 2).contiguous(), probs
+
+
+def _reference_model(arch: str):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("test_reference", _reference_attention)
+    AttentionMaskInterface.register("test_reference", eager_mask)
+    model, _ = tiny_model(arch)
+    model.set_attn_implementation("test_reference")
+    return model
+
+
+def _reference_select(importance: list[float], top_p: float, top_k: int) -> set[int]:
+    order = sorted(range(len(importance)), key=lambda j: -importance[j])  # stable: ties keep position order
+    chosen, mass = [], 0.0
+    for j in order:
+        if chosen and (mass >= top_p or importance[j] == 0):
+            break
+        chosen.append(j)
+        mass += importance[j]
+    return set(chosen[:top_k])
+
+
+def reference_dysco(model, prompt: list[int], template: list[bool], config: DyscoConfig, steps: int):
+    """Greedy tokens and logits of DySCO, the slow way."""
+    total = len(prompt) + steps
+    bias_rows = torch.zeros(total, total)  # row i: the bias in force when position i was fed
+    seq = list(prompt)
+
+    def run(n: int, capture: bool) -> torch.Tensor:
+        _REFERENCE["bias"] = bias_rows[:n, :n]
+        _REFERENCE["capture"] = {l: list(h) for l, h in config.heads_by_layer.items()} if capture else {}
+        _REFERENCE["captured"] = {}
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([seq[:n]]), use_cache=False).logits[0, -1].float()
+
+    def cur() -> list[float]:
+        probs = torch.cat([_REFERENCE["captured"][l] for l in sorted(_REFERENCE["captured"])], dim=0)
+        return probs.mean(0).tolist()
+
+    importance: list[float] = []
+
+    def update(c: list[float]) -> None:
+        blended = [c[j] + (config.decay * importance[j] if j < len(importance) else 0.0) for j in range(len(c))]
+        s = sum(blended)
+        importance[:] = [b / s for b in blended]
+
+    tokens, all_logits = [], []
+    P = len(prompt)
+    warmup = min(config.context_warmup, P)
+    for i in range(P - warmup, P - 1):  # warmup: plain, read importance
+        run(i + 1, capture=True)
+        update(cur())
+    static: set[int] | None = None
+    position = P - 1
+    logits = run(P, capture=False) if warmup == 0 else None
+    while len(tokens) < steps:
+        if logits is None:  # a real DySCO step at `position`
+            if config.selection == "dynamic" or static is None:
+                run(position + 1, capture=True)  # probe: the row of `position` has no bias yet
+                update(cur())
+                chosen = _reference_select(importance, config.top_p, config.top_k)
+                chosen = {j for j in chosen if not (j < P and template[j])}
+                if config.selection == "static":
+                    static = chosen | {position}
+            else:
+                chosen = set(static)
+            chosen.add(position)
+            for j in range(position + 1):
+                if config.strength >= 99:
+                    bias_rows[position, j] = 0.0 if j in chosen else float("-inf")
+                else:
+                    bias_rows[position, j] = math.log(config.strength) if j in chosen else 0.0
+            logits = run(position + 1, capture=False)
+        token = int(logits.argmax())
+        tokens.append(token)
+        all_logits.append(logits)
+        seq.append(token)
+        position += 1
+        logits = None  # every later token comes from a DySCO step
+    return tokens, torch.stack(all_logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------
+
+PROMPTS = [
+    [{"role": "user", "content": "The value of key 17 is 42. Alice lives in Paris. What is the value of key 17?"}],
+    [{"role": "user", "content": "Bob lives in Tokyo."}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where does Alice live?"}],
+]
+
+
+def _heads(model) -> list[tuple[int, int]]:
+    layers = model.config.num_hidden_layers
+    return [(1, 0), (1, 3), (layers - 2, 1)]
+
+
+SETTINGS = {
+    "soft": dict(strength=3.0, top_p=0.6, top_k=12, decay=0.75, context_warmup=4),
+    "hard": dict(strength=99.0, top_p=0.8, top_k=20, decay=0.5, context_warmup=3),
+    "static": dict(strength=4.0, top_p=0.7, top_k=8, decay=0.75, context_warmup=5, selection="static"),
+}
+
+
+def _check_against_reference(model, tokenizer, arch, setting, rows, steps=5):
+    config = DyscoConfig(head_set=_heads(model), **SETTINGS[setting])
+    decoder = Decoder(model, tokenizer, method="dysco", dysco=config)
+    prompts = [PROMPTS[r] for r in rows]
+    result = decoder.generate(prompts, max_new_tokens=steps, return_logits=True, eos=[])
+    reference = _reference_model(arch)
+    ids, masks = decoder.encode(prompts)
+    for i in range(len(rows)):
+        tokens, logits = reference_dysco(reference, ids[i], masks[i], config, steps)
+        assert result.token_ids[i] == tokens, f"{arch} {setting} row {i}"
+        torch.testing.assert_close(result.logits[i], logits, atol=ATOL, rtol=0)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_strength_one_equals_transformers_greedy_generate(arch):
+    model, tokenizer = tiny_model(arch)
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    config = DyscoConfig(head_set=_heads(model), strength=1.0, context_warmup=4)
+    ours = Decoder(model, tokenizer, method="dysco", dysco=config).generate(prompts, max_new_tokens=6, return_logits=True, eos=[])
+    encoded = tokenizer.pad({"input_ids": [tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"] for p in prompts]},
+                            return_tensors="pt")
+    theirs = model.generate(**encoded, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                            eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    width = encoded["input_ids"].shape[1]
+    for i in range(2):
+        assert ours.token_ids[i] == theirs.sequences[i, width:].tolist()
+        torch.testing.assert_close(ours.logits[i], torch.stack([step[i] for step in theirs.logits]), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_vanilla_and_attnts_at_one_equal_transformers_greedy_generate(arch):
+    model, tokenizer = tiny_model(arch)
+    prompts = [PROMPTS[2], PROMPTS[1]]
+    encoded = tokenizer.pad({"input_ids": [tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"] for p in prompts]},
+                            return_tensors="pt")
+    theirs = model.generate(**encoded, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    width = encoded["input_ids"].shape[1]
+    vanilla = Decoder(model, tokenizer, method="vanilla").generate(prompts, max_new_tokens=5, eos=[], return_logits=True)
+    attnts = Decoder(model, tokenizer, method="attnts", temperature=1.0).generate(prompts, max_new_tokens=5, eos=[], return_logits=True)
+    for i in range(2):
+        assert vanilla.token_ids[i] == attnts.token_ids[i] == theirs[i, width:].tolist()
+        assert torch.equal(vanilla.logits[i], attnts.logits[i])
+
+
+def test_attnts_changes_decoding_and_matches_a_scaled_reference():
+    """AttnTS at T divides every logit by T, prefill included: the same as scaling the model's attention."""
+    model, tokenizer = tiny_model("llama")
+    reference, _ = tiny_model("llama")
+    for layer in reference.model.layers:
+        layer.self_attn.scaling /= 1.7
+    prompts = [PROMPTS[0]]
+    ours = Decoder(model, tokenizer, method="attnts", temperature=1.7).generate(prompts, max_new_tokens=5, eos=[], return_logits=True)
+    ids = tokenizer.apply_chat_template(PROMPTS[0], add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    theirs = reference.generate(ids, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, eos_token_id=None)
+    assert ours.token_ids[0] == theirs.sequences[0, ids.shape[1]:].tolist()
+    torch.testing.assert_close(ours.logits[0], torch.cat(theirs.logits), atol=ATOL, rtol=0)
+    plain = Decoder(model, tokenizer, method="vanilla").generate(prompts, max_new_tokens=5, eos=[], return_logits=True)
+    assert (plain.logits[0] - ours.logits[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_dysco_soft_matches_the_reference_batch_of_three(arch):
+    model, tokenizer = tiny_model(arch)
+    _check_against_reference(model, tokenizer, arch, "soft", rows=[0, 1, 2])
+
+
+@pytest.mark.parametrize("setting", ["hard", "static"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen3"])
+def test_dysco_hard_and_static_match_the_reference(arch, setting):
+    model, tokenizer = tiny_model(arch)
+    _check_against_reference(model, tokenizer, arch, setting, rows=[0])  # batch 1
+    _check_against_reference(model, tokenizer, arch, setting, rows=[1, 0, 2])  # batch 3, unequal lengths
+
+
+def test_warmup_longer_than_a_prompt_and_zero_warmup_match_the_reference():
+    model, tokenizer = tiny_model("gemma3_text")
+    reference = _reference_model("gemma3_text")
+    prompts = [[5, 9, 33], list(range(40, 60))]  # token ids: 3 tokens (shorter than the warmup) and 20
+    for warmup in (0, 8):
+        config = DyscoConfig(head_set=[(1, 2), (2, 0)], strength=5.0, top_p=0.5, top_k=6, context_warmup=warmup)
+        result = Decoder(model, tokenizer, dysco=config).generate(prompts, max_new_tokens=4, eos=[], return_logits=True)
+        for i, prompt in enumerate(prompts):
+            tokens, logits = reference_dysco(reference, prompt, [False] * len(prompt), config, 4)
+            assert result.token_ids[i] == tokens, (warmup, i)
+            torch.testing.assert_close(result.logits[i], logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "phi3"])
+def test_batched_equals_rows_one_by_one(arch):
+    model, tokenizer = tiny_model(arch)
+    config = DyscoConfig(head_set=_heads(model), strength=3.0, top_p=0.8, top_k=10, context_warmup=5)
+    decoder = Decoder(model, tokenizer, dysco=config)
+    batched = decoder.generate(PROMPTS, max_new_tokens=5, eos=[], return_logits=True, return_diagnostics=True)
+    for i, prompt in enumerate(PROMPTS):
+        alone = decoder.generate([prompt], max_new_tokens=5, eos=[], return_logits=True, return_diagnostics=True)
+        assert batched.token_ids[i] == alone.token_ids[0]
+        torch.testing.assert_close(batched.logits[i], alone.logits[0], atol=ATOL, rtol=0)
+        assert [d["selected"] for d in batched.diagnostics[i]] == [d["selected"] for d in alone.diagnostics[0]]
+
+
+def test_finished_rows_leave_the_batch_and_the_others_are_unaffected():
+    model, tokenizer = tiny_model("llama")
+    config = DyscoConfig(head_set=_heads(model), strength=3.0, top_p=0.8, top_k=10, context_warmup=4)
+    decoder = Decoder(model, tokenizer, dysco=config)
+    free = decoder.generate(PROMPTS, max_new_tokens=6, eos=[])
+    stopper = free.token_ids[1][2]  # row 1's third token ends that row when used as EOS
+    ended = decoder.generate(PROMPTS, max_new_tokens=6, eos=[stopper], return_diagnostics=True)
+    assert ended.token_ids[1] == free.token_ids[1][: free.token_ids[1].index(stopper) + 1]
+    assert ended.finish_reasons[1] == "eos"
+    for i in (0, 2):
+        cut = free.token_ids[i].index(stopper) + 1 if stopper in free.token_ids[i] else 6
+        assert ended.token_ids[i] == free.token_ids[i][:cut]
+    assert len(ended.diagnostics[1]) == len(ended.token_ids[1])
+    for row in ended.diagnostics:
+        for d in row:
+            assert d["selected"] >= 1 and 0 < d["mass"] <= 1 + 1e-5
+
+
+def test_prefill_state_is_reused_unchanged_across_knob_settings():
+    model, tokenizer = tiny_model("qwen2")
+    heads = _heads(model)
+    base = Decoder(model, tokenizer, dysco=DyscoConfig(head_set=heads, context_warmup=6))
+    state = base.prefill(PROMPTS, warmup=6)
+    snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in state.cache.layers]
+    for knobs in (dict(strength=2.0, context_warmup=6), dict(strength=5.0, top_k=3, context_warmup=2), dict(strength=99.0, context_warmup=5)):
+        decoder = Decoder(model, tokenizer, dysco=DyscoConfig(head_set=heads, **knobs))
+        reused = decoder.generate_from(state, max_new_tokens=4, eos=[], return_logits=True)
+        fresh = decoder.generate(PROMPTS, max_new_tokens=4, eos=[], return_logits=True)
+        assert reused.token_ids == fresh.token_ids
+        for a, b in zip(reused.logits, fresh.logits):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    for layer, (keys, values) in zip(state.cache.layers, snapshot):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    vanilla = Decoder(model, tokenizer, method="vanilla")
+    assert vanilla.generate_from(state, max_new_tokens=3, eos=[]).token_ids == vanilla.generate(PROMPTS, max_new_tokens=3, eos=[]).token_ids
+    with pytest.raises(ValueError, match="warmup >= 10"):
+        Decoder(model, tokenizer, dysco=DyscoConfig(head_set=heads, context_warmup=10)).generate_from(state, max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention temperature"):
+        Decoder(model, tokenizer, method="attnts", temperature=2.0).generate_from(state, max_new_tokens=2)
+
+
+def test_transformers_generate_with_custom_generate():
+    model, tokenizer = tiny_model("mistral")
+    config = DyscoConfig(head_set=_heads(model), strength=3.0, top_p=0.8, top_k=10, context_warmup=4)
+    decoder = Decoder(model, tokenizer, dysco=config)
+    ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True)["input_ids"] for p in PROMPTS[:2]]
+    encoded = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    sequences = model.generate(**encoded, custom_generate=decoder.custom_generate, max_new_tokens=5, eos_token_id=None,
+                               pad_token_id=tokenizer.pad_token_id)
+    direct = decoder.generate(ids, max_new_tokens=5, eos=[])
+    width = encoded["input_ids"].shape[1]
+    assert torch.equal(sequences[:, :width], encoded["input_ids"])
+    for i in range(2):
+        assert sequences[i, width:].tolist() == direct.token_ids[i]
+
+
+def test_sampling_is_seeded_and_stop_strings_cut_the_text():
+    model, tokenizer = tiny_model("llama")
+    decoder = Decoder(model, tokenizer, dysco=DyscoConfig(head_set=_heads(model)))
+    a = decoder.generate(PROMPTS[:2], max_new_tokens=6, do_sample=True, temperature=1.3, top_p=0.9, seed=7, eos=[])
+    b = decoder.generate(PROMPTS[:2], max_new_tokens=6, do_sample=True, temperature=1.3, top_p=0.9, seed=7, eos=[])
+    assert a.token_ids == b.token_ids
+    greedy = decoder.generate(PROMPTS[0], max_new_tokens=8, eos=[])
+    text = greedy.text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip()
+    seen = []
+    stopped = decoder.generate(PROMPTS[0], max_new_tokens=8, eos=[], stop_strings=[stop], callback=seen.append)
+    assert stopped.finish_reasons == ["stop_string"]
+    assert stopped.text == text[: text.find(stop)]
+    assert [e.step for e in seen] == list(range(len(stopped.token_ids[0])))
+    assert stopped.token_ids[0] == greedy.token_ids[0][: len(stopped.token_ids[0])]
+
+
+def test_bad_input_gives_clear_errors():
+    model, tokenizer = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"4 layers × 4 heads"):
+        Decoder(model, tokenizer, dysco=DyscoConfig(head_set=[(4, 0)]))
+    with pytest.raises(ValueError, match=r"4 layers × 4 heads"):
+        Decoder(model, tokenizer, dysco=DyscoConfig(head_set=[(1, 9)]))
+    with pytest.raises(ValueError, match="needs a DyscoConfig"):
+        Decoder(model, tokenizer, method="dysco")
+    with pytest.raises(ValueError, match="unknown decoding method"):
+        Decoder(model, tokenizer, method="beam")
+    with pytest.raises(ValueError, match="use method='attnts'"):
+        Decoder(model, tokenizer, method="vanilla", temperature=2.0)
+    decoder = Decoder(model, tokenizer, dysco=DyscoConfig(head_set=[(1, 0)]))
+    with pytest.raises(ValueError, match="empty"):
+        decoder.generate([], max_new_tokens=2)
+    with pytest.raises(ValueError, match="empty string"):
+        decoder.generate("", max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        decoder.generate([[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="conversation is empty|empty"):
+        decoder.generate([[]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="longer than the model's context of 4096"):
+        decoder.generate([[7] * 4100], max_new_tokens=2)
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        decoder.generate([[7] * 4090], max_new_tokens=10)
+    with pytest.raises(ValueError, match="outside the vocabulary of 512"):
+        decoder.generate([[7, 600]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        decoder.generate("hello", max_new_tokens=0)
+
+
+def test_a_model_not_using_the_interface_is_refused_by_class_name():
+    from transformers import LlamaForCausalLM
+
+    class HandRolledAttention(torch.nn.Module):  # never calls transformers' AttentionInterface
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, hidden_states, attention_mask=None, **kwargs):
+            return self.inner.o_proj(self.inner.q_proj(hidden_states)), None
+
+    class HandRolledLlama(LlamaForCausalLM):
+        pass
+
+    reference, tokenizer = tiny_model("llama")
+    model = HandRolledLlama(reference.config)
+    for layer in model.model.layers:
+        layer.self_attn = HandRolledAttention(layer.self_attn)
+    with pytest.raises(UnsupportedModelError, match="HandRolledLlama"):
+        Decoder(model, tokenizer, method="vanilla")
+
+
+@pytest.mark.embedded
+def test_smollm2_dysco_matches_the_reference_and_strength_one_matches_generate(smollm2):
+    model, tokenizer = smollm2
+    prompts = [
+        [{"role": "user", "content": "The secret number is 7319. Alice lives in Paris. What is the secret number?"}],
+        [{"role": "user", "content": "Say hello."}],
+    ]
+    heads = [(8, 2), (15, 4), (20, 1), (21, 7)]
+    config = DyscoConfig(head_set=heads, strength=2.0, top_p=0.9, top_k=64, context_warmup=6)
+    decoder = Decoder(model, tokenizer, dysco=config)
+    result = decoder.generate(prompts, max_new_tokens=4, eos=[], return_logits=True)
+    ids, masks = decoder.encode(prompts)
+    previous = model.config._attn_implementation
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("test_reference", _reference_attention)
+    AttentionMaskInterface.register("test_reference", eager_mask)
+    model.set_attn_implementation("test_reference")
+    try:
+        for i in range(2):
+            tokens, logits = reference_dysco(model, ids[i], masks[i], config, 4)
+            assert result.token_ids[i] == tokens
+            torch.testing.assert_close(result.logits[i], logits, atol=5e-4, rtol=0)
+    finally:
+        model.set_attn_implementation(previous)
+    # strength 1: the same as transformers' greedy generate
+    plain = Decoder(model, tokenizer, dysco=config.replace(strength=1.0)).generate(prompts, max_new_tokens=4, eos=[], return_logits=True)
+    encoded = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    theirs = model.generate(**encoded, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                            eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    for i in range(2):
+        assert plain.token_ids[i] == theirs.sequences[i, encoded["input_ids"].shape[1]:].tolist()
+        torch.testing.assert_close(plain.logits[i], torch.stack([s[i] for s in theirs.logits]), atol=5e-4, rtol=0)
