@@ -1,0 +1,212 @@
+"""`dysco generate`: decode one prompt with DySCO, AttnTS or vanilla decoding.
+
+    dysco generate --model smollm2-135m --heads 8:2,15:4 --strength 2 --prompt "Where does Alice live?"
+    dysco generate --profile smollm2-135m@latest --prompt-file question.txt --json
+    echo "Hello" | dysco generate --method vanilla
+
+DySCO's head set comes from `--heads` or a registry profile (`--profile REF`; without either, the
+registry's profile named after the model is tried). Knob flags override the profile's knobs. A
+prompt is sent as one user message through the model's chat template when it has one (`--raw`
+sends the text as it is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register_cli(subparsers) -> None:
+    """Add `dysco generate` to the umbrella CLI."""
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text with DySCO, AttnTS or vanilla decoding",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default=None, help="catalogue name, local folder/.gguf or Hub id (default: the profile's "
+                   "model, else smollm2-135m)")
+    p.add_argument("--method", choices=("dysco", "vanilla", "attnts"), default="dysco", help="decoding method (default dysco)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--heads", help="DySCO head set as layer:head pairs, e.g. 21:31,21:18")
+    source.add_argument("--profile", help="registry profile reference, e.g. smollm2-135m@latest")
+    p.add_argument("--strength", type=float, help="up-weighting factor (published 2.0; >= 99 = hard mask)")
+    p.add_argument("--top-k", type=int, help="most positions selected per step (published 4096)")
+    p.add_argument("--top-p", type=float, help="importance mass the selection reaches (published 0.975)")
+    p.add_argument("--decay", type=float, help="weight of the previous step's importance (published 0.75)")
+    p.add_argument("--warmup", type=int, help="prompt tokens fed one at a time before decoding (published 8)")
+    p.add_argument("--selection", choices=("dynamic", "static"), help="re-select every step or once (default dynamic)")
+    p.add_argument("--temperature", type=float, default=None, help="AttnTS attention temperature (method attnts)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="the prompt text (default: read stdin)")
+    prompt.add_argument("--prompt-file", help="read the prompt from this file")
+    p.add_argument("--system", help="a system message to put before the prompt (chat models)")
+    p.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--sample-temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    p.add_argument("--sample-top-p", type=float, default=1.0, help="sampling nucleus (with --sample)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--force", action="store_true", help="use a profile made for another model anyway (warns)")
+    p.add_argument("--json", action="store_true", help='print {"text": …, "diagnostics": …} instead of streaming text')
+    p.set_defaults(func=_cmd_generate)
+
+
+def parse_heads(text: str) -> list[tuple[int, int]]:
+    """'21:31,21:18' -> [(21, 31), (21, 18)]."""
+    pairs = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        layer, sep, head = item.partition(":")
+        if not sep or not layer.isdigit() or not head.isdigit():
+            raise ValueError(f"--heads entry {item!r} is not layer:head (e.g. 21:31)")
+        pairs.append((int(layer), int(head)))
+    if not pairs:
+        raise ValueError("--heads is empty; give layer:head pairs, e.g. 21:31,21:18")
+    return pairs
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as err:
+            raise _UsageError(f"cannot read --prompt-file {args.prompt_file}: {err.strerror}") from None
+    else:
+        if sys.stdin.isatty():
+            raise _UsageError("no prompt: give --prompt TEXT, --prompt-file F, or pipe the prompt on stdin")
+        text = sys.stdin.read()
+    if not text.strip():
+        raise _UsageError("the prompt is empty")
+    return text
+
+
+def _knob_overrides(args) -> dict:
+    names = {"strength": "strength", "top_k": "top_k", "top_p": "top_p", "decay": "decay", "warmup": "context_warmup",
+             "selection": "selection"}
+    return {knob: getattr(args, flag) for flag, knob in names.items() if getattr(args, flag) is not None}
+
+
+def _build_decoder(args, model, tokenizer, profile, model_name):
+    from decoder.dysco import DyscoConfig
+    from decoder.generation import Decoder
+
+    overrides = _knob_overrides(args)
+    if args.method == "attnts":
+        temperature = args.temperature
+        if temperature is None and profile is not None:
+            temperature = profile.knobs.attnts_temperature
+        if temperature is None:
+            raise _UsageError("--method attnts needs --temperature T (the attention temperature)")
+        return Decoder(model, tokenizer, method="attnts", temperature=temperature)
+    if args.temperature is not None:
+        raise _UsageError("--temperature is the AttnTS attention temperature; use it with --method attnts "
+                          "(for sampling use --sample --sample-temperature)")
+    if args.method == "vanilla":
+        return Decoder(model, tokenizer, method="vanilla")
+    if args.heads is not None:
+        config = DyscoConfig(head_set=parse_heads(args.heads), **overrides)
+        return Decoder(model, tokenizer, method="dysco", dysco=config)
+    if profile is None:
+        raise _UsageError(
+            f"--method dysco needs a head set: give --heads layer:head,… or --profile REF (the registry has no "
+            f"profile named {model_name!r}; `headfinder` makes one)"
+        )
+    decoder = Decoder.from_profile(model, tokenizer, profile, force=args.force, name=model_name)
+    if overrides and decoder.dysco is not None:
+        decoder = Decoder(model, tokenizer, method="dysco", dysco=decoder.dysco.replace(**overrides))
+    return decoder
+
+
+def _cmd_generate(args) -> int:
+    try:
+        return _generate(args)
+    except _UsageError as err:
+        print(f"dysco generate: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, LookupError) as err:
+        print(f"dysco generate: {err}", file=sys.stderr)
+        return 1
+
+
+def _generate(args) -> int:
+    text = _read_prompt(args)
+    if args.max_new_tokens < 1:
+        raise _UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    from decoder.catalogue import DEFAULT_MODEL
+    from decoder.loading import load_model
+
+    profile = None
+    if args.profile is not None or (args.method == "dysco" and args.heads is None):
+        from registry import ProfileNotFound, Registry
+
+        ref = args.profile or args.model or DEFAULT_MODEL
+        try:
+            profile = Registry().load(ref)
+        except ProfileNotFound:
+            if args.profile is not None:
+                raise
+    model_name = args.model or (profile.model.name if profile is not None and args.profile else None) or DEFAULT_MODEL
+    model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, progress=not args.json)
+    decoder = _build_decoder(args, model, tokenizer, profile, model_name)
+
+    if args.raw or not getattr(tokenizer, "chat_template", None):
+        prompt = text
+    else:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]
+
+    streamed = []
+
+    def stream(event) -> None:
+        streamed.extend(event.tokens)
+        shown = tokenizer.decode(streamed[:-1], skip_special_tokens=True)
+        now = tokenizer.decode(streamed, skip_special_tokens=True)
+        if now.startswith(shown):
+            sys.stdout.write(now[len(shown):])
+            sys.stdout.flush()
+
+    result = decoder.generate(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.sample_temperature,
+        top_p=args.sample_top_p,
+        seed=args.seed,
+        stop_strings=args.stop or None,
+        callback=None if args.json else stream,
+        return_diagnostics=True,
+    )
+    if args.json:
+        print(json.dumps({
+            "text": result.text,
+            "model": model_name,
+            "method": decoder.method,
+            "prompt_tokens": len(result.prompt_ids[0]),
+            "tokens": result.token_ids[0],
+            "finish_reason": result.finish_reasons[0],
+            "knobs": _knobs(decoder),
+            "diagnostics": result.diagnostics[0] if result.diagnostics else [],
+        }))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def _knobs(decoder) -> dict:
+    if decoder.dysco is None:
+        return {"temperature": decoder.temperature} if decoder.method == "attnts" else {}
+    d = decoder.dysco
+    return {"head_set": [list(p) for p in d.head_set], "strength": d.strength, "top_p": d.top_p, "top_k": d.top_k,
+            "decay": d.decay, "context_warmup": d.context_warmup, "selection": d.selection}
