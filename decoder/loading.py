@@ -113,6 +113,24 @@ def _hub_is_offline() -> bool:
     return any(os.environ.get(var, "").strip().lower() in _OFFLINE_VALUES for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def _hub_host_resolves() -> bool:
+    """Whether the Hub's host name resolves; a machine without network fails this at once, which
+    spares the many seconds of retries huggingface_hub would spend before giving up."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return True
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
 def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     # Left padding, so batched generation appends every row's new token at the same column.
     tokenizer.padding_side = "left"
@@ -159,11 +177,13 @@ def _load_hub(repo_id: str, dtype, device_map, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     offline = _hub_is_offline()
+    unreachable = not offline and not _hub_host_resolves()
+    local_only = offline or unreachable
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            repo_id, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, local_files_only=offline
+            repo_id, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, local_files_only=local_only
         )
-        tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code, local_files_only=local_only)
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise RemoteCodeError(
@@ -175,6 +195,8 @@ def _load_hub(repo_id: str, dtype, device_map, trust_remote_code: bool):
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
         if offline:
             reason = "the Hugging Face Hub is switched off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set) and it is not in the local Hub cache"
+        elif unreachable:
+            reason = "the Hugging Face Hub cannot be reached (its host name does not resolve: no network?) and it is not in the local Hub cache"
         else:
             reason = "it could not be fetched from the Hugging Face Hub (no network, or no such repository)"
         raise HubUnreachableError(

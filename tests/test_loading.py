@@ -160,6 +160,16 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch):
     assert "smollm2-135m" in message  # points at what does work offline
 
 
+def test_hub_id_that_cannot_be_fetched_gives_a_clear_error(monkeypatch):
+    # Without network the host does not resolve; with network the repository does not exist.
+    # Either way: one clear error naming the Hub and the catalogue, not a traceback from deep inside.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(HubUnreachableError, match="Hugging Face Hub") as info:
+        load_model("dysco-test-owner/surely-not-a-model-3f9a1c")
+    assert "smollm2-135m" in str(info.value)
+
+
 def test_bad_dtype_and_device_are_explained():
     with pytest.raises(ValueError, match="dtype 'float33'"):
         load_model("smollm2-135m", dtype="float33")
