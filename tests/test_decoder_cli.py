@@ -1,0 +1,110 @@
+"""`dysco generate`: flags, JSON output, prompt sources and errors (tiny model patched in for the loader)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+
+import decoder.loading
+from decoder.cli import main
+from decoder.generate_cli import parse_heads
+from decoder.tiny import tiny_model
+
+
+@pytest.fixture
+def tiny_loader(monkeypatch, tmp_path):
+    loaded = []
+
+    def fake_load(spec, **kwargs):
+        loaded.append(spec)
+        return tiny_model("llama")
+
+    monkeypatch.setattr(decoder.loading, "load_model", fake_load)
+    monkeypatch.setenv("DYSCO_REGISTRY", str(tmp_path / "registry"))
+    return loaded
+
+
+def test_parse_heads():
+    assert parse_heads("21:31, 21:18") == [(21, 31), (21, 18)]
+    for bad in ("21-31", "a:1", "1:", ""):
+        with pytest.raises(ValueError, match="layer:head|empty"):
+            parse_heads(bad)
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--method", "--heads", "--profile", "--strength", "--top-k", "--top-p", "--decay", "--warmup",
+                 "--selection", "--temperature", "--max-new-tokens", "--prompt", "--prompt-file", "--json"):
+        assert flag in out
+
+
+def test_json_output_has_text_and_diagnostics(tiny_loader, capsys):
+    code = main(["generate", "--model", "tiny", "--heads", "1:0,2:3", "--strength", "3", "--top-k", "5", "--warmup", "4",
+                 "--max-new-tokens", "5", "--prompt", "The value of key 17 is 42.", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert tiny_loader == ["tiny"]
+    assert isinstance(out["text"], str) and len(out["tokens"]) == 5 and out["prompt_tokens"] > 0
+    assert out["knobs"]["head_set"] == [[1, 0], [2, 3]] and out["knobs"]["top_k"] == 5
+    assert len(out["diagnostics"]) == len(out["tokens"])
+    assert all(1 <= d["selected"] for d in out["diagnostics"])
+
+
+def test_prompt_from_stdin_and_file_give_the_same_text(tiny_loader, capsys, monkeypatch, tmp_path):
+    args = ["generate", "--method", "vanilla", "--max-new-tokens", "4", "--json"]
+    path = tmp_path / "prompt.txt"
+    path.write_text("Alice lives in Paris.")
+    assert main(args + ["--prompt-file", str(path)]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Alice lives in Paris."))
+    assert main(args) == 0
+    from_stdin = json.loads(capsys.readouterr().out)
+    assert from_file["tokens"] == from_stdin["tokens"]
+    assert from_file["diagnostics"] == []
+
+
+def test_streamed_text_equals_the_json_text(tiny_loader, capsys):
+    args = ["generate", "--heads", "1:0", "--max-new-tokens", "6", "--prompt", "Bob lives in Tokyo."]
+    assert main(args + ["--json"]) == 0
+    text = json.loads(capsys.readouterr().out)["text"]
+    assert main(args) == 0
+    assert capsys.readouterr().out == text + "\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--prompt", "hi"], 2, "needs a head set"),
+        (["--heads", "9:0", "--prompt", "hi"], 1, "4 layers × 4 heads"),
+        (["--heads", "1:0", "--strength", "0", "--prompt", "hi"], 1, "strength must be > 0"),
+        (["--heads", "1:0", "--top-p", "1.5", "--prompt", "hi"], 1, r"top_p must be in \(0, 1\]"),
+        (["--method", "attnts", "--prompt", "hi"], 2, "needs --temperature"),
+        (["--method", "vanilla", "--temperature", "2", "--prompt", "hi"], 2, "AttnTS attention temperature"),
+        (["--heads", "1:0", "--prompt", "   "], 2, "prompt is empty"),
+        (["--heads", "1-0", "--prompt", "hi"], 1, "not layer:head"),
+        (["--heads", "1:0", "--prompt-file", "/nonexistent/x.txt"], 2, "cannot read --prompt-file"),
+        (["--profile", "no-such-model", "--prompt", "hi"], 1, "no-such-model"),
+    ],
+)
+def test_errors_are_one_clear_line(tiny_loader, capsys, args, code, message):
+    assert main(["generate", *args]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("dysco generate: ")
+    assert re.search(message, err), err
+
+
+@pytest.mark.embedded
+def test_smollm2_generate_json(smollm2, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(decoder.loading, "load_model", lambda spec, **kwargs: smollm2)
+    monkeypatch.setenv("DYSCO_REGISTRY", str(tmp_path / "registry"))
+    code = main(["generate", "--model", "smollm2-135m", "--heads", "8:2,15:4,20:1", "--max-new-tokens", "6",
+                 "--prompt", "The secret number is 7319. What is the secret number?", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "smollm2-135m" and len(out["tokens"]) == 6 and out["text"]
