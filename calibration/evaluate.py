@@ -1,0 +1,1006 @@
+"""`dysco eval`: does DySCO help on this model, and at what cost?
+
+Every method (vanilla, AttnTS, DySCO) decodes the *same* examples — one seeded set per task ×
+context length — greedily, so the comparison is paired. The report holds:
+
+- accuracy (the task's own grade, mean over examples) per task × length × method, with a seeded
+  95% percentile-bootstrap interval;
+- a paired comparison of every method against vanilla on the same examples: the mean per-example
+  difference with a seeded 95% paired-bootstrap interval, and the exact two-sided **sign test**
+  p-value (pairs that tie are dropped; with 0/1 grades this is the exact McNemar test);
+- speed per method × length: time to first token (prefill + warmup + first token, per batch) and
+  decode tokens/s (tokens after the first one over the time after the first one).
+
+    >>> from calibration.evaluate import evaluate
+    >>> report = evaluate(model, tokenizer, tasks=["needle", "kv"], lengths=["2k"],
+    ...                   methods=["vanilla", "dysco"], n=8, seed=0, dysco=profile_or_heads)
+    >>> print(report.markdown()); report.save("eval-out")   # results.md, results.json, accuracy.png
+
+Examples are fed through `encode_prompt` (the token count the tasks sized them to) with the chat
+template's positions marked, so DySCO never up-weights template tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.tasks import TASK_NAMES, Example, Task, encode_prompt, get_task
+
+__all__ = [
+    "METHODS",
+    "CellResult",
+    "EvalError",
+    "EvalReport",
+    "PairedResult",
+    "SpeedResult",
+    "bootstrap_interval",
+    "evaluate",
+    "format_length",
+    "paired_comparison",
+    "parse_length",
+    "parse_lengths",
+    "register_cli",
+    "resolve_dysco",
+    "run_examples",
+]
+
+METHODS = ("vanilla", "attnts", "dysco")
+BASELINE = "vanilla"
+# Middle of the calibration study's AttnTS grid (0.7, 0.8, 0.9): used when neither the command line
+# nor the DySCO profile (its `metrics.attnts_temperature`, the tuned one) says otherwise.
+DEFAULT_ATTNTS_TEMPERATURE = 0.8
+BOOTSTRAP_RESAMPLES = 10_000
+# When --max-new-tokens is not given each example may generate its answer's length plus this much:
+# room for a short preamble ("The number is …") without paying for long rambles.
+ANSWER_MARGIN_TOKENS = 8
+EXPERIMENT = "dysco-eval"
+
+
+class EvalError(ValueError):
+    """Bad input to `evaluate` or `dysco eval`, with what is accepted."""
+
+
+# --------------------------------------------------------------------------- parsing input
+
+_LENGTH = re.compile(r"^\s*(\d+)\s*([kK]?)\s*$")
+
+
+def parse_length(text: str | int) -> int:
+    """'2k' -> 2048, '4096' -> 4096; anything else (0, negatives, '1.5k', 'abc') raises EvalError."""
+    if isinstance(text, bool):
+        raise EvalError(f"bad context length {text!r}: write a token count like 4096 or 4k (k = 1024)")
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _LENGTH.match(str(text))
+        if not match:
+            raise EvalError(f"bad context length {text!r}: write a token count like 4096 or 4k (k = 1024)")
+        value = int(match.group(1)) * (1024 if match.group(2) else 1)
+    if value < 1:
+        raise EvalError(f"bad context length {text!r}: it must be at least 1 token (e.g. 2k or 2048)")
+    return value
+
+
+def parse_lengths(text: str | Sequence[str | int]) -> list[int]:
+    """'2k,4k,8k' (or a list) -> [2048, 4096, 8192]; duplicates are an error."""
+    items = [t for t in text.split(",")] if isinstance(text, str) else list(text)
+    items = [t.strip() if isinstance(t, str) else t for t in items]
+    if not items or any(t == "" for t in items):
+        raise EvalError(f"bad --lengths {text!r}: give comma-separated token counts like 2k,4k,8k or 4096")
+    lengths = [parse_length(t) for t in items]
+    if len(set(lengths)) != len(lengths):
+        raise EvalError(f"--lengths lists a length twice: {text!r}")
+    return lengths
+
+
+def format_length(tokens: int) -> str:
+    """2048 -> '2k', 3000 -> '3000' (the inverse of parse_length where it is exact)."""
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+
+
+def _parse_names(text: str | Sequence[str], accepted: Sequence[str], what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else [str(t).strip() for t in text]
+    if not items or any(not t for t in items):
+        raise EvalError(f"no {what} given in {text!r}; accepted: {', '.join(accepted)}")
+    unknown = [t for t in items if t not in accepted]
+    if unknown:
+        raise EvalError(f"unknown {what} {unknown[0]!r}; accepted: {', '.join(accepted)}")
+    if len(set(items)) != len(items):
+        raise EvalError(f"a {what} is listed twice in {text!r}")
+    return items
+
+
+def _resolve_tasks(tasks: str | Sequence[str | Task]) -> list[Task]:
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",")]
+    if not tasks:
+        raise EvalError(f"no task given; accepted: {', '.join(TASK_NAMES)} (or an MRCR file / Hub id)")
+    resolved = []
+    for item in tasks:
+        if isinstance(item, Task):
+            resolved.append(item)
+            continue
+        if not isinstance(item, str) or not item.strip():
+            raise EvalError(f"bad task {item!r}; accepted: {', '.join(TASK_NAMES)} (or an MRCR file / Hub id)")
+        try:
+            resolved.append(get_task(item.strip()))
+        except ValueError as err:
+            raise EvalError(str(err)) from None
+    labels = [_task_label(t) for t in resolved]
+    if len(set(labels)) != len(labels):
+        raise EvalError(f"a task is listed twice: {', '.join(labels)}")
+    return resolved
+
+
+def _task_label(task: Task) -> str:
+    source = getattr(task, "source", None)
+    return f"{task.name}:{Path(source).name}" if source else task.name
+
+
+def _check_n(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise EvalError(f"n (examples per task and length) must be an integer >= 1, got {n!r}")
+    return n
+
+
+def parse_heads(text: str) -> list[tuple[int, int]]:
+    """'21:31,21:18' -> [(21, 31), (21, 18)] (the same syntax as `calibrate --heads`)."""
+    from calibration.study import parse_heads as _parse
+
+    try:
+        return _parse(text)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _seed_for(seed: int, *parts: Any) -> np.random.SeedSequence:
+    """A seed stream per (seed, parts): stable across runs and processes (no Python hash())."""
+    digest = hashlib.sha256(json.dumps([seed, *parts], default=str).encode()).digest()
+    return np.random.SeedSequence(int.from_bytes(digest[:8], "little"))
+
+
+def bootstrap_interval(
+    scores: Sequence[float], seed: int | np.random.SeedSequence, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of `scores` (seeded; one score gives a point)."""
+    x = np.asarray(scores, dtype=np.float64)
+    if x.size == 0:
+        raise EvalError("cannot bootstrap an empty list of scores")
+    if x.size == 1 or np.all(x == x[0]):
+        return float(x[0]), float(x[0])
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
+def sign_test(differences: Sequence[float]) -> float:
+    """Exact two-sided sign-test p-value of paired differences (zeros dropped; 1.0 when all tie)."""
+    from scipy.stats import binomtest
+
+    d = np.asarray(differences, dtype=np.float64)
+    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    if wins + losses == 0:
+        return 1.0
+    return float(binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue)
+
+
+@dataclass
+class CellResult:
+    """One task × length × method: mean score and its 95% bootstrap interval."""
+
+    task: str
+    length: int
+    method: str
+    n: int
+    mean: float
+    low: float
+    high: float
+
+
+@dataclass
+class PairedResult:
+    """`method` minus the baseline on the same examples of one task × length."""
+
+    task: str
+    length: int
+    method: str
+    baseline: str
+    n: int
+    mean_difference: float
+    low: float  # 95% paired-bootstrap interval of the mean difference
+    high: float
+    wins: int  # examples where `method` scored higher
+    losses: int
+    ties: int
+    p_value: float  # exact two-sided sign test (ties dropped)
+    test: str = "paired bootstrap 95% CI of the mean difference; exact two-sided sign test"
+
+
+def paired_comparison(
+    method_scores: Sequence[float], baseline_scores: Sequence[float], seed: int | np.random.SeedSequence,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> dict[str, float | int]:
+    """Mean difference, its paired-bootstrap interval, wins/losses/ties and the sign-test p-value."""
+    a = np.asarray(method_scores, dtype=np.float64)
+    b = np.asarray(baseline_scores, dtype=np.float64)
+    if a.shape != b.shape or a.size == 0:
+        raise EvalError(f"paired scores must be two non-empty lists of the same length, got {a.size} and {b.size}")
+    d = a - b
+    low, high = bootstrap_interval(d, seed, resamples)  # resampling the pairs keeps them paired
+    return {
+        "n": int(d.size),
+        "mean_difference": float(d.mean()),
+        "low": low,
+        "high": high,
+        "wins": int((d > 0).sum()),
+        "losses": int((d < 0).sum()),
+        "ties": int((d == 0).sum()),
+        "p_value": sign_test(d),
+    }
+
+
+# --------------------------------------------------------------------------- running methods
+
+
+@dataclass
+class BatchTiming:
+    """What one generate call cost."""
+
+    rows: int
+    new_tokens: int  # tokens actually generated (before truncating rows to their own budget)
+    seconds: float  # whole call
+    ttft_s: float  # from the call to the first token
+
+
+@dataclass
+class MethodRun:
+    """One method over a list of examples: per-example scores and responses, and the batch timings."""
+
+    scores: list[float]
+    responses: list[str]
+    new_tokens: list[int]
+    timings: list[BatchTiming]
+
+
+def _prompt_ids(tokenizer: Any, example: Example) -> tuple[list[int], list[bool]]:
+    """`encode_prompt`'s ids (what the task sized) and the chat-template mask aligned to them."""
+    from calibration.tasks.base import has_chat_template
+    from decoder.template import encode_chat
+
+    ids = encode_prompt(tokenizer, example.messages)
+    if not has_chat_template(tokenizer):
+        return ids, [False] * len(ids)
+    chat_ids, mask = encode_chat(tokenizer, example.messages)
+    if chat_ids != ids:
+        # Both render the same template text without added special tokens; a difference would be a
+        # tokenizer quirk. The sized ids win; no template positions are known then.
+        return ids, [False] * len(ids)
+    return ids, mask
+
+
+def example_budget(example: Example, max_new_tokens: int | None) -> int:
+    """New tokens allowed for `example`: the fixed cap, or its answer's length plus a small margin."""
+    if max_new_tokens is not None:
+        return int(max_new_tokens)
+    answer = example.meta.get("answer_tokens")
+    if not isinstance(answer, int) or answer < 1:
+        raise EvalError(f"example {example.id} has no meta['answer_tokens']; pass max_new_tokens explicitly")
+    return answer + ANSWER_MARGIN_TOKENS
+
+
+def run_examples(
+    decoder: Any,
+    task: Task,
+    examples: Sequence[Example],
+    *,
+    max_new_tokens: int | None = None,
+    batch_size: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> MethodRun:
+    """Decode `examples` greedily with `decoder` (a `decoder.generation.Decoder`) and grade them.
+
+    Each row keeps only its own budget of tokens (`example_budget`), so a row's result does not
+    depend on which batch it shared; a batch runs to its largest budget.
+    """
+    tokenizer = decoder.tokenizer
+    run = MethodRun(scores=[], responses=[], new_tokens=[], timings=[])
+    for start in range(0, len(examples), batch_size):
+        batch = list(examples[start : start + batch_size])
+        encoded = [_prompt_ids(tokenizer, example) for example in batch]
+        budgets = [example_budget(example, max_new_tokens) for example in batch]
+        first: list[float] = []
+
+        def on_step(event, _first=first):
+            if event.step == 0 and not _first:
+                _first.append(time.perf_counter())
+
+        began = time.perf_counter()
+        out = decoder.generate(
+            [ids for ids, _ in encoded],
+            template_mask=[mask for _, mask in encoded],
+            max_new_tokens=max(budgets),
+            do_sample=False,
+            callback=on_step,
+        )
+        ended = time.perf_counter()
+        generated = sum(len(ids) for ids in out.token_ids)
+        run.timings.append(
+            BatchTiming(rows=len(batch), new_tokens=generated, seconds=ended - began, ttft_s=(first[0] if first else ended) - began)
+        )
+        for example, ids, reason, budget in zip(batch, out.token_ids, out.finish_reasons, budgets):
+            kept = ids[:budget]
+            if reason == "eos" and len(kept) == len(ids):
+                kept = kept[:-1]  # the EOS token itself is not part of the answer
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            run.responses.append(text)
+            run.scores.append(float(task.grade(text, example)))
+            run.new_tokens.append(len(kept))
+        if on_batch is not None:
+            on_batch(len(batch))
+    return run
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass
+class SpeedResult:
+    """Speed of one method at one context length, over every task's examples."""
+
+    method: str
+    length: int
+    batches: int
+    new_tokens: int
+    seconds: float
+    ttft_s: float  # mean over batches
+    decode_tokens_per_s: float  # tokens after the first, over the time after the first token
+    tokens_per_s: float  # all generated tokens over the whole time (prefill included)
+
+
+@dataclass
+class EvalReport:
+    """Everything `evaluate` measured; `markdown()`, `to_dict()`, `plot()` and `save()` present it."""
+
+    config: dict[str, Any]
+    cells: list[CellResult]
+    paired: list[PairedResult]
+    speed: list[SpeedResult]
+    examples: list[dict[str, Any]]  # per example: task, length, id, scores/responses per method
+    seconds: float = 0.0
+
+    @property
+    def methods(self) -> list[str]:
+        """Methods in the order they were asked for."""
+        return list(self.config["methods"])
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task labels in the order they were asked for."""
+        return list(self.config["tasks"])
+
+    @property
+    def lengths(self) -> list[int]:
+        """Context lengths (tokens), ascending."""
+        return list(self.config["lengths"])
+
+    def cell(self, task: str, length: int | str, method: str) -> CellResult:
+        """The result of one task × length × method."""
+        length = parse_length(length)
+        for cell in self.cells:
+            if (cell.task, cell.length, cell.method) == (task, length, method):
+                return cell
+        raise KeyError(f"no result for task {task!r}, length {length}, method {method!r}")
+
+    def scores(self, task: str, length: int | str, method: str) -> list[float]:
+        """Per-example scores of one cell, in example order."""
+        length = parse_length(length)
+        return [e["scores"][method] for e in self.examples if e["task"] == task and e["length"] == length]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: config, cells, paired tests, speed and every example's scores."""
+        return {
+            "config": self.config,
+            "seconds": self.seconds,
+            "cells": [asdict(c) for c in self.cells],
+            "paired": [asdict(p) for p in self.paired],
+            "speed": [asdict(s) for s in self.speed],
+            "examples": self.examples,
+        }
+
+    def to_json(self) -> str:
+        """`to_dict()` as indented JSON."""
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    def markdown(self) -> str:
+        """The accuracy table (with intervals and paired tests) and the speed table, in markdown."""
+        methods, cfg = self.methods, self.config
+        lines = [
+            f"Model `{cfg['model']}`; {cfg['n']} examples per task × length (seed {cfg['seed']}); greedy decoding; "
+            f"scores in % with 95% bootstrap intervals ({cfg['bootstrap_resamples']} resamples).",
+            "",
+        ]
+        paired = {(p.task, p.length, p.method): p for p in self.paired}
+        compared = [m for m in methods if m != BASELINE and any(k[2] == m for k in paired)]
+        header = ["task", "length", *methods, *[f"{m} − {BASELINE} (95% CI), sign-test p" for m in compared]]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for task in self.tasks:
+            for length in self.lengths:
+                row = [task, format_length(length)]
+                for method in methods:
+                    c = self.cell(task, length, method)
+                    row.append(f"{100 * c.mean:.1f} [{100 * c.low:.1f}, {100 * c.high:.1f}]")
+                for method in compared:
+                    p = paired[(task, length, method)]
+                    row.append(
+                        f"{100 * p.mean_difference:+.1f} [{100 * p.low:+.1f}, {100 * p.high:+.1f}], "
+                        f"{p.wins}W/{p.losses}L/{p.ties}T, p={p.p_value:.3g}"
+                    )
+                lines.append("| " + " | ".join(row) + " |")
+        lines += [
+            "",
+            "Speed (all tasks pooled): time to first token = prefill + warmup + first token, mean per batch "
+            f"(batch size {cfg['batch_size']}); decode tokens/s counts the tokens after the first.",
+            "",
+            "| method | length | TTFT (s) | decode tokens/s | tokens generated |",
+            "|---|---|---|---|---|",
+        ]
+        for s in self.speed:
+            lines.append(
+                f"| {s.method} | {format_length(s.length)} | {s.ttft_s:.2f} | {s.decode_tokens_per_s:.1f} | {s.new_tokens} |"
+            )
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str | Path) -> Path:
+        """Accuracy vs context length, one panel per task, one line per method with its interval."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        tasks = self.tasks
+        fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False, sharey=True)
+        for ax, task in zip(axes[0], tasks):
+            for k, method in enumerate(self.methods):
+                cells = [self.cell(task, length, method) for length in self.lengths]
+                # Small horizontal offsets keep overlapping intervals readable.
+                xs = [length * (1 + 0.03 * (k - (len(self.methods) - 1) / 2)) for length in self.lengths]
+                ys = [100 * c.mean for c in cells]
+                err = [[100 * (c.mean - c.low) for c in cells], [100 * (c.high - c.mean) for c in cells]]
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(self.lengths)
+            ax.set_xticklabels([format_length(length) for length in self.lengths])
+            ax.minorticks_off()
+            ax.set_title(task)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylim(-5, 105)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("score (%)")
+        axes[0][-1].legend(loc="best", fontsize="small")
+        fig.suptitle(f"{self.config['model']}: n={self.config['n']} per point, 95% bootstrap intervals", fontsize="medium")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write results.md, results.json and accuracy.png into `out_dir`; returns their paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"markdown": out / "results.md", "json": out / "results.json", "plot": out / "accuracy.png"}
+        paths["markdown"].write_text(self.markdown(), encoding="utf-8")
+        paths["json"].write_text(self.to_json() + "\n", encoding="utf-8")
+        self.plot(paths["plot"])
+        return paths
+
+
+# --------------------------------------------------------------------------- DySCO's head set
+
+
+def resolve_dysco(
+    model: Any,
+    name: str,
+    *,
+    profile: str | Any | None = None,
+    heads: Sequence[Sequence[int]] | None = None,
+    registry: str | Path | None = None,
+    force: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """The DyscoConfig for `model` from heads, a profile (ref or object), or the registry's `name@latest`.
+
+    Returns (config, info) where info says where it came from (and the profile's tuned AttnTS
+    temperature when it has one).
+    """
+    from decoder.dysco import DyscoConfig
+    from decoder.generation import model_shape
+
+    if profile is not None and heads is not None:
+        raise EvalError("give either a profile or a head list (--heads), not both")
+    if heads is not None:
+        layers, per_layer = model_shape(model)
+        pairs = [tuple(int(v) for v in pair) for pair in heads]
+        bad = [p for p in pairs if not (0 <= p[0] < layers and 0 <= p[1] < per_layer)]
+        if bad:
+            raise EvalError(
+                f"head {bad[0][0]}:{bad[0][1]} is outside {name} ({layers} layers × {per_layer} heads; "
+                f"layers 0–{layers - 1}, heads 0–{per_layer - 1})"
+            )
+        try:
+            return DyscoConfig(head_set=pairs), {"source": "heads", "head_set": [list(p) for p in pairs]}
+        except ValueError as err:
+            raise EvalError(f"bad head list: {err}") from None
+
+    from decoder.loading import model_identity
+    from registry import ProfileNotFound, Registry, RegistryError, check_model
+
+    ref = None
+    if profile is None or isinstance(profile, str):
+        store = Registry(registry)
+        ref = profile or f"{name}@latest"
+        try:
+            loaded = store.load(ref)
+        except ProfileNotFound as err:
+            if profile is not None:
+                raise EvalError(f"profile {ref!r} not found: {err}") from None
+            raise EvalError(
+                f"method 'dysco' needs a head set and the registry ({store.root}) has no profile for {name!r}: "
+                f"run `headfinder detect --model {name} --register` first, or pass --profile REF or "
+                "--heads L:H,… (or leave dysco out of --methods)"
+            ) from None
+        except RegistryError as err:
+            raise EvalError(f"cannot read profile {ref!r}: {err}") from None
+    else:
+        loaded = profile
+    try:
+        basis = check_model(loaded, model_identity(model, name), force=force)
+    except RegistryError as err:
+        raise EvalError(f"profile {ref or loaded.model.name!r} does not fit {name!r}: {err}") from None
+    knobs = loaded.knobs
+    if knobs.attnts_temperature is not None:
+        raise EvalError(f"profile {ref!r} is an AttnTS profile (no DySCO knobs); give a DySCO profile or --heads")
+    config = DyscoConfig(
+        head_set=[tuple(pair) for pair in loaded.head_set], strength=knobs.strength, top_p=knobs.top_p,
+        top_k=knobs.top_k, decay=knobs.decay, context_warmup=knobs.context_warmup, selection=knobs.selection,
+    )
+    info = {"source": "profile", "profile": ref or loaded.model.name, "match": basis}
+    tuned = (loaded.metrics or {}).get("attnts_temperature")
+    if isinstance(tuned, (int, float)) and not isinstance(tuned, bool) and tuned > 0:
+        info["attnts_temperature"] = float(tuned)
+    return config, info
+
+
+def _dysco_dict(config: Any) -> dict[str, Any]:
+    return {
+        "head_set": [list(p) for p in config.head_set], "strength": config.strength, "top_p": config.top_p,
+        "top_k": config.top_k, "decay": config.decay, "context_warmup": config.context_warmup,
+        "selection": config.selection,
+    }
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def _context_limit(model: Any) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for package in ("dysco-toolkit", "torch", "transformers", "numpy", "scipy"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: str | Sequence[str | Task],
+    lengths: str | Sequence[str | int],
+    methods: str | Sequence[str],
+    n: int,
+    seed: int = 0,
+    *,
+    dysco: Any = None,
+    attnts_temperature: float | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 1,
+    model_name: str | None = None,
+    bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
+    progress: bool = False,
+    extra_config: Mapping[str, Any] | None = None,
+) -> EvalReport:
+    """Run every method on the same seeded examples of every task × length and report accuracy and speed.
+
+    `dysco` (needed when "dysco" is a method): a `DyscoConfig`, a list of (layer, head) pairs or a
+    registry `Profile`. `attnts_temperature` defaults to the profile's tuned one, else 0.8.
+    `max_new_tokens` None: each example gets its answer's length plus 8 tokens.
+    """
+    from decoder.dysco import DyscoConfig
+    from decoder.generation import Decoder
+
+    started = time.perf_counter()
+    task_objs = _resolve_tasks(tasks)
+    lengths = sorted(parse_lengths(lengths))
+    methods = _parse_names(methods, METHODS, "method")
+    n = _check_n(n)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise EvalError(f"seed must be an integer, got {seed!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EvalError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        raise EvalError(f"max_new_tokens must be an integer >= 1 (or None for each answer's length + 8), got {max_new_tokens!r}")
+    if isinstance(bootstrap_resamples, bool) or not isinstance(bootstrap_resamples, int) or bootstrap_resamples < 100:
+        raise EvalError(f"bootstrap_resamples must be an integer >= 100, got {bootstrap_resamples!r}")
+    name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
+
+    limit = _context_limit(model)
+    if limit is not None:
+        too_long = [length for length in lengths if length > limit]
+        if too_long:
+            raise EvalError(
+                f"length {format_length(too_long[0])} ({too_long[0]} tokens) is beyond {name}'s context of {limit} "
+                f"tokens; accepted: lengths up to {limit} tokens minus the new tokens"
+            )
+
+    dysco_info: dict[str, Any] = {}
+    if "dysco" in methods:
+        if dysco is None:
+            raise EvalError(
+                "method 'dysco' needs a head set: pass dysco= a DyscoConfig, a list of (layer, head) pairs or a "
+                "registry profile (see resolve_dysco), or leave 'dysco' out of the methods"
+            )
+        if isinstance(dysco, DyscoConfig):
+            dysco_info = {"source": "config"}
+        elif hasattr(dysco, "head_set") and hasattr(dysco, "knobs"):
+            dysco, dysco_info = resolve_dysco(model, name, profile=dysco)
+        else:
+            dysco, dysco_info = resolve_dysco(model, name, heads=dysco)
+    if attnts_temperature is None:
+        attnts_temperature = dysco_info.get("attnts_temperature", DEFAULT_ATTNTS_TEMPERATURE)
+        temperature_source = "profile" if "attnts_temperature" in dysco_info else "default"
+    else:
+        temperature_source = "given"
+    if isinstance(attnts_temperature, bool) or not isinstance(attnts_temperature, (int, float)) or not (
+        math.isfinite(attnts_temperature) and attnts_temperature > 0
+    ):
+        raise EvalError(f"attnts_temperature must be a finite number > 0, got {attnts_temperature!r}")
+
+    decoders = {}
+    for method in methods:
+        try:
+            if method == "dysco":
+                decoders[method] = Decoder(model, tokenizer, method="dysco", dysco=dysco)
+            elif method == "attnts":
+                decoders[method] = Decoder(model, tokenizer, method="attnts", temperature=float(attnts_temperature))
+            else:
+                decoders[method] = Decoder(model, tokenizer, method="vanilla")
+        except (ValueError, TypeError) as err:
+            raise EvalError(f"cannot build the {method} decoder: {err}") from None
+
+    # Every example set is made (and checked against the context) before any decoding starts, so
+    # bad input fails in seconds, not after an hour of decoding.
+    labels = [_task_label(t) for t in task_objs]
+    sets: dict[tuple[str, int], list[Example]] = {}
+    for task, label in zip(task_objs, labels):
+        for length in lengths:
+            try:
+                examples = task.generate(tokenizer, n, length, seed)
+            except ValueError as err:
+                raise EvalError(f"task {label!r} at length {format_length(length)}: {err}") from None
+            if limit is not None:
+                for example in examples:
+                    need = example.meta.get("prompt_tokens", length) + example_budget(example, max_new_tokens)
+                    if need > limit:
+                        raise EvalError(
+                            f"task {label!r} at length {format_length(length)}: a {example.meta.get('prompt_tokens')}-token "
+                            f"prompt plus {example_budget(example, max_new_tokens)} new tokens exceeds {name}'s context "
+                            f"of {limit} tokens; use a shorter length or fewer new tokens"
+                        )
+            sets[(label, length)] = examples
+
+    batches_per_set = math.ceil(n / batch_size)
+    total = len(sets) * len(methods) * batches_per_set
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="eval", unit="batch", file=sys.stderr)
+
+    runs: dict[tuple[str, int, str], MethodRun] = {}
+    try:
+        for (label, length), examples in sets.items():
+            task = task_objs[labels.index(label)]
+            for method in methods:
+                if bar is not None:
+                    bar.set_postfix_str(f"{label} {format_length(length)} {method}")
+                runs[(label, length, method)] = run_examples(
+                    decoders[method], task, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    on_batch=(lambda _rows: bar.update(1)) if bar is not None else None,
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+
+    cells, paired, example_rows = [], [], []
+    for (label, length), examples in sets.items():
+        for method in methods:
+            scores = runs[(label, length, method)].scores
+            low, high = bootstrap_interval(scores, _seed_for(seed, "cell", label, length, method), bootstrap_resamples)
+            cells.append(CellResult(label, length, method, len(scores), float(np.mean(scores)), low, high))
+        if BASELINE in methods:
+            base = runs[(label, length, BASELINE)].scores
+            for method in methods:
+                if method == BASELINE:
+                    continue
+                stats = paired_comparison(
+                    runs[(label, length, method)].scores, base, _seed_for(seed, "paired", label, length, method),
+                    bootstrap_resamples,
+                )
+                paired.append(PairedResult(task=label, length=length, method=method, baseline=BASELINE, **stats))
+        for i, example in enumerate(examples):
+            example_rows.append({
+                "task": label,
+                "length": length,
+                "index": i,
+                "id": example.id,
+                "prompt_tokens": example.meta.get("prompt_tokens"),
+                "answer": example.answer,
+                "scores": {m: runs[(label, length, m)].scores[i] for m in methods},
+                "new_tokens": {m: runs[(label, length, m)].new_tokens[i] for m in methods},
+                "responses": {m: runs[(label, length, m)].responses[i] for m in methods},
+            })
+
+    speed = []
+    for method in methods:
+        for length in lengths:
+            timings = [t for label in labels for t in runs[(label, length, method)].timings]
+            tokens = sum(t.new_tokens for t in timings)
+            seconds = sum(t.seconds for t in timings)
+            after_first = sum(t.seconds - t.ttft_s for t in timings)
+            tokens_after_first = tokens - sum(t.rows for t in timings)
+            speed.append(SpeedResult(
+                method=method, length=length, batches=len(timings), new_tokens=tokens, seconds=seconds,
+                ttft_s=float(np.mean([t.ttft_s for t in timings])),
+                decode_tokens_per_s=tokens_after_first / after_first if after_first > 0 and tokens_after_first > 0 else 0.0,
+                tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+            ))
+
+    config = {
+        "model": name,
+        "tasks": labels,
+        "lengths": lengths,
+        "methods": methods,
+        "n": n,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "max_new_tokens_rule": "fixed" if max_new_tokens is not None else f"answer tokens + {ANSWER_MARGIN_TOKENS}",
+        "batch_size": batch_size,
+        "decoding": "greedy",
+        "attnts_temperature": float(attnts_temperature) if "attnts" in methods else None,
+        "attnts_temperature_source": temperature_source if "attnts" in methods else None,
+        "dysco": _dysco_dict(dysco) if "dysco" in methods else None,
+        "dysco_source": dysco_info or None,
+        "bootstrap_resamples": bootstrap_resamples,
+        "paired_test": PairedResult.test,
+        "library_versions": _library_versions(),
+        **dict(extra_config or {}),
+    }
+    return EvalReport(config, cells, paired, speed, example_rows, seconds=time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def log_to_mlflow(report: EvalReport, tracking_uri: str, files: Mapping[str, Path] | None = None, experiment: str = EXPERIMENT) -> str:
+    """Log one run (parameters, every cell's score, speed, the written files) to MLflow; returns the run id."""
+    import warnings
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        experiment_id = found.experiment_id
+    else:
+        try:
+            experiment_id = client.create_experiment(experiment)
+        except MlflowException:  # created meanwhile by another process
+            experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    cfg = report.config
+    run = client.create_run(experiment_id, run_name=f"eval-{cfg['model']}", tags={"dysco.kind": "eval"})
+    run_id = run.info.run_id
+    params = {k: v for k, v in cfg.items() if k not in ("library_versions",)}
+    client.log_batch(run_id, params=[
+        Param(k, (v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str))[:6000]) for k, v in sorted(params.items())
+    ])
+    stamp = int(time.time() * 1000)
+    metrics = []
+
+    def key(*parts: Any) -> str:
+        # MLflow keys allow letters, digits, _ - . / and spaces only.
+        return "/".join(re.sub(r"[^A-Za-z0-9_.\- ]", "_", str(p)) for p in parts)
+
+    for c in report.cells:
+        metrics += [Metric(key("score", c.task, format_length(c.length), c.method), c.mean, stamp, 0),
+                    Metric(key("score_low", c.task, format_length(c.length), c.method), c.low, stamp, 0),
+                    Metric(key("score_high", c.task, format_length(c.length), c.method), c.high, stamp, 0)]
+    for p in report.paired:
+        metrics += [Metric(key("diff", p.task, format_length(p.length), p.method), p.mean_difference, stamp, 0),
+                    Metric(key("sign_p", p.task, format_length(p.length), p.method), p.p_value, stamp, 0)]
+    for s in report.speed:
+        metrics += [Metric(key("ttft_s", format_length(s.length), s.method), s.ttft_s, stamp, 0),
+                    Metric(key("decode_tokens_per_s", format_length(s.length), s.method), s.decode_tokens_per_s, stamp, 0)]
+    for start in range(0, len(metrics), 900):  # MLflow's batch limit is 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start : start + 900])
+    for path in (files or {}).values():
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+    return run_id
+
+
+# --------------------------------------------------------------------------- CLI
+
+_EPILOG = """\
+examples:
+  dysco eval --model smollm2-135m --tasks needle,kv --lengths 2k --methods vanilla,dysco --n 8
+  dysco eval --model smollm2-135m --heads 14:2,17:5 --tasks mrcr --lengths 2k,4k --n 20 --out eval/smollm2
+  dysco eval --model ./my-checkpoint --profile my-model@3 --tasks pathtrans --lengths 4096 --n 50 --json
+
+Without --profile or --heads, dysco uses the registry's NAME@latest profile (from `headfinder` or
+`calibrate`). Accuracy intervals are 95% percentile bootstraps of the mean (seeded); each method is
+compared with vanilla on the same examples by a paired bootstrap of the mean difference and an
+exact two-sided sign test. Writes results.md, results.json (per-example scores and responses) and
+accuracy.png into --out.
+"""
+
+
+def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def wrapped(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return wrapped
+
+
+def _task_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",")]
+    _resolve_tasks(names)  # unknown names fail while parsing, before the model loads
+    return names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add `dysco eval` to the umbrella command."""
+    p = subparsers.add_parser(
+        "eval",
+        help="compare vanilla, AttnTS and DySCO on the same examples (accuracy with intervals, speed)",
+        description="Run every decoding method on the same seeded examples of each task × context length; "
+        "report accuracy with 95%% bootstrap intervals, a paired test of each method vs vanilla, "
+        "time to first token and decode tokens/s; write a markdown table, JSON and a plot.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m", help="catalogue name, local folder or .gguf, or Hub id (default: smollm2-135m)")
+    heads = p.add_mutually_exclusive_group()
+    heads.add_argument("--profile", metavar="REF", help="registry profile for dysco (NAME@latest, NAME@3, a hash); default: MODEL@latest")
+    heads.add_argument("--heads", type=_arg(parse_heads), metavar="L:H,…", help="head set for dysco with the published knobs, e.g. 14:2,17:5")
+    p.add_argument("--tasks", type=_arg(_task_list), default=["needle", "kv"],
+                   help=f"comma-separated: {', '.join(TASK_NAMES)}, or an MRCR file / Hub id (default: needle,kv)")
+    p.add_argument("--lengths", type=_arg(parse_lengths), default=[2048], help="context lengths, e.g. 2k,4k,8k or 4096 (k = 1024; default: 2k)")
+    p.add_argument("--methods", type=_arg(lambda t: _parse_names(t, METHODS, "method")), default=list(METHODS),
+                   help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--n", type=_arg(_positive_int), default=8, help="examples per task × length (default: 8; ≥ 50 for intervals that mean much)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the examples and the bootstrap (default: 0)")
+    p.add_argument("--max-new-tokens", type=_arg(_positive_int), default=None,
+                   help=f"new-token cap per example (default: its answer's length + {ANSWER_MARGIN_TOKENS})")
+    p.add_argument("--attnts-temperature", type=_arg(_positive_float), default=None,
+                   help=f"AttnTS attention temperature (default: the profile's tuned one, else {DEFAULT_ATTNTS_TEMPERATURE})")
+    p.add_argument("--batch-size", type=_arg(_positive_int), default=1, help="prompts decoded together (default: 1)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where results.md, results.json, accuracy.png go (default: eval-<model>)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI", help="log the run to this MLflow tracking store (e.g. sqlite:///mlflow.db)")
+    p.add_argument("--registry", default=None, metavar="DIR", help="registry root (default: the user's registry)")
+    p.add_argument("--force", action="store_true", help="use a profile even if its model fingerprint does not match (warns)")
+    p.add_argument("--threads", type=_arg(_positive_int), default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        return _run_cli(args)
+    except EvalError as err:
+        print(f"dysco eval: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    import torch
+
+    from calibration.study import model_name
+    from decoder.loading import load_model
+
+    # Cheap checks first: a typo must not cost a model load.
+    tasks = _resolve_tasks(args.tasks)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = model_name(args.model)
+    try:
+        model, tokenizer = load_model(args.model, progress=not args.quiet)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise EvalError(f"cannot load model {args.model!r}: {err}") from None
+    dysco = None
+    extra: dict[str, Any] = {"model_spec": args.model}
+    if "dysco" in args.methods:
+        dysco, info = resolve_dysco(model, name, profile=args.profile, heads=args.heads, registry=args.registry, force=args.force)
+        extra["dysco_resolved"] = info
+        if args.attnts_temperature is None and "attnts_temperature" in info:
+            args.attnts_temperature = info["attnts_temperature"]
+            extra["attnts_temperature_from_profile"] = True
+    report = evaluate(
+        model, tokenizer, tasks, args.lengths, args.methods, args.n, args.seed,
+        dysco=dysco, attnts_temperature=args.attnts_temperature, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, model_name=name, progress=not args.quiet, extra_config=extra,
+    )
+    out = Path(args.out) if args.out else Path(f"eval-{name}")
+    files = report.save(out)
+    if args.tracking_uri:
+        report.config["mlflow_run_id"] = log_to_mlflow(report, args.tracking_uri, files)
+        files["json"].write_text(report.to_json() + "\n", encoding="utf-8")
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.markdown())
+        print(f"wrote {', '.join(str(p) for p in files.values())} in {report.seconds:.0f} s")
+    return 0

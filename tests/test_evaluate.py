@@ -1,0 +1,316 @@
+"""`dysco eval` mechanics on a tiny random model: same examples for every method, seeded statistics,
+deterministic reports, files, MLflow, and clear errors. Quality is not checked here (random weights)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from calibration.evaluate import (
+    EvalError,
+    bootstrap_interval,
+    evaluate,
+    format_length,
+    paired_comparison,
+    parse_length,
+    parse_lengths,
+    resolve_dysco,
+    sign_test,
+)
+from decoder.tiny import tiny_model
+
+# Smallest sizes the tasks can fill with the tiny tokenizer (kv needs ~500 tokens, needle ~250).
+HEADS = [(1, 0), (2, 3)]
+SMALL = dict(tasks="needle,kv", lengths="512", methods="vanilla,attnts,dysco", n=3, seed=0, max_new_tokens=3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def report(tiny):
+    model, tokenizer = tiny
+    return evaluate(model, tokenizer, dysco=HEADS, model_name="tiny-llama", bootstrap_resamples=500, **SMALL)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize("text,tokens", [("2k", 2048), ("4K", 4096), ("4096", 4096), (" 8k ", 8192), ("1", 1), (300, 300)])
+def test_parse_length_accepts_counts_and_k(text, tokens):
+    assert parse_length(text) == tokens
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-1k", "-5", "1.5k", "2m", "", "k", "0k", True])
+def test_parse_length_rejects_malformed(text):
+    with pytest.raises(EvalError, match="context length"):
+        parse_length(text)
+
+
+def test_parse_lengths_list_and_errors():
+    assert parse_lengths("2k,4k,8k") == [2048, 4096, 8192]
+    assert parse_lengths(["2k", 1000]) == [2048, 1000]
+    with pytest.raises(EvalError, match="twice"):
+        parse_lengths("2k,2048")
+    with pytest.raises(EvalError, match="comma-separated"):
+        parse_lengths("2k,,4k")
+    assert [format_length(x) for x in (2048, 3000)] == ["2k", "3000"]
+
+
+@given(st.integers(min_value=1, max_value=1 << 20))
+def test_format_then_parse_round_trips(tokens):
+    assert parse_length(format_length(tokens)) == tokens
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=1), min_size=1, max_size=40), st.integers(0, 2**32 - 1))
+def test_bootstrap_interval_contains_mean_and_is_seeded(scores, seed):
+    low, high = bootstrap_interval(scores, seed, resamples=400)
+    mean = float(np.mean(scores))
+    assert low <= mean + 1e-12 and mean - 1e-12 <= high
+    assert min(scores) - 1e-12 <= low <= high <= max(scores) + 1e-12
+    assert bootstrap_interval(scores, seed, resamples=400) == (low, high)
+
+
+def test_bootstrap_interval_width_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 2, 10).astype(float)
+    large = rng.integers(0, 2, 400).astype(float)
+    w_small = np.subtract(*bootstrap_interval(small, 1)[::-1])
+    w_large = np.subtract(*bootstrap_interval(large, 1)[::-1])
+    assert w_large < w_small / 3  # width goes like 1/sqrt(n): sqrt(40) ≈ 6.3
+
+
+def test_sign_test_exact_values():
+    assert sign_test([1, 1, 1, 1, 1]) == pytest.approx(2 * 0.5**5)  # 0.0625
+    assert sign_test([0, 0, 0]) == 1.0  # all ties
+    assert sign_test([1, -1, 0, 0]) == pytest.approx(1.0)
+    assert sign_test([1] * 9 + [-1]) == pytest.approx(2 * (10 + 1) / 2**10)
+
+
+def test_paired_comparison_counts_and_interval():
+    a = [1, 1, 0, 1, 0.5]
+    b = [0, 1, 0, 0, 1.0]
+    stats = paired_comparison(a, b, seed=3, resamples=2000)
+    assert (stats["wins"], stats["losses"], stats["ties"]) == (2, 1, 2)
+    assert stats["mean_difference"] == pytest.approx(0.3)
+    assert stats["low"] <= 0.3 <= stats["high"]
+    with pytest.raises(EvalError, match="same length"):
+        paired_comparison([1, 0], [1], seed=0)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_every_method_sees_the_same_prompts(tiny, monkeypatch):
+    from decoder.generation import Decoder
+
+    model, tokenizer = tiny
+    seen: dict[str, list] = {}
+    original = Decoder.generate
+
+    def spy(self, prompts, **kwargs):
+        seen.setdefault(self.method, []).append((prompts, kwargs["template_mask"]))
+        return original(self, prompts, **kwargs)
+
+    monkeypatch.setattr(Decoder, "generate", spy)
+    evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 2, 7, dysco=HEADS, max_new_tokens=2,
+             bootstrap_resamples=200)
+    assert set(seen) == {"vanilla", "attnts", "dysco"}
+    assert seen["vanilla"] == seen["attnts"] == seen["dysco"]
+    assert len(seen["vanilla"]) == 2  # batch size 1: one call per example
+    # The chat template's positions are marked, so DySCO can leave them alone.
+    prompts, masks = seen["dysco"][0]
+    assert any(masks[0]) and not all(masks[0])
+
+
+def test_report_shape_and_interval_bounds(report):
+    cfg = report.config
+    assert cfg["tasks"] == ["needle", "kv"] and cfg["lengths"] == [512] and cfg["n"] == 3
+    assert len(report.cells) == 2 * 1 * 3
+    for cell in report.cells:
+        assert cell.n == 3
+        assert 0.0 <= cell.low <= cell.mean <= cell.high <= 1.0
+        assert cell.mean == pytest.approx(np.mean(report.scores(cell.task, cell.length, cell.method)))
+    assert {(p.task, p.method) for p in report.paired} == {(t, m) for t in ("needle", "kv") for m in ("attnts", "dysco")}
+    for p in report.paired:
+        assert p.wins + p.losses + p.ties == 3 and 0 < p.p_value <= 1
+        assert p.low <= p.mean_difference <= p.high
+    # Each task × length has n distinct examples, each scored by every method.
+    ids = [(e["task"], e["id"]) for e in report.examples]
+    assert len(ids) == len(set(ids)) == 6
+    assert all(set(e["scores"]) == {"vanilla", "attnts", "dysco"} for e in report.examples)
+    assert all(0 < e["new_tokens"]["vanilla"] <= 3 for e in report.examples)
+    speeds = {(s.method, s.length): s for s in report.speed}
+    assert set(speeds) == {(m, 512) for m in ("vanilla", "attnts", "dysco")}
+    for s in speeds.values():
+        assert s.batches == 6 and s.ttft_s > 0 and s.seconds >= s.ttft_s and s.new_tokens > 0
+    assert cfg["dysco"]["head_set"] == [[1, 0], [2, 3]] and cfg["attnts_temperature"] == 0.8
+
+
+def test_same_seed_same_report_other_seed_other_examples(tiny, report):
+    model, tokenizer = tiny
+    again = evaluate(model, tokenizer, dysco=HEADS, model_name="tiny-llama", bootstrap_resamples=500, **SMALL)
+    first, second = report.to_dict(), again.to_dict()
+    for key in ("cells", "paired", "examples"):
+        assert first[key] == second[key], key
+    other = evaluate(model, tokenizer, "needle", "512", "vanilla", 3, 2, max_new_tokens=1, bootstrap_resamples=200)
+    assert [e["id"] for e in other.examples] != [e["id"] for e in report.examples if e["task"] == "needle"]
+
+
+def test_save_writes_table_json_and_plot(report, tmp_path):
+    paths = report.save(tmp_path / "out")
+    table = paths["markdown"].read_text()
+    assert "| needle | 512 |" in table and "dysco − vanilla" in table and "TTFT" in table
+    data = json.loads(paths["json"].read_text())
+    assert len(data["examples"]) == 6 and data["examples"][0]["scores"].keys() == {"vanilla", "attnts", "dysco"}
+    assert data["config"]["paired_test"].startswith("paired bootstrap")
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batched_run_keeps_each_rows_budget(tiny):
+    model, tokenizer = tiny
+    r = evaluate(model, tokenizer, "needle", "512", "vanilla,dysco", 3, 0, dysco=HEADS, batch_size=2,
+                 bootstrap_resamples=200)
+    assert [s.batches for s in r.speed] == [2, 2]
+    for e in r.examples:  # default budget: the answer's tokens + 8
+        answer_tokens = len(tokenizer.encode(e["answer"], add_special_tokens=False))
+        assert all(0 < k <= answer_tokens + 8 for k in e["new_tokens"].values())
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(tasks="needle,banana"), "unknown dev task 'banana'.*accepted names are mrcr, pathtrans, kv, needle"),
+        (dict(methods="vanilla,beam"), "unknown method 'beam'; accepted: vanilla, attnts, dysco"),
+        (dict(methods="vanilla,vanilla"), "listed twice"),
+        (dict(lengths="abc"), "bad context length 'abc'"),
+        (dict(lengths="0"), "at least 1 token"),
+        (dict(lengths="-1k"), "bad context length '-1k'"),
+        (dict(n=0), "n .* must be an integer >= 1"),
+        (dict(n=-2), "n .* must be an integer >= 1"),
+        (dict(n=True), "n .* must be an integer >= 1"),
+        (dict(lengths="8k"), "8k \\(8192 tokens\\) is beyond .* context of 4096 tokens"),
+        (dict(lengths="100"), "task 'needle' at length 100"),
+        (dict(methods="dysco", dysco=None), "method 'dysco' needs a head set"),
+        (dict(methods="dysco", dysco=[(4, 0)]), "head 4:0 is outside .*\\(4 layers"),
+        (dict(batch_size=0), "batch_size must be"),
+        (dict(attnts_temperature=0.0), "attnts_temperature must be"),
+        (dict(max_new_tokens=0), "max_new_tokens must be"),
+    ],
+)
+def test_bad_input_is_refused_before_decoding(tiny, monkeypatch, overrides, message):
+    from decoder.generation import Decoder
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("decoding started despite bad input")
+
+    monkeypatch.setattr(Decoder, "generate", forbidden)
+    model, tokenizer = tiny
+    args = dict(tasks="needle", lengths="512", methods="vanilla,attnts", n=1, seed=0, dysco=HEADS)
+    args.update(overrides)
+    with pytest.raises(EvalError, match=message):
+        evaluate(model, tokenizer, **args)
+
+
+def test_registry_fallback_and_missing_profile(tiny, tmp_path):
+    from decoder.loading import model_identity
+    from registry import Knobs, Profile, Registry
+
+    model, _ = tiny
+    with pytest.raises(EvalError, match="headfinder detect --model tiny-llama --register.*--heads"):
+        resolve_dysco(model, "tiny-llama", registry=tmp_path)
+    with pytest.raises(EvalError, match="profile 'nothing@2' not found"):
+        resolve_dysco(model, "tiny-llama", profile="nothing@2", registry=tmp_path)
+    profile = Profile(
+        model=model_identity(model, "tiny-llama"), head_set=[(3, 1), (0, 2)], knobs=Knobs(strength=3.0, top_k=64),
+        metrics={"attnts_temperature": 0.7},
+    )
+    Registry(tmp_path).register(profile)
+    config, info = resolve_dysco(model, "tiny-llama", registry=tmp_path)
+    assert config.head_set == ((3, 1), (0, 2)) and config.strength == 3.0 and config.top_k == 64
+    assert info["profile"] == "tiny-llama@latest" and info["attnts_temperature"] == 0.7
+    other, _ = tiny_model("llama", seed=1)  # same shape, other weights: the fingerprint refuses it
+    with pytest.raises(EvalError, match="does not fit"):
+        resolve_dysco(other, "tiny-llama", registry=tmp_path)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_cli_end_to_end_with_mlflow(tiny, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from decoder.cli import main
+
+    model, tokenizer = tiny
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    code = main([
+        "eval", "--model", str(folder), "--heads", "1:0,2:3", "--tasks", "needle", "--lengths", "512",
+        "--methods", "vanilla,dysco", "--n", "2", "--max-new-tokens", "2", "--out", str(out),
+        "--tracking-uri", uri, "--json", "--quiet",
+    ])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["config"]["model"] == "tiny-llama" and len(printed["examples"]) == 2
+    assert {p.name for p in out.iterdir()} == {"results.md", "results.json", "accuracy.png"}
+    run_id = json.loads((out / "results.json").read_text())["config"]["mlflow_run_id"]
+    run = MlflowClient(uri).get_run(run_id)
+    assert "score/needle/512/dysco" in run.data.metrics and run.data.params["n"] == "2"
+    assert math.isfinite(run.data.metrics["decode_tokens_per_s/512/vanilla"])
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--tasks", "banana"], "unknown dev task 'banana'"),
+        (["--methods", "beam"], "unknown method 'beam'"),
+        (["--lengths=-1k"], "bad context length '-1k'"),
+        (["--lengths", "0"], "at least 1 token"),
+        (["--n", "0"], "must be an integer >= 1"),
+        (["--heads", "1-0"], "LAYER:HEAD"),
+    ],
+)
+def test_cli_bad_arguments(argv, message, capsys):
+    from decoder.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_help_explains():
+    from decoder.cli import build_parser
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices["eval"]
+    text = sub.format_help()
+    for needle in ("--profile", "--heads", "--attnts-temperature", "--tracking-uri", "sign test", "headfinder"):
+        assert needle in text
+
+
+@pytest.mark.embedded
+def test_embedded_smollm2_short_eval(smollm2):
+    model, tokenizer = smollm2
+    r = evaluate(model, tokenizer, "needle", "1k", "vanilla,dysco", 1, 0, dysco=[(14, 2), (17, 5)],
+                 model_name="smollm2-135m", bootstrap_resamples=200)
+    assert r.examples[0]["prompt_tokens"] <= 1024 and all(s.ttft_s > 0 for s in r.speed)
+    assert set(r.examples[0]["responses"]) == {"vanilla", "dysco"}
