@@ -317,10 +317,10 @@ def weights_fingerprint(model) -> str:
             index = torch.linspace(0, flat.numel() - 1, steps=count, dtype=torch.float64).round().long()
             samples = flat[index.to(flat.device)].detach().to("cpu")
             if samples.is_floating_point():
-                samples = samples.to(torch.bfloat16).to(torch.float32)
+                values = samples.to(torch.bfloat16).to(torch.float32).numpy().astype("<f4")
             else:
-                samples = samples.to(torch.int64)
-            digest.update(samples.numpy().astype(samples.numpy().dtype.newbyteorder("<")).tobytes())
+                values = samples.to(torch.int64).numpy().astype("<i8")
+            digest.update(values.tobytes())
     return digest.hexdigest()
 
 

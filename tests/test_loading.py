@@ -253,6 +253,7 @@ def test_fingerprint_does_not_depend_on_device():
     model = tiny_model("llama", seed=0)[0]
     on_cpu = model_identity(model, "m")
     assert model_identity(model.to("cuda"), "m") == on_cpu
+    assert model_identity(model.to(torch.bfloat16), "m") == on_cpu  # the usual GPU dtype, too
 
 
 # --------------------------------------------------------------------------------------------------
