@@ -803,19 +803,75 @@ def _progress(items, enabled: bool, desc: str):
 # --------------------------------------------------------------------------- the driver
 
 
-def _spawn_workers(config: CalibrationConfig, count: int) -> list[subprocess.Popen]:
-    spec = json.dumps(asdict(replace(config, workers=1)))
-    return [
-        subprocess.Popen([sys.executable, "-m", "calibration.study", "--worker", spec])
-        for _ in range(count)
-    ]
+def _die_with_parent() -> None:
+    """In a worker (Linux): get SIGTERM when the command that started it dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class _Workers:
+    """The extra worker processes of one command. Their stderr is kept aside and shown only when
+    one fails while the command succeeds (otherwise every error would be printed N times)."""
+
+    def __init__(self, config: CalibrationConfig, count: int) -> None:
+        spec = json.dumps(asdict(replace(config, workers=1)))
+        self.logs = [tempfile.TemporaryFile() for _ in range(count)]
+        self.processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "calibration.study", "--worker", spec],
+                stdout=subprocess.DEVNULL, stderr=stream,
+            )
+            for stream in self.logs
+        ]
+
+    def wait(self) -> None:
+        """Wait for every worker; warn with the tail of the stderr of any that failed."""
+        for process, stream in zip(self.processes, self.logs):
+            if process.wait() != 0:
+                stream.seek(0)
+                tail = stream.read().decode(errors="replace")[-2000:]
+                log.warning("worker pid %d exited with code %d:\n%s", process.pid, process.returncode, tail)
+            stream.close()
+
+    def stop(self) -> None:
+        """End the workers this command started (by their pids) and reap them."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for stream in self.logs:
+            stream.close()
 
 
 def calibrate(config: CalibrationConfig, *, progress: bool = False) -> CalibrationResult:
     """Run (or resume) a whole calibration and return its result; see the module docstring."""
+    config.validate()
     config = replace(config)  # the study name gets filled in; the caller's object stays as given
     if config.threads is None:
         config.threads = max(1, (os.cpu_count() or 1) // config.workers)
+    # Extra workers start first: loading the model is slow, and they derive the same study name
+    # (or create the study, whichever process comes first) on their own.
+    workers = _Workers(config, config.workers - 1) if config.workers > 1 else None
+    try:
+        result = _coordinate(config, progress)
+    except BaseException:
+        if workers is not None:
+            workers.stop()
+        raise
+    if workers is not None:
+        workers.wait()
+    return result
+
+
+def _coordinate(config: CalibrationConfig, progress: bool) -> CalibrationResult:
     cal = Calibration(config)
     cal.prepare(create=True, progress=progress)
     tracker = None
@@ -839,25 +895,20 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Calibrati
                 "dev_attnts": baselines["attnts"]["score"],
                 "attnts_temperature": baselines["attnts"]["temperature"],
             })
-        workers = _spawn_workers(config, config.workers - 1) if config.workers > 1 else []
         bar = _trial_bar(cal, progress)
-        try:
-            def on_trial(study: optuna.Study) -> None:
-                if tracker is not None:
-                    with cal._lock():  # several commands on one study log each trial once
-                        tracker.sync_trials(study)
-                if bar is not None:
-                    _update_bar(bar, study)
 
+        def on_trial(study: optuna.Study) -> None:
+            if tracker is not None:
+                with cal._lock():  # several commands on one study log each trial once
+                    tracker.sync_trials(study)
+            if bar is not None:
+                _update_bar(bar, study)
+
+        try:
             cal.run_trials(on_trial=on_trial)
         finally:
             if bar is not None:
                 bar.close()
-            for process in workers:
-                process.wait()
-        failed = [p.returncode for p in workers if p.returncode != 0]
-        if failed:
-            log.warning("%d worker process(es) exited with an error (codes %s)", len(failed), failed)
         if tracker is not None:
             with cal._lock():
                 tracker.sync_trials(cal.load_study())
@@ -869,7 +920,8 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Calibrati
     except BaseException:
         if tracker is not None:
             with contextlib.suppress(Exception):
-                tracker.sync_trials(cal.load_study())
+                with cal._lock():
+                    tracker.sync_trials(cal.load_study())
                 tracker.end("FAILED")
         raise
 
@@ -899,7 +951,7 @@ def _update_bar(bar, study: optuna.Study) -> None:
 def run_worker(config: CalibrationConfig) -> None:
     """Join an existing study as an extra worker: run trials until the budget is met, then exit."""
     cal = Calibration(config)
-    cal.prepare(create=False)
+    cal.prepare(create=True)  # the command that started it may not have created the study yet
     cal.run_trials()
 
 
@@ -912,6 +964,7 @@ def _worker_main(argv: Sequence[str]) -> int:
     if data.get("heads") is not None:
         data["heads"] = [tuple(h) for h in data["heads"]]
     data["attnts_temperatures"] = tuple(data["attnts_temperatures"])
+    _die_with_parent()
     try:
         run_worker(CalibrationConfig(**data))
     except CalibrationError as err:

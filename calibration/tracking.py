@@ -212,7 +212,7 @@ class Tracker:
                 study, target=target, target_name=target_name
             ),
             "param_importances": lambda: ovm.plot_param_importances(
-                study, target=target, target_name=target_name
+                study, evaluator=_importance_evaluator(), target=target, target_name=target_name
             ),
         }
         if len(study.directions) > 1:
@@ -246,7 +246,8 @@ class Tracker:
             ("param_importances", ov.plot_param_importances),
         ):
             try:
-                figure = draw(study, target=target, target_name=target_name)
+                kwargs = {"evaluator": _importance_evaluator()} if name == "param_importances" else {}
+                figure = draw(study, target=target, target_name=target_name, **kwargs)
             except (ValueError, RuntimeError, ZeroDivisionError):
                 continue
             path = os.path.join(tmp, f"{name}.html")
@@ -261,6 +262,11 @@ class Tracker:
             path = Path(tmp) / name
             path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
             self.client.log_artifact(self._parent(), str(path), artifact_path=artifact_path)
+
+
+def _importance_evaluator():
+    # Seeded, so the same study draws the same importances; 32 trees are plenty for tens of trials.
+    return optuna.importance.FanovaImportanceEvaluator(n_trees=32, seed=0)
 
 
 def _mlflow_param(key: str, value: Any):

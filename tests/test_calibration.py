@@ -247,38 +247,40 @@ def test_sigkill_then_rerun_keeps_every_finished_trial(workdir):
     assert _versions(workdir) == [1, 2]
 
 
+def _nested_trial_numbers(work) -> list[int]:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{work['dir'] / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["dysco-calibration"], output_format="list")
+    return sorted(int(r.data.tags["optuna.trial_number"]) for r in runs if "optuna.trial_number" in r.data.tags)
+
+
 def test_two_workers_share_one_study_without_duplicates(workdir):
     db = workdir["dir"] / "study.db"
-    cmd = _cli(workdir, "--trials", "8", "--profile", workdir["ref"], "--max-new-tokens", "16", "--json")
-    # Two independent commands on one storage (as on two machines) and the built-in --workers.
+    base = ["--profile", workdir["ref"], "--max-new-tokens", "40", "--json"]  # trials long enough to share
+
+    # --workers 2: this command and the worker it starts run one study together.
+    run = subprocess.run(_cli(workdir, "--trials", "6", "--workers", "2", *base), env=_env(),
+                         capture_output=True, timeout=400)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    name = json.loads(run.stdout)["study_name"]
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    assert len(study.trials) == 6 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    assert len({t.user_attrs["worker"]["pid"] for t in study.trials}) == 2, "both processes should run trials"
+    assert _nested_trial_numbers(workdir) == list(range(6))  # one MLflow run per trial
+
+    # Two independent commands on the same storage (as on two machines) extend it to 9 trials.
+    cmd = _cli(workdir, "--trials", "9", *base)
     procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=400) for p in procs]
     for proc, (_, err) in zip(procs, outs):
         assert proc.returncode == 0, err.decode()[-3000:]
     results = [json.loads(out) for out, _ in outs]
     assert results[0]["profile_ref"] == results[1]["profile_ref"]  # registered once, by whoever finished first
-    assert _versions(workdir) == [1, 2]
-
-    name = results[0]["study_name"]
+    assert _versions(workdir) == [1, 2, 3]
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-    states = [t.state.name for t in study.trials]
-    assert len(study.trials) == 8 and set(states) <= {"COMPLETE", "PRUNED"}, states
-    pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
-    assert len(pids) == 2, "both processes should have run trials"
-    # One nested MLflow run per trial, though two processes logged.
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{workdir['dir'] / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["dysco-calibration"], output_format="list")
-    numbers = [r.data.tags["optuna.trial_number"] for r in runs if "optuna.trial_number" in r.data.tags]
-    assert sorted(numbers) == sorted(str(t.number) for t in study.trials)
-
-    # --workers 2: this command spawns one extra worker; the budget grows to 10, exactly.
-    more = subprocess.run(_cli(workdir, "--trials", "10", "--profile", workdir["ref"], "--max-new-tokens", "16",
-                               "--workers", "2", "--json"), env=_env(), capture_output=True, timeout=400)
-    assert more.returncode == 0, more.stderr.decode()[-3000:]
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-    assert len(study.trials) == 10 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    assert len(study.trials) == 9 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    assert _nested_trial_numbers(workdir) == list(range(9))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -319,9 +321,10 @@ def test_bad_input_gives_clear_errors_and_registers_nothing(workdir, tmp_path, c
     # A profile made for another model.
     from registry import ModelIdentity, Profile, Registry
 
-    other = ModelIdentity(name="other-model", architecture="llama", num_layers=30, num_heads=9,
-                          num_kv_heads=3, weights_fingerprint="f" * 64)
-    other_ref = Registry(workdir["registry"]).register(Profile(model=other, head_set=[(14, 2)]))
+    # Same shape as the tiny model, other weights: only the fingerprint tells them apart.
+    other = ModelIdentity(name="other-model", architecture="llama", num_layers=4, num_heads=4,
+                          num_kv_heads=2, weights_fingerprint="f" * 64)
+    other_ref = Registry(workdir["registry"]).register(Profile(model=other, head_set=[(1, 1)]))
     assert _run_main("--dev", "kv", *base, "--profile", other_ref, "--json") == 1
     out, err = capsys.readouterr()
     assert "does not match" in json.loads(out)["error"] and "does not match" in err
