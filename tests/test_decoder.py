@@ -222,7 +222,7 @@ def test_dysco_soft_matches_the_reference_batch_of_three(arch):
 
 
 @pytest.mark.parametrize("setting", ["hard", "static"])
-@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_dysco_hard_and_static_match_the_reference(arch, setting):
     model, tokenizer = tiny_model(arch)
     _check_against_reference(model, tokenizer, arch, setting, rows=[0])  # batch 1
@@ -402,7 +402,7 @@ def test_smollm2_dysco_matches_the_reference_and_strength_one_matches_generate(s
     AttentionMaskInterface.register("test_reference", eager_mask)
     model.set_attn_implementation("test_reference")
     try:
-        for i in range(2):
+        for i in (1, 0):  # the short prompt always; the longer one too
             tokens, logits = reference_dysco(model, ids[i], masks[i], config, 4)
             assert result.token_ids[i] == tokens
             torch.testing.assert_close(result.logits[i], logits, atol=5e-4, rtol=0)
