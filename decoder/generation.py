@@ -148,7 +148,7 @@ class Decoder:
         from decoder.loading import model_identity
         from registry import check_model
 
-        identity = model_identity(model, name or getattr(model, "name_or_path", None) or profile.model.name)
+        identity = model_identity(model, name or getattr(model, "name_or_path", None) or "")
         check_model(profile, identity, force=force)
         knobs = profile.knobs
         if getattr(knobs, "attnts_temperature", None) is not None:

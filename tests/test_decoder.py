@@ -416,3 +416,30 @@ def test_smollm2_dysco_matches_the_reference_and_strength_one_matches_generate(s
     for i in range(2):
         assert plain.token_ids[i] == theirs.sequences[i, encoded["input_ids"].shape[1]:].tolist()
         torch.testing.assert_close(plain.logits[i], torch.stack([s[i] for s in theirs.logits]), atol=5e-4, rtol=0)
+
+
+def test_decoder_from_a_registry_profile_is_checked_against_the_model():
+    from registry import Knobs, ModelIdentity, Profile, ProfileMismatchError
+
+    from decoder.loading import model_identity
+
+    model, tokenizer = tiny_model("llama")
+    identity = ModelIdentity(**model_identity(model, "tiny-llama"))
+    profile = Profile(model=identity, head_set=[(1, 0), (2, 3)],
+                      knobs=Knobs(strength=3.0, top_k=7, top_p=0.9, context_warmup=4, selection="static"))
+    decoder = Decoder.from_profile(model, tokenizer, profile)
+    assert decoder.method == "dysco"
+    assert decoder.dysco == DyscoConfig(head_set=[(1, 0), (2, 3)], strength=3.0, top_k=7, top_p=0.9, context_warmup=4,
+                                        selection="static")
+    direct = Decoder(model, tokenizer, dysco=decoder.dysco).generate(PROMPTS[0], max_new_tokens=3, eos=[])
+    assert decoder.generate(PROMPTS[0], max_new_tokens=3, eos=[]).token_ids == direct.token_ids
+
+    other, _ = tiny_model("llama", seed=1)  # same shape, other weights
+    with pytest.raises(ProfileMismatchError, match="weights fingerprint"):
+        Decoder.from_profile(other, tokenizer, profile)
+    with pytest.warns(UserWarning, match="forced"):
+        assert Decoder.from_profile(other, tokenizer, profile, force=True).dysco.top_k == 7
+
+    attnts = Profile(model=identity, head_set=[(1, 0)], knobs=Knobs(attnts_temperature=1.5))
+    decoder = Decoder.from_profile(model, tokenizer, attnts)
+    assert decoder.method == "attnts" and decoder.temperature == 1.5
