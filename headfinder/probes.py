@@ -83,6 +83,7 @@ class QRProbe:
     answer: str
     seed: int
     hops: int = 1
+    entity: str = ""  # the invented person the question asks about
 
     @property
     def num_docs(self) -> int:
@@ -256,7 +257,7 @@ def make_qr_probes(
 
 
 def _qr_documents(rng: random.Random, two_hop: bool, count: int):
-    """Documents (titles dropped in later), the question, its answer and the gold document indices."""
+    """Documents (titles added later), question, answer, gold document indices and the asked person."""
     used: set[str] = set()
     if not two_hop:
         people = [_person(rng, used) for _ in range(count)]
@@ -265,7 +266,7 @@ def _qr_documents(rng: random.Random, two_hop: bool, count: int):
         kind = rng.choice(sorted(_QUESTIONS))
         template, answer_key = _QUESTIONS[kind]
         target = people[gold]
-        return docs, template.format(**target), target[answer_key], [gold]
+        return docs, template.format(**target), target[answer_key], [gold], target["name"]
     # Two hops: a person works for an organisation; the organisation's document says where it is.
     n_people = max(1, count // 2)
     n_orgs = max(1, count - n_people)
@@ -280,21 +281,21 @@ def _qr_documents(rng: random.Random, two_hop: bool, count: int):
     who = rng.randrange(n_people)
     gold = sorted([order.index(who), order.index(n_people + employers[who])])
     question = f"In which town is the organisation that {people[who]['name']} works for located?"
-    return docs, question, orgs[employers[who]]["town"], gold
+    return docs, question, orgs[employers[who]]["town"], gold, people[who]["name"]
 
 
 def _qr_probe(tokenizer, context_tokens: int, rng: random.Random, seed: int, two_hop: bool) -> QRProbe:
     state = rng.getstate()
     # Size the document count from a measured average, then drop documents until the prompt fits.
-    sample_docs, question, _, _ = _qr_documents(random.Random(rng.random()), two_hop, 6)
+    sample_docs, question, *_ = _qr_documents(random.Random(rng.random()), two_hop, 6)
     per_doc = sum(_count_tokens(tokenizer, d) + 6 for d in sample_docs) / len(sample_docs)
     overhead = _count_tokens(tokenizer, render_prompt(tokenizer, QR_INSTRUCTION + "\n\n" + question)) + 8
     # Start a little above the estimate (documents vary in length) and shrink until it fits.
     count = max(2, int(1.15 * (context_tokens - overhead) / per_doc) + 1)
     while True:
         rng.setstate(state)
-        docs, question, answer, gold = _qr_documents(rng, two_hop, count)
-        probe = _assemble_qr(tokenizer, docs, question, answer, gold, seed, two_hop)
+        docs, question, answer, gold, entity = _qr_documents(rng, two_hop, count)
+        probe = _assemble_qr(tokenizer, docs, question, answer, gold, seed, two_hop, entity)
         if len(probe.query_ids) <= context_tokens and len(probe.null_ids) <= context_tokens:
             return probe
         if count <= 2:
@@ -305,7 +306,7 @@ def _qr_probe(tokenizer, context_tokens: int, rng: random.Random, seed: int, two
         count -= 1
 
 
-def _assemble_qr(tokenizer, docs, question, answer, gold, seed, two_hop) -> QRProbe:
+def _assemble_qr(tokenizer, docs, question, answer, gold, seed, two_hop, entity) -> QRProbe:
     titled = [f"Document {k + 1}: {d}" for k, d in enumerate(docs)]
     body = QR_INSTRUCTION + "\n\n" + "\n\n".join(titled) + "\n\nQuestion: "
     query_text = render_prompt(tokenizer, body + question)
@@ -336,7 +337,7 @@ def _assemble_qr(tokenizer, docs, question, answer, gold, seed, two_hop) -> QRPr
     return QRProbe(
         query_ids=query_ids, null_ids=null_ids, prefix_len=prefix_len, query_rows=query_rows,
         null_rows=null_rows, doc_spans=doc_spans, gold=list(gold), question=question, answer=answer,
-        seed=seed, hops=2 if two_hop else 1,
+        seed=seed, hops=2 if two_hop else 1, entity=entity,
     )
 
 

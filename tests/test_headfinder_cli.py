@@ -1,0 +1,146 @@
+"""The `headfinder` command: outputs, JSON, show/compare/validate, registering, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from headfinder.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random Llama saved as a local checkpoint folder (4 layers × 4 heads, context 4096)."""
+    from decoder.tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def detected(tiny_checkpoint, tmp_path_factory):
+    """One `headfinder detect --json` run on the tiny checkpoint: (output folder, parsed JSON)."""
+    out = tmp_path_factory.mktemp("runs") / "seed0"
+    return out, _run_json(["detect", "--model", str(tiny_checkpoint), "--n-probes", "2", "--context", "700",
+                           "--top", "3", "--out", str(out), "--json", "--threads", "1"])
+
+
+def _run_json(argv):
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert main(argv) == 0
+    return json.loads(buffer.getvalue())
+
+
+def test_detect_writes_scores_head_set_heatmaps_and_summary(detected):
+    out, result = detected
+    assert [len(h) for h in result["heads"]] == [2, 2, 2]
+    assert set(result["scores"]) == {"qr", "qr_ndcg", "retrieval"}
+    tensors = load_file(str(out / "scores.safetensors"))
+    for key in ("qr", "qr_ndcg", "retrieval"):
+        assert tensors[key].shape == (4, 4)
+        assert torch.allclose(tensors[key], torch.tensor(result["scores"][key]))
+        assert (out / f"{key}.png").stat().st_size > 1000
+    assert tensors["per_probe.qr"].shape == (2, 4, 4)
+    heads = json.loads((out / "head_set.json").read_text())
+    assert heads["heads"] == result["heads"] and heads["score"] == "qr"
+    # The head set really is the top 3 of the QR matrix.
+    qr = tensors["qr"]
+    threshold = sorted(qr.flatten().tolist(), reverse=True)[2]
+    assert all(qr[l, h] >= threshold for l, h in result["heads"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["head_set"] == result["heads"] and summary["split_half_stability"]["k"] == 3
+    assert set(result["files"]["heatmaps"]) == {"qr", "qr_ndcg", "retrieval"}
+
+
+def test_detect_is_deterministic(detected, tiny_checkpoint, tmp_path):
+    _, first = detected
+    again = _run_json(["detect", "--model", str(tiny_checkpoint), "--n-probes", "2", "--context", "700",
+                       "--top", "3", "--out", str(tmp_path / "again"), "--json", "--probes", "qr", "--threads", "1"])
+    assert again["heads"] == first["heads"] and again["scores"]["qr"] == first["scores"]["qr"]
+
+
+def test_show_and_compare_read_a_run(detected, capsys):
+    out, result = detected
+    shown = _run_json(["show", str(out), "--json"])
+    assert shown["heads"] == result["heads"]
+    assert main(["show", str(out), "--plot", str(out.parent / "plots")]) == 0
+    assert "rank  layer  head" in capsys.readouterr().out
+    assert (out.parent / "plots").is_dir() and any((out.parent / "plots").glob("*-qr.png"))
+    report = _run_json(["compare", str(out), str(out), "--top", "3", "--json"])
+    assert report["top_k_shared"] == 3 and report["spearman"] == pytest.approx(1.0)
+
+
+def test_register_then_show_and_validate_the_profile(tiny_checkpoint, tmp_path):
+    registry_root = tmp_path / "registry"
+    result = _run_json(["detect", "--model", str(tiny_checkpoint), "--n-probes", "2", "--context", "700", "--top", "2",
+                        "--probes", "qr", "--out", str(tmp_path / "run"), "--register", "--registry",
+                        str(registry_root), "--json", "--threads", "1"])
+    ref = result["summary"]["registered"]
+    assert ref.endswith("@1")
+    from registry import Registry
+
+    profile = Registry(registry_root).load(ref)
+    assert [list(h) for h in profile.head_set] == result["heads"]
+    assert set(profile.head_scores) == {"qr", "qr_ndcg"}
+    shown = _run_json(["show", ref, "--registry", str(registry_root), "--json"])
+    assert shown["heads"] == result["heads"]
+    report = _run_json(["validate", "--model", str(tiny_checkpoint), "--profile", ref, "--registry", str(registry_root),
+                        "--n-probes", "1", "--context", "200", "--draws", "2", "--json", "--threads", "1"])
+    assert report["heads"] == result["heads"] and len(report["random_accuracies"]) == 2
+    assert 0.0 <= report["baseline_accuracy"] <= 1.0
+
+
+def _expect_error(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--n-probes", "0"], "--n-probes must be at least 1, got 0"),
+        (["--context", "5000"], "--context 5000 is longer than"),
+        (["--top", "17"], "--top 17 is larger than"),
+        (["--probes", "needle", "--score", "qr"], "--score qr needs the probes that compute it"),
+    ],
+)
+def test_bad_detect_input_is_refused_and_writes_nothing(tiny_checkpoint, tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    _expect_error(["detect", "--model", str(tiny_checkpoint), "--out", str(out), *extra], message, capsys)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unknown_model_is_refused_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    _expect_error(["detect", "--model", "no-such-model-xyz", "--out", str(out)], "cannot load model 'no-such-model-xyz'",
+                  capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_detect_refuses_to_overwrite_a_foreign_folder(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    _expect_error(["detect", "--model", str(tiny_checkpoint), "--out", str(tmp_path)], "is not a previous headfinder output",
+                  capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_validate_rejects_heads_outside_the_model(tiny_checkpoint, capsys):
+    _expect_error(["validate", "--model", str(tiny_checkpoint), "--heads", "1:2,9:0"],
+                  "head (9, 0) is outside the model's 4 layers × 4 heads", capsys)
+    _expect_error(["validate", "--model", str(tiny_checkpoint), "--heads", "1-2"], "write heads as LAYER:HEAD", capsys)
+
+
+def test_show_rejects_what_is_neither_run_nor_profile(tmp_path, capsys):
+    _expect_error(["show", str(tmp_path)], "is not a `headfinder detect` output", capsys)
+    _expect_error(["show", "nobody-knows@3", "--registry", str(tmp_path / "reg")], "neither a headfinder output", capsys)
