@@ -878,14 +878,19 @@ def _coordinate(config: CalibrationConfig, progress: bool) -> CalibrationResult:
     if config.tracking:
         from calibration.tracking import Tracker
 
-        tracker = Tracker(config.tracking_uri)
-        with cal._lock():  # one parent run per study, even when several commands start together
-            tracker.start(
-                cal.study,
-                params={**cal.definition, "model": config.model, "study_name": config.study_name,
-                        "storage": config.storage, "parent_profile": cal.parent_ref},
-                tags={"dysco.model": cal.identity.name, "dysco.dev_task": cal.task.name},
-            )
+        try:
+            tracker = Tracker(config.tracking_uri)
+            with cal._lock():  # one parent run per study, even when several commands start together
+                tracker.start(
+                    cal.study,
+                    params={**cal.definition, "model": config.model, "study_name": config.study_name,
+                            "storage": config.storage, "parent_profile": cal.parent_ref},
+                    tags={"dysco.model": cal.identity.name, "dysco.dev_task": cal.task.name},
+                )
+        except Exception as err:  # mlflow raises many kinds for a bad URI or an unreachable server
+            raise CalibrationError(
+                f"cannot use the MLflow tracking store {config.tracking_uri or 'sqlite:///mlflow.db'}: {err}"
+            ) from None
         cal.tracker = tracker
     try:
         baselines = cal.run_baselines(progress=progress)
