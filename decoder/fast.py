@@ -82,6 +82,7 @@ class _Run:
     t: dict[torch.device, torch.Tensor] = field(default_factory=dict)
     bias: dict[torch.device, torch.Tensor | None] = field(default_factory=dict)
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> (head_to_row, scores)
+    fused: object | None = None  # decoder.fast_fused.FusedOps swapped in while active
 
 
 _ACTIVE: _Run | None = None
@@ -155,7 +156,7 @@ def _register() -> None:
 
 @contextlib.contextmanager
 def _activated(model: torch.nn.Module, run: _Run) -> Iterator[None]:
-    """Route the model's attention through `_fast_attention` with `run` as its state."""
+    """Route the model's attention through `_fast_attention` with `run` as its state (and swap in fused ops)."""
     global _ACTIVE
     if _ACTIVE is run:  # already routed (an eager generation activates once for all its steps)
         yield
@@ -167,7 +168,8 @@ def _activated(model: torch.nn.Module, run: _Run) -> Iterator[None]:
     model.set_attn_implementation(FAST_IMPLEMENTATION)
     _ACTIVE = run
     try:
-        yield
+        with run.fused.applied() if run.fused is not None else contextlib.nullcontext():
+            yield
     finally:
         _ACTIVE = None
         model.set_attn_implementation(previous)
@@ -219,6 +221,7 @@ class FastDecoder:
         temperature: float = 1.0,
         *,
         cuda_graphs: bool | None = None,
+        fuse: bool | None = None,
         sync_every: int = 16,
     ):
         if method not in METHODS:
@@ -244,6 +247,12 @@ class FastDecoder:
         if cuda_graphs and not (self.single_device and self.device.type == "cuda"):
             raise ValueError("CUDA graphs need the whole model on one CUDA device")
         self.cuda_graphs = cuda_graphs
+        if fuse is None:
+            fuse = self.device.type == "cuda"
+        if fuse:
+            from decoder.fast_fused import FusedOps
+
+            self.run.fused = FusedOps(model)
         if self.dysco is not None:
             heads = model.config.num_attention_heads
             self.dysco.check_model(model.config.num_hidden_layers, heads, self.run.layers.keys())
