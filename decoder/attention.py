@@ -315,7 +315,7 @@ def _dysco_attention(
     bias = None
     if plan.logit_bias is not None:
         bias = _keys_of_layer(plan.logit_bias.to(query.device), kv_len, total)  # [batch, kv_len]
-        mask = _mask_rows(attention_mask, None, q_len, kv_len, query.dtype)  # [batch|1, 1, q_len, kv_len]
+        mask = _mask_rows(attention_mask, None, q_len, kv_len, query.dtype, query.device)  # [batch|1, 1, q_len, kv_len]
         mask = mask + bias[:, None, None, :].to(query.dtype)
     else:
         mask = attention_mask
@@ -364,11 +364,11 @@ def _keys_of_layer(values: torch.Tensor, kv_len: int, total: int) -> torch.Tenso
     return torch.nn.functional.pad(values, (0, kv_len - total))
 
 
-def _mask_rows(attention_mask, row_index, q_len: int, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+def _mask_rows(attention_mask, row_index, q_len: int, kv_len: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """The additive mask of the given query rows (all rows when None): [batch|1, 1, n_rows, kv_len]."""
     minimum = torch.finfo(dtype).min
     if attention_mask is None:
-        device = row_index.device if row_index is not None else None
+        device = row_index.device if row_index is not None else device
         if q_len == 1:
             n_rows = 1 if row_index is None else row_index.numel()
             return torch.zeros(1, 1, n_rows, kv_len, dtype=dtype, device=device)
