@@ -145,6 +145,37 @@ class QRResult:
     per_probe_ndcg: torch.Tensor
 
 
+class _RowMeans(dict):
+    """A `captured` dict that keeps, per layer, only the mean over the captured query rows.
+
+    The QR score needs nothing else, and reducing as each layer stores its probabilities keeps one
+    [heads, kv_len] slice per layer instead of [heads, rows, kv_len] for every layer at once.
+    """
+
+    def __setitem__(self, layer: int, probs: torch.Tensor) -> None:
+        super().__setitem__(layer, probs.mean(dim=2, keepdim=True))
+
+
+def _rewinder(cache, length: int):
+    """A function that cuts every layer of `cache` back to `length` tokens, or None if a layer cannot be cut.
+
+    Cutting (a view of the first `length` positions) frees the suffix's copy as soon as the next
+    forward concatenates, so the KV cache is never held twice; sliding-window layers, which drop old
+    positions, are not cut this way.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    if not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
+        return None
+
+    def rewind() -> None:
+        for layer in cache.layers:
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+    return rewind
+
+
 def qr_probe_doc_scores(model, probe: QRProbe) -> torch.Tensor:
     """Document scores [layers, heads, n_docs] of one probe: one prefill of the shared prefix, two short suffixes."""
     heads = _all_heads(model)
@@ -154,6 +185,7 @@ def qr_probe_doc_scores(model, probe: QRProbe) -> torch.Tensor:
     with torch.no_grad():
         prefix = torch.tensor([probe.query_ids[: probe.prefix_len]], device=device)
         _forward(model, prefix, cache)
+        rewind = _rewinder(cache, probe.prefix_len)
         mean_rows = []
         for ids, (row_start, row_end) in ((probe.query_ids, probe.query_rows), (probe.null_ids, probe.null_rows)):
             # Rows after the query span cannot change its attention (causal), so the suffix stops there.
@@ -163,13 +195,17 @@ def qr_probe_doc_scores(model, probe: QRProbe) -> torch.Tensor:
                 capture_rows=slice(row_start - probe.prefix_len, row_end - probe.prefix_len),
                 stop_after_layer=max(heads),
                 kv_length=row_end,
+                captured=_RowMeans(),
             )
-            with use_plan(model, plan, frozen_cache=cache):
+            # Each suffix must see the prefix alone: cut the cache back after it, or let the
+            # attention plan undo its writes where cutting is not possible.
+            with use_plan(model, plan, frozen_cache=None if rewind else cache):
                 _forward(model, suffix, cache)
-            # Reduce each layer to its row mean at once, so only one [heads, kv] slice per layer stays.
+            if rewind is not None:
+                rewind()
             per_layer = torch.zeros(n_layers, n_heads, probe.prefix_len, dtype=torch.float32)
             for layer, probs in plan.captured.items():
-                per_layer[layer] = probs[0, :, :, : probe.prefix_len].mean(dim=1).cpu()
+                per_layer[layer] = probs[0, :, 0, : probe.prefix_len].float().cpu()
             plan.captured.clear()
             mean_rows.append(per_layer)
     token_scores = mean_rows[0] - mean_rows[1]

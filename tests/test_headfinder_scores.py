@@ -166,30 +166,32 @@ def test_shared_prefix_scoring_equals_running_each_prompt_whole(tiny):
     assert torch.allclose(fast, slow, atol=1e-5), f"{model.arch}: max diff {(fast - slow).abs().max()}"
 
 
-def test_qr_scoring_captures_only_the_query_rows(monkeypatch):
+def test_qr_scoring_captures_only_the_query_rows_and_keeps_their_mean(monkeypatch):
     from decoder.tiny import tiny_model
 
     model, tokenizer = tiny_model("qwen3")
     probe = make_qr_probes(tokenizer, 1, 640, seed=0)[0]
-    seen = []
+    plans = []
     real_use_plan = scores_module.use_plan
 
     def spying_use_plan(model_, plan, **kwargs):
-        class Spy:
-            def __enter__(self):
-                self.inner = real_use_plan(model_, plan, **kwargs)
-                return self.inner.__enter__()
-
-            def __exit__(self, *exc):
-                seen.extend(tuple(t.shape) for t in plan.captured.values())
-                return self.inner.__exit__(*exc)
-
-        return Spy()
+        plans.append(plan)
+        return real_use_plan(model_, plan, **kwargs)
 
     monkeypatch.setattr(scores_module, "use_plan", spying_use_plan)
+    stored = []
+    real_setitem = scores_module._RowMeans.__setitem__
+
+    def spying_setitem(self, layer, probs):
+        real_setitem(self, layer, probs)
+        stored.append((tuple(probs.shape), tuple(dict.__getitem__(self, layer).shape)))
+
+    monkeypatch.setattr(scores_module._RowMeans, "__setitem__", spying_setitem)
     qr_probe_doc_scores(model, probe)
-    q_rows = probe.query_rows[1] - probe.query_rows[0]
-    n_rows = probe.null_rows[1] - probe.null_rows[0]
     layers, heads = model_shape(model)
-    assert sorted(set(seen)) == sorted({(1, heads, q_rows, probe.query_rows[1]), (1, heads, n_rows, probe.null_rows[1])})
-    assert len(seen) == 2 * layers
+    (q0, q1), (n0, n1) = probe.query_rows, probe.null_rows
+    assert [(p.capture_rows.start, p.capture_rows.stop) for p in plans] == [
+        (q0 - probe.prefix_len, q1 - probe.prefix_len), (n0 - probe.prefix_len, n1 - probe.prefix_len)]
+    # Each layer computes probabilities for the query rows only and keeps just their mean.
+    assert stored == [((1, heads, q1 - q0, q1), (1, heads, 1, q1))] * layers + [
+        ((1, heads, n1 - n0, n1), (1, heads, 1, n1))] * layers
