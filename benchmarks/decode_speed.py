@@ -199,12 +199,39 @@ def check(model, dysco_config, lengths_list=((2048,), (2048, 1500, 900)), new: i
     return rows
 
 
-def kernel_bench(model, contexts=(16384, 131072), configs=((64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3), (32, 4, 4))):
-    """One layer's decode attention: Triton split-KV (several tile configs) vs SDPA flash (no bias)."""
+def graph_time(fn, calls: int = 10, reps: int = 10) -> float:
+    """Seconds per `fn()` with launch overhead removed: `calls` calls captured in one CUDA graph."""
+    if DEVICE != "cuda":
+        return time_cuda(fn, reps=3, warmup=1)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_cuda(graph.replay, reps=reps) / calls
+
+
+KERNEL_CONFIGS = [  # (block_n, num_warps, num_stages, programs_per_sm)
+    (64, 4, 3, 4), (64, 4, 3, 8), (64, 4, 4, 8), (64, 8, 3, 4), (128, 4, 2, 4), (128, 4, 3, 4),
+    (128, 8, 3, 4), (128, 8, 2, 8), (256, 8, 2, 4), (32, 4, 4, 8),
+]
+
+
+def kernel_bench(model, contexts=(16384, 32768, 131072), configs=KERNEL_CONFIGS) -> tuple[list[dict], dict]:
+    """One layer's decode attention, graph-timed: the Triton split-KV kernel over tile configs (picks the
+    best, sets it as the kernel's CONFIG for the rest of the run) vs SDPA flash without a bias."""
+    from decoder import fast_kernels
+    from decoder.dysco import select_positions
     from decoder.fast_kernels import decode_attention_torch, decode_attention_triton
 
     c = model.config
     out = []
+    times: dict[tuple, list[float]] = {cfg: [] for cfg in configs}
     for context in contexts:
         dtype = next(model.parameters()).dtype
         q = torch.randn(1, c.num_attention_heads, c.head_dim, dtype=dtype, device=DEVICE)
@@ -214,32 +241,42 @@ def kernel_bench(model, contexts=(16384, 131072), configs=((64, 4, 3), (128, 4, 
         bias[:, ::3] = math.log(2.0)
         t = torch.tensor([context - 1], device=DEVICE)
         ref = decode_attention_torch(q, k, v, bias, t, c.head_dim**-0.5).float()
-        floor = 2 * k.numel() * 2
-        for block_n, warps, stages in configs:
+        floor = 2 * k.numel() * k.element_size()
+        for cfg in configs:
+            block_n, warps, stages, per_sm = cfg
             fn = lambda: decode_attention_triton(q, k, v, bias, t, c.head_dim**-0.5, block_n=block_n,  # noqa: E731
-                                                 num_warps=warps, num_stages=stages)
-            got = fn().float()
-            err = ((got - ref).norm() / ref.norm()).item()
-            s = time_cuda(fn, reps=20)
-            out.append({"context": context, "impl": f"triton n{block_n} w{warps} s{stages}", "us": s * 1e6,
+                                                 num_warps=warps, num_stages=stages, programs_per_sm=per_sm)
+            try:
+                got = fn().float()
+                err = ((got - ref).norm() / ref.norm()).item()
+                s = graph_time(fn)
+            except Exception as e:  # noqa: BLE001 - a config that does not fit (shared memory): skip it
+                log(f"config {cfg} failed: {e}"[:200])
+                times[cfg].append(float("inf"))
+                continue
+            times[cfg].append(s)
+            out.append({"context": context, "impl": f"triton n{block_n} w{warps} s{stages} p{per_sm}", "us": s * 1e6,
                         "GBps": floor / s / 1e9, "rel_err": err})
         qs = q[:, :, None]
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(qs, k, v, enable_gqa=True)  # noqa: E731
         try:
-            s = time_cuda(fn, reps=20)
+            s = graph_time(fn)
             out.append({"context": context, "impl": "sdpa (no bias)", "us": s * 1e6, "GBps": floor / s / 1e9, "rel_err": None})
         except Exception as err:  # noqa: BLE001
             out.append({"context": context, "impl": f"sdpa failed: {err}"[:80], "us": None, "GBps": None, "rel_err": None})
-        # Selection on the GPU at this context (sort-based nucleus).
-        from decoder.dysco import select_positions
-
         imp = torch.rand(1, context, device=DEVICE)
         imp /= imp.sum()
-        s = time_cuda(lambda: select_positions(imp, 0.975, 4096), reps=20)
-        out.append({"context": context, "impl": "select_positions", "us": s * 1e6, "GBps": None, "rel_err": None})
+        s = graph_time(lambda: select_positions(imp, 0.975, 4096))
+        out.append({"context": context, "impl": "select_positions (graph)", "us": s * 1e6, "GBps": None, "rel_err": None})
         del q, k, v
         empty_cache()
-    return out
+    # The best config over all contexts: the least sum of (time / best time at that context).
+    best_at = [min(times[cfg][i] for cfg in configs) for i in range(len(contexts))]
+    score = {cfg: sum(ts[i] / best_at[i] for i in range(len(contexts))) for cfg, ts in times.items()}
+    best = min(score, key=score.get)
+    fast_kernels.CONFIG.update(block_n=best[0], num_warps=best[1], num_stages=best[2], programs_per_sm=best[3])
+    log("kernel config chosen:", fast_kernels.CONFIG)
+    return out, dict(fast_kernels.CONFIG)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,6 +365,7 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], kernels: list[dic
              f"- machine: {meta['machine']}", f"- software: {meta['software']}",
              f"- command: `{meta['command']}`",
              f"- ceilings measured: copy {meta['copy_bw_TBps']:.2f} TB/s (read+write), bf16 matmul {meta['matmul_TFLOPs']:.0f} TFLOP/s",
+             f"- decode kernel config: {meta.get('kernel_config', 'default')}",
              f"- DySCO: 16 heads at the published Qwen3-8B positions (probe runs layers 0..{meta['probe_layers'] - 1}), "
              "top_k 4096, top_p 0.975, strength 2, decay 0.75, warmup 8; AttnTS temperature 0.8", ""]
     if rows:
@@ -368,6 +406,8 @@ def main() -> None:
     parser.add_argument("--methods", default="hf,vanilla,attnts,dysco")
     parser.add_argument("--steps", type=int, default=64, help="decode steps for our methods")
     parser.add_argument("--hf-steps", type=int, default=16, help="decode steps for transformers' generate")
+    parser.add_argument("--extra-methods", default="", help="variants run at --extra-at only, e.g. vanilla-nofuse")
+    parser.add_argument("--extra-at", type=int, default=16384)
     parser.add_argument("--check", type=int, default=1, help="run the fast-vs-exact check first")
     parser.add_argument("--check-only", action="store_true")
     parser.add_argument("--kernels", type=int, default=1, help="time the attention kernel alone")
@@ -414,7 +454,7 @@ def main() -> None:
             f.write(markdown(meta, results["rows"], results["checks"], results["kernels"]))
 
     if args.kernels:
-        results["kernels"] = kernel_bench(model, contexts=(256,) if args.dry else (16384, 131072))
+        results["kernels"], meta["kernel_config"] = kernel_bench(model, contexts=(256,) if args.dry else (16384, 32768, 131072))
         save()
         for k in results["kernels"]:
             log("kernel", k)
@@ -435,7 +475,8 @@ def main() -> None:
         cases.append((8, args.batch8))
     for batch, context in cases:
         fl = floors(model, batch, context, ceil["copy_bw_Bps"], meta["probe_layers"])
-        for method in methods:
+        extra = [m for m in args.extra_methods.split(",") if m] if (batch == 1 and context == args.extra_at) else []
+        for method in methods + extra:
             try:
                 if method == "hf":
                     row = bench_hf(model, batch, context, args.hf_steps)

@@ -101,6 +101,7 @@ if HAVE_TRITON:
         DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAPTURE: tl.constexpr,
     ):
+        EVEN_D: tl.constexpr = DIM == D_PAD
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // KV_HEADS
@@ -119,7 +120,10 @@ if HAVE_TRITON:
         offs_d = tl.arange(0, D_PAD)
         heads = kvh * GROUP + offs_g  # [G_PAD] query heads sharing this KV head
         g_ok = offs_g < GROUP
-        d_ok = offs_d < DIM
+        if EVEN_D:
+            d_ok = tl.full([D_PAD], 1, tl.int1)
+        else:
+            d_ok = offs_d < DIM
         q = tl.load(
             Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
             mask=g_ok[:, None] & d_ok[None, :], other=0.0,
@@ -134,7 +138,10 @@ if HAVE_TRITON:
         v_base = V + b * stride_vb + kvh * stride_vh
         for n0 in range(lo, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            valid = (offs_n < end) & (offs_n >= first)
+            if HAS_WINDOW:
+                valid = (offs_n < end) & (offs_n >= first)
+            else:
+                valid = offs_n < end
             k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
                         mask=valid[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
             qk = tl.dot(q, tl.trans(k)) * scale  # [G_PAD, BLOCK_N] natural-log logits
@@ -171,24 +178,30 @@ if HAVE_TRITON:
         stride_ab, stride_ah, stride_as,
         stride_mb, stride_mh,
         stride_ob, stride_oh,
-        HEADS: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+        HEADS: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr, S_BLOCK: tl.constexpr,
         DIM: tl.constexpr, D_PAD: tl.constexpr,
     ):
         pid = tl.program_id(0)
         b = pid // HEADS
         h = pid % HEADS
-        offs_s = tl.arange(0, S_PAD)
+        offs_all = tl.arange(0, S_PAD)
         offs_d = tl.arange(0, D_PAD)
-        s_ok = offs_s < SPLITS
         d_ok = offs_d < DIM
-        m = tl.load(M + b * stride_mb + h * stride_mh + offs_s, mask=s_ok, other=float("-inf"))
-        l = tl.load(L + b * stride_mb + h * stride_mh + offs_s, mask=s_ok, other=0.0)
-        m_max = tl.max(m, 0)
-        w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))  # [S_PAD]
-        acc = tl.load(Acc + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as + offs_d[None, :],
-                      mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-        tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
+        ml = M + b * stride_mb + h * stride_mh
+        m_max = tl.max(tl.load(ml + offs_all, mask=offs_all < SPLITS, other=float("-inf")), 0)
+        acc = tl.zeros([D_PAD], tl.float32)
+        total = 0.0
+        for s0 in range(0, SPLITS, S_BLOCK):  # a few splits at a time: no register spills at 100+ splits
+            offs_s = s0 + tl.arange(0, S_BLOCK)
+            s_ok = offs_s < SPLITS
+            m = tl.load(ml + offs_s, mask=s_ok, other=float("-inf"))
+            l = tl.load(L + b * stride_mb + h * stride_mh + offs_s, mask=s_ok, other=0.0)
+            w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))  # [S_BLOCK]
+            part = tl.load(Acc + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as + offs_d[None, :],
+                           mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+            acc += tl.sum(part * w[:, None], 0)
+            total += tl.sum(l * w, 0)
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_d, (acc / total).to(Out.dtype.element_ty), mask=d_ok)
 
 
 def _next_pow2(n: int) -> int:
@@ -198,15 +211,20 @@ def _next_pow2(n: int) -> int:
 _SM_COUNT: dict[int, int] = {}
 
 
-def _splits(batch: int, kv_heads: int, max_len: int, block_n: int, device: torch.device) -> tuple[int, int]:
+# Tile and launch shape of the split kernel; benchmarks/decode_speed.py --kernels sweeps the choices.
+CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4}
+
+
+def _splits(batch: int, kv_heads: int, max_len: int, block_n: int, device: torch.device,
+            programs_per_sm: int = 4) -> tuple[int, int]:
     """How many chunks to cut the cache into, and the chunk length (a multiple of block_n)."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _SM_COUNT:
             _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        target = 4 * _SM_COUNT[index]  # a few programs per SM hide the memory latency
+        target = programs_per_sm * _SM_COUNT[index]  # a few programs per SM hide the memory latency
     else:
-        target = 8
+        target = 2 * programs_per_sm  # the interpreter: a few programs, enough to test the merge
     blocks = math.ceil(max_len / block_n)
     splits = max(1, min(blocks, 256, math.ceil(target / (batch * kv_heads))))
     chunk = math.ceil(blocks / splits) * block_n
@@ -233,14 +251,19 @@ class _Scratch:
 _SCRATCH = _Scratch()
 
 
-def decode_attention_triton(q, k, v, bias, t, scale, window=None, capture=None, *, block_n: int = 64,
-                            num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """Split-KV Triton decode attention (same contract as `decode_attention`)."""
+def decode_attention_triton(q, k, v, bias, t, scale, window=None, capture=None, *, block_n: int | None = None,
+                            num_warps: int | None = None, num_stages: int | None = None,
+                            programs_per_sm: int | None = None) -> torch.Tensor:
+    """Split-KV Triton decode attention (same contract as `decode_attention`); tiles default to CONFIG."""
+    block_n = block_n or CONFIG["block_n"]
+    num_warps = num_warps or CONFIG["num_warps"]
+    num_stages = num_stages or CONFIG["num_stages"]
+    programs_per_sm = programs_per_sm or CONFIG["programs_per_sm"]
     batch, heads, dim = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and q.stride(-1) == 1
-    splits, chunk = _splits(batch, kv_heads, max_len, block_n, q.device)
+    splits, chunk = _splits(batch, kv_heads, max_len, block_n, q.device, programs_per_sm)
     # Scratch is shared by every layer: a layer's merge reads it before the next layer's split writes.
     acc, m, l = _SCRATCH.get(batch, heads, splits, dim, q.device)
     out = torch.empty(batch, heads, dim, dtype=q.dtype, device=q.device)
@@ -268,7 +291,7 @@ def decode_attention_triton(q, k, v, bias, t, scale, window=None, capture=None, 
         acc.stride(0), acc.stride(1), acc.stride(2),
         m.stride(0), m.stride(1),
         out.stride(0), out.stride(1),
-        HEADS=heads, SPLITS=splits, S_PAD=max(2, _next_pow2(splits)),
+        HEADS=heads, SPLITS=splits, S_PAD=max(2, _next_pow2(splits)), S_BLOCK=min(16, max(2, _next_pow2(splits))),
         DIM=dim, D_PAD=max(16, _next_pow2(dim)),
         num_warps=4,
     )
