@@ -343,6 +343,10 @@ def _write_run(out: Path, name: str, scores, per_probe, heads, score_name: str, 
         summary["files"] = names
         (staging / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         out.mkdir(exist_ok=True)
+        # A previous run's heatmap of a score this run did not compute would now mislead: drop it.
+        for stale in out.glob("*.png"):
+            if stale.name not in pictures.values():
+                stale.unlink()
         for entry in staging.iterdir():
             os.replace(entry, out / entry.name)
     finally:

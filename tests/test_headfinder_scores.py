@@ -195,3 +195,21 @@ def test_qr_scoring_captures_only_the_query_rows_and_keeps_their_mean(monkeypatc
     # Each layer computes probabilities for the query rows only and keeps just their mean.
     assert stored == [((1, heads, q1 - q0, q1), (1, heads, 1, q1))] * layers + [
         ((1, heads, n1 - n0, n1), (1, heads, 1, n1))] * layers
+
+
+def test_greedy_reply_with_captures_matches_transformers_generate(tiny):
+    from headfinder.probes import make_needle_probes
+    from headfinder.scores import _all_heads, greedy_reply
+
+    model, tokenizer = tiny
+    probe = make_needle_probes(tokenizer, 1, 200, seed=0)[0]
+    heads = _all_heads(model)
+    seen_lengths = []
+    reply = greedy_reply(model, probe.prompt_ids, 5, set(), make_plan=lambda: AttentionPlan(capture_heads=heads),
+                         on_step=lambda plan, token: seen_lengths.append(plan.captured[0].shape[-1]))
+    reference = model.generate(torch.tensor([probe.prompt_ids]), max_new_tokens=5, do_sample=False,
+                               min_new_tokens=5, pad_token_id=tokenizer.pad_token_id)[0, len(probe.prompt_ids):]
+    assert reply == reference.tolist(), model.arch
+    # Captured rows cover every absolute position seen so far, sliding-window layers included.
+    n = len(probe.prompt_ids)
+    assert seen_lengths == [n, n + 1, n + 2, n + 3, n + 4]
