@@ -256,8 +256,9 @@ class Decoder:
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, start:end]
         kwargs = dict(
             input_ids=ids[:, start:end], attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache, use_cache=True, logits_to_keep=1,
+            use_cache=True, logits_to_keep=1,
         )
+        kwargs[_cache_kwarg(self.model)] = cache
         with torch.no_grad():
             if plan is None:
                 return self.model(**kwargs).logits[:, -1].float()
@@ -566,6 +567,14 @@ class _Run:
             self.importance = self.importance[index]
         if self.static_set is not None:
             self.static_set = self.static_set[index]
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's cache keyword: `cache` from transformers 5.2x, `past_key_values` before (an unknown keyword
+    is swallowed by **kwargs, so passing the wrong one silently runs without a cache)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _share_cache(cache):
