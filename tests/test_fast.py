@@ -1,0 +1,152 @@
+"""The fast path (decoder.fast) gives the exact path's results: same greedy tokens, logits within 1e-4.
+
+On the CPU the fast path runs its PyTorch attention and no graphs; the Triton kernels are checked
+against the PyTorch version under Triton's interpreter when Triton is installed (a subprocess, since
+the interpreter is chosen when the kernels are defined). The GPU check on the real shape is in
+benchmarks/decode_speed.py (it needs the H200).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from decoder.dysco import DyscoConfig
+from decoder.fast import FastDecoder
+from decoder.fast_kernels import decode_attention_torch
+from decoder.generation import Decoder
+from decoder.tiny import tiny_model
+
+TOL = 1e-4  # float32 on the CPU: the two paths differ only in summation order
+
+PROMPTS = [list(range(10, 40)), list(range(50, 62)), list(range(100, 103))]  # the last is shorter than the warmup
+
+CASES = {
+    "vanilla": ("vanilla", {}),
+    "attnts": ("attnts", {"temperature": 0.7}),
+    "dysco": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (2, 3), (3, 1)], top_k=5, top_p=0.9, context_warmup=4)}),
+    "dysco_hard": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (3, 1)], strength=100.0, top_k=6, context_warmup=5)}),
+    "dysco_static": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (3, 1)], selection="static", context_warmup=0)}),
+}
+
+
+def _compare(model, tok, method, kw, prompts, new=6, template_mask=None):
+    exact = Decoder(model, tok, method, **kw).generate(prompts, max_new_tokens=new, return_logits=True, eos=[511],
+                                                      template_mask=template_mask)
+    fast = FastDecoder(model, tok, method, **kw).generate(prompts, max_new_tokens=new, return_logits=True, eos=[511],
+                                                         template_mask=template_mask)
+    assert fast.token_ids == exact.token_ids
+    assert fast.finish_reasons == exact.finish_reasons
+    for a, b in zip(exact.logits, fast.logits):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fast_matches_exact_qwen3(case, batch):
+    model, tok = tiny_model("qwen3")
+    method, kw = CASES[case]
+    _compare(model, tok, method, kw, PROMPTS[:batch])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "mistral", "phi3", "qwen2"])
+def test_fast_matches_exact_other_architectures(arch):
+    """Gemma 3's sliding-window layers included (its window of 8 is shorter than the prompts)."""
+    model, tok = tiny_model(arch)
+    method, kw = CASES["dysco"]
+    _compare(model, tok, method, kw, PROMPTS)
+
+
+def test_fast_template_positions_not_upweighted():
+    """With a template mask the fast path still matches (template columns are left out of the bias)."""
+    model, tok = tiny_model("qwen3")
+    method, kw = CASES["dysco"]
+    masks = [[i % 3 == 0 for i in range(len(p))] for p in PROMPTS]
+    _compare(model, tok, method, kw, PROMPTS, template_mask=masks)
+
+
+def test_fast_vanilla_equals_transformers_generate():
+    model, tok = tiny_model("qwen3")
+    ids = torch.tensor([PROMPTS[0]])
+    ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    out = FastDecoder(model, tok, "vanilla").generate_ids(ids, max_new_tokens=8)
+    assert out.tokens.tolist() == ref[:, ids.shape[1]:].tolist()
+
+
+def test_fast_leaves_the_model_as_it_was():
+    model, tok = tiny_model("qwen3")
+    before = model.config._attn_implementation
+    ids = torch.tensor([PROMPTS[0]])
+    logits = model(ids).logits
+    FastDecoder(model, tok, "dysco", dysco=CASES["dysco"][1]["dysco"]).generate_ids(ids, max_new_tokens=3)
+    assert model.config._attn_implementation == before
+    assert torch.equal(model(ids).logits, logits)
+
+
+def test_decode_attention_torch_reference():
+    """The PyTorch decode attention equals plain softmax attention over columns 0..t with the bias."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 16), torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
+    bias = torch.randn(2, 50)
+    bias[1, :4] = float("-inf")
+    t = torch.tensor([30])
+    got = decode_attention_torch(q, k, v, bias, t, 0.25)
+    kk, vv = k.repeat_interleave(4, 1)[:, :, :31], v.repeat_interleave(4, 1)[:, :, :31]
+    logits = torch.einsum("bhd,bhtd->bht", q, kk) * 0.25 + bias[:, None, :31]
+    want = torch.einsum("bht,bhtd->bhd", logits.softmax(-1), vv)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_errors():
+    model, tok = tiny_model("qwen3")
+    with pytest.raises(ValueError, match="method"):
+        FastDecoder(model, tok, "greedy")
+    with pytest.raises(ValueError, match="DyscoConfig"):
+        FastDecoder(model, tok, "dysco")
+    fast = FastDecoder(model, tok, "vanilla")
+    with pytest.raises(ValueError, match="left padding"):
+        fast.generate_ids(torch.tensor([[5, 6, 7]]), torch.tensor([[1, 1, 0]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="context"):
+        fast.generate_ids(torch.ones(1, 4000, dtype=torch.long), max_new_tokens=200)
+
+
+_INTERPRETED = textwrap.dedent("""
+    import numpy as np, torch
+    from triton.runtime import interpreter as _i
+    # numpy >= 2.3 refuses int() of a 1-element array, which Triton 3.6's interpreter uses for range() bounds.
+    _orig = _i._patch_lang_tensor
+    def _patched(tensor, scope):
+        _orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+    _i._patch_lang_tensor = _patched
+    from decoder.fast_kernels import decode_attention_torch, decode_attention_triton
+    torch.manual_seed(0)
+    for B, H, KV, D, T, t, win, per_sm in [(1, 4, 2, 16, 300, 250, None, 4), (3, 8, 2, 32, 200, 199, None, 4),
+                                            (2, 4, 1, 16, 130, 40, 17, 4), (1, 8, 2, 32, 3000, 2900, None, 40)]:
+        q, k, v = torch.randn(B, H, D), torch.randn(B, KV, T, D), torch.randn(B, KV, T, D)
+        bias = torch.randn(B, T); bias[0, :5] = float("-inf")
+        tt = torch.tensor([t])
+        rows = torch.full((H,), -1, dtype=torch.int32); rows[1] = 0; rows[H - 1] = 1
+        s1 = torch.full((B, 2, T), 7.0); s2 = s1.clone()
+        o1 = decode_attention_triton(q, k, v, bias, tt, 0.3, win, (rows, s1), programs_per_sm=per_sm)
+        o2 = decode_attention_torch(q, k, v, bias, tt, 0.3, win, (rows, s2))
+        lo = 0 if win is None else t - win + 1
+        assert (o1 - o2).abs().max() < 1e-4, (o1 - o2).abs().max()
+        assert (s1 - s2)[..., lo:t + 1].abs().max() < 1e-4
+        assert (s1[..., t + 1:] == 7.0).all()
+    print("ok")
+""")
+
+
+def test_triton_kernel_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
