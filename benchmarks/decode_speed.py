@@ -279,6 +279,30 @@ def kernel_bench(model, contexts=(16384, 32768, 131072), configs=KERNEL_CONFIGS)
     return out, dict(fast_kernels.CONFIG)
 
 
+def micro_bench(model) -> list[dict]:
+    """What a batch-1 step is made of: GEMV rate per weight shape, and the cost of one tiny kernel in a graph."""
+    out = []
+    c = model.config
+    x = torch.randn(1, c.hidden_size, dtype=torch.bfloat16, device=DEVICE)
+    shapes = {"q/o_proj 4096x4096": (4096, 4096), "k/v_proj 1024x4096": (1024, 4096),
+              "gate/up 12288x4096": (12288, 4096), "down 4096x12288": (4096, 12288), "lm_head 151936x4096": (151936, 4096)}
+    for name, (n, k) in shapes.items():
+        # Several weights in rotation so that the 60 MB L2 never holds the one being read.
+        ws = [torch.randn(n, k, dtype=torch.bfloat16, device=DEVICE) for _ in range(max(1, min(8, 2**31 // (n * k * 2))))]
+        xi = torch.randn(1, k, dtype=torch.bfloat16, device=DEVICE)
+        def fn(ws=ws, xi=xi):
+            for w in ws:
+                torch.nn.functional.linear(xi, w)
+        s = graph_time(fn, calls=4) / len(ws)
+        out.append({"what": f"GEMV {name}", "us": s * 1e6, "GBps": n * k * 2 / s / 1e9})
+        del ws
+    tiny = torch.zeros(1024, device=DEVICE)
+    s = graph_time(lambda: [tiny.add_(1) for _ in range(100)], calls=1) / 100
+    out.append({"what": "one tiny elementwise kernel inside a CUDA graph", "us": s * 1e6, "GBps": None})
+    empty_cache()
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Speed
 # ------------------------------------------------------------------------------------------------
@@ -331,6 +355,8 @@ def bench_fast(model, method: str, batch: int, context: int, steps: int, dysco_c
         kw["fuse"] = False
     if "nograph" in flags:
         kw["cuda_graphs"] = False
+    if "static" in flags:
+        kw["dysco"] = dysco_config.replace(selection="static")
     sync()
     reset_peak()
     fast = FastDecoder(model, None, method, **kw)
@@ -360,7 +386,7 @@ def floors(model, batch: int, context: int, bw: float, probe_layers: int) -> dic
             "weights_GB": w / 1e9, "kv_GB": kv / 1e9}
 
 
-def markdown(meta: dict, rows: list[dict], checks: list[dict], kernels: list[dict]) -> str:
+def markdown(meta: dict, rows: list[dict], checks: list[dict], kernels: list[dict], micro: list[dict] = ()) -> str:
     lines = [f"### decode_speed — {meta['date']}", "",
              f"- machine: {meta['machine']}", f"- software: {meta['software']}",
              f"- command: `{meta['command']}`",
@@ -372,7 +398,8 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], kernels: list[dic
         lines += ["| batch | context | method | prefill s | TTFT s | decode ms/tok | tok/s | peak GB | floor ms | × floor |",
                   "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            floor = r["floor_dysco_ms"] if r["method"] == "dysco" else r["floor_vanilla_ms"]
+            probed = r["method"].startswith("dysco") and "static" not in r["method"]  # static: no probe after step 1
+            floor = r["floor_dysco_ms"] if probed else r["floor_vanilla_ms"]
             lines.append(
                 f"| {r['batch']} | {r['context']} | {r['method']} | {r['prefill_s']:.2f} | {r['ttft_s']:.2f} | "
                 f"{r['decode_ms']:.2f} | {1000 * r['batch'] / r['decode_ms']:.0f} | {r['peak_GB']:.1f} | {floor:.2f} | "
@@ -396,6 +423,12 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], kernels: list[dic
             err = "" if k["rel_err"] is None else f"{k['rel_err']:.1e}"
             lines.append(f"| {k['context']} | {k['impl']} | {us} | {bw} | {err} |")
         lines.append("")
+    if micro:
+        lines += ["What a batch-1 step is made of (graph-timed):", "", "| what | µs | GB/s |", "|---|---:|---:|"]
+        for m in micro:
+            bw = "" if m["GBps"] is None else f"{m['GBps']:.0f}"
+            lines.append(f"| {m['what']} | {m['us']:.2f} | {bw} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -411,6 +444,7 @@ def main() -> None:
     parser.add_argument("--check", type=int, default=1, help="run the fast-vs-exact check first")
     parser.add_argument("--check-only", action="store_true")
     parser.add_argument("--kernels", type=int, default=1, help="time the attention kernel alone")
+    parser.add_argument("--micro", type=int, default=1, help="time GEMVs and a tiny kernel (what a step is made of)")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--dry", action="store_true", help="CPU, a small float32 model: checks the script runs")
     args = parser.parse_args()
@@ -445,14 +479,19 @@ def main() -> None:
     dysco_config = DyscoConfig(head_set=QWEN3_8B_HEADS, strength=2.0, top_p=0.975, top_k=4096, decay=0.75, context_warmup=8)
     meta["probe_layers"] = dysco_config.deepest_layer + 1
 
-    results: dict = {"meta": meta, "rows": [], "checks": [], "kernels": []}
+    results: dict = {"meta": meta, "rows": [], "checks": [], "kernels": [], "micro": []}
 
     def save():
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump(results, f, indent=1)
         with open(os.path.join(args.out, "bench.md"), "w") as f:
-            f.write(markdown(meta, results["rows"], results["checks"], results["kernels"]))
+            f.write(markdown(meta, results["rows"], results["checks"], results["kernels"], results["micro"]))
 
+    if args.micro:
+        results["micro"] = micro_bench(model)
+        save()
+        for m in results["micro"]:
+            log("micro", m)
     if args.kernels:
         results["kernels"], meta["kernel_config"] = kernel_bench(model, contexts=(256,) if args.dry else (16384, 32768, 131072))
         save()
@@ -466,7 +505,7 @@ def main() -> None:
             log("check", c)
         log(f"check done ({time.time() - t0:.0f}s)")
     if args.check_only:
-        print(markdown(meta, [], results["checks"], results["kernels"]))
+        print(markdown(meta, [], results["checks"], results["kernels"], results["micro"]))
         return
 
     methods = args.methods.split(",")
@@ -493,7 +532,7 @@ def main() -> None:
                 f"({time.time() - t0:.0f}s)")
             empty_cache()
     save()
-    print(markdown(meta, results["rows"], results["checks"], results["kernels"]))
+    print(markdown(meta, results["rows"], results["checks"], results["kernels"], results["micro"]))
 
 
 if __name__ == "__main__":
