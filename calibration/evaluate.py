@@ -63,8 +63,9 @@ BASELINE = "vanilla"
 DEFAULT_ATTNTS_TEMPERATURE = 0.8
 BOOTSTRAP_RESAMPLES = 10_000
 # When --max-new-tokens is not given each example may generate its answer's length plus this much:
-# room for a short preamble ("The number is …") without paying for long rambles.
-ANSWER_MARGIN_TOKENS = 8
+# room for a preamble such as "The secret number of Brexstintrir is" (12 SmolLM2 tokens, and
+# digits are one token each) without paying for long rambles.
+ANSWER_MARGIN_TOKENS = 24
 EXPERIMENT = "dysco-eval"
 
 
@@ -639,7 +640,7 @@ def evaluate(
 
     `dysco` (needed when "dysco" is a method): a `DyscoConfig`, a list of (layer, head) pairs or a
     registry `Profile`. `attnts_temperature` defaults to the profile's tuned one, else 0.8.
-    `max_new_tokens` None: each example gets its answer's length plus 8 tokens.
+    `max_new_tokens` None: each example gets its answer's length plus 24 tokens.
     """
     from decoder.dysco import DyscoConfig
     from decoder.generation import Decoder
@@ -654,7 +655,7 @@ def evaluate(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise EvalError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-        raise EvalError(f"max_new_tokens must be an integer >= 1 (or None for each answer's length + 8), got {max_new_tokens!r}")
+        raise EvalError(f"max_new_tokens must be an integer >= 1 (or None for each answer's length + 24), got {max_new_tokens!r}")
     if isinstance(bootstrap_resamples, bool) or not isinstance(bootstrap_resamples, int) or bootstrap_resamples < 100:
         raise EvalError(f"bootstrap_resamples must be an integer >= 100, got {bootstrap_resamples!r}")
     name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
