@@ -13,11 +13,11 @@ What one run does, in order:
 2. Create the study, or load it by name. A loaded study must have been made with the same
    model, examples, head ranking and search space (checked, not assumed). The published
    defaults are enqueued as the first trial of a new study.
-3. Evaluate vanilla and AttnTS (a small temperature grid, best kept) once on the dev examples;
-   the scores live in the study, so a resumed or extra worker never recomputes them.
-4. Run trials until `trials` have finished (complete or pruned): seeded TPE over strength,
+3. Run trials until `trials` have finished (complete or pruned): seeded TPE over strength,
    top_k, top_p, decay and the number of heads; a median pruner fed the running score after
    each batch. Optional second objective: tokens/s (a Pareto front; no pruning then).
+4. Evaluate vanilla and AttnTS (a small temperature grid, best kept) once on the same dev
+   examples; the scores live in the study, so a rerun never recomputes them.
 5. Re-score the best trial, vanilla and AttnTS on the held-out test examples, and register a
    new profile version (parent: the input profile) with every score and the provenance.
 
@@ -339,7 +339,7 @@ class Calibration:
     """One calibration: its model, examples, study and baselines. `calibrate()` drives it.
 
     >>> cal = Calibration(config); cal.prepare()
-    >>> cal.run_baselines(); cal.run_trials(); result = cal.finish()
+    >>> cal.run_trials(); result = cal.finish()     # finish() runs the baselines once
     """
 
     def __init__(self, config: CalibrationConfig) -> None:
@@ -682,7 +682,7 @@ class Calibration:
         if previous and previous["best_trial"] == best.number and previous["trials"] == counts:
             return CalibrationResult(**previous)
 
-        baselines = self.run_baselines()
+        baselines = self.run_baselines(progress=progress)
         t_star = baselines["attnts"]["temperature"]
         test_runner = ExampleRunner(
             self.model, self.tokenizer, self.task, self.test, max_new_tokens=cfg.max_new_tokens,
@@ -728,7 +728,8 @@ class Calibration:
         study.set_user_attr("result", result.to_dict())
         if self.tracker is not None:
             flat = {f"{split}_{name}": v for split, row in scores.items() for name, v in row.items()}
-            self.tracker.log_metrics({**flat, "best_trial": best.number, "tokens_per_s_dysco": speeds["dysco"]})
+            speed = {f"tokens_per_s_{name}": v for name, v in speeds.items()}
+            self.tracker.log_metrics({**flat, **speed, "best_trial": best.number, "attnts_temperature": t_star})
             if ref:
                 self.tracker.set_tags({"dysco.profile_ref": ref})
             self.tracker.log_json({**profile.to_dict(), "ref": ref}, "profile.json", "profile")
@@ -893,13 +894,8 @@ def _coordinate(config: CalibrationConfig, progress: bool) -> CalibrationResult:
             ) from None
         cal.tracker = tracker
     try:
-        baselines = cal.run_baselines(progress=progress)
-        if tracker is not None:
-            tracker.log_metrics({
-                "dev_vanilla": baselines["vanilla"]["score"],
-                "dev_attnts": baselines["attnts"]["score"],
-                "attnts_temperature": baselines["attnts"]["temperature"],
-            })
+        # Trials first, baselines after (in `finish`): extra workers and other commands start on
+        # trials at once, and the baselines are computed by one process only, under the lock.
         bar = _trial_bar(cal, progress)
 
         def on_trial(study: optuna.Study) -> None:

@@ -284,20 +284,21 @@ def _nested_trial_numbers(work) -> list[int]:
 
 def test_two_workers_share_one_study_without_duplicates(workdir):
     db = workdir["dir"] / "study.db"
-    base = ["--profile", workdir["ref"], "--max-new-tokens", "40", "--json"]  # trials long enough to share
+    base = ["--profile", workdir["ref"], "--max-new-tokens", "48", "--json"]  # trials long enough to share
 
     # --workers 2: this command and the worker it starts run one study together.
-    run = subprocess.run(_cli(workdir, "--trials", "6", "--workers", "2", *base), env=_env(),
+    # The command starts its worker first, then sets up MLflow: give it trials enough to join in.
+    run = subprocess.run(_cli(workdir, "--trials", "8", "--workers", "2", *base), env=_env(),
                          capture_output=True, timeout=400)
     assert run.returncode == 0, run.stderr.decode()[-3000:]
     name = json.loads(run.stdout)["study_name"]
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-    assert len(study.trials) == 6 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    assert len(study.trials) == 8 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
     assert len({t.user_attrs["worker"]["pid"] for t in study.trials}) == 2, "both processes should run trials"
-    assert _nested_trial_numbers(workdir) == list(range(6))  # one MLflow run per trial
+    assert _nested_trial_numbers(workdir) == list(range(8))  # one MLflow run per trial
 
-    # Two independent commands on the same storage (as on two machines) extend it to 9 trials.
-    cmd = _cli(workdir, "--trials", "9", *base)
+    # Two independent commands on the same storage (as on two machines) extend it to 10 trials.
+    cmd = _cli(workdir, "--trials", "10", *base)
     procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=400) for p in procs]
     for proc, (_, err) in zip(procs, outs):
@@ -306,8 +307,8 @@ def test_two_workers_share_one_study_without_duplicates(workdir):
     assert results[0]["profile_ref"] == results[1]["profile_ref"]  # registered once, by whoever finished first
     assert _versions(workdir) == [1, 2, 3]
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-    assert len(study.trials) == 9 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
-    assert _nested_trial_numbers(workdir) == list(range(9))
+    assert len(study.trials) == 10 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    assert _nested_trial_numbers(workdir) == list(range(10))
 
 
 # --------------------------------------------------------------------------- bad input
