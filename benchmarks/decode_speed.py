@@ -109,7 +109,7 @@ def ceilings() -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def build_model(layers: int = 36, max_positions: int = 262144, dry: bool = False):
+def build_model(layers: int = 36, max_positions: int = 262144, dry: bool = False, dtype: torch.dtype = torch.bfloat16):
     """Qwen3-8B shape, random bf16 weights, initialised on the GPU (dry: a small float32 one on the CPU)."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
@@ -125,7 +125,7 @@ def build_model(layers: int = 36, max_positions: int = 262144, dry: bool = False
     )
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dry else torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dry else dtype)
     model.eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
@@ -406,7 +406,7 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], kernels: list[dic
                 f"{r['decode_ms'] / floor:.2f} |")
         lines.append("")
     if checks:
-        lines += ["Fast path vs exact path (bf16, same model):", "",
+        lines += [f"Fast path vs exact path ({meta.get('dtype', 'bfloat16')}, same model):", "",
                   "| method | batch | row | length | same tokens | agreeing prefix | max abs Δlogit | rel L2 | top-2 gap at first disagreement |",
                   "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
         for c in checks:
@@ -446,6 +446,7 @@ def main() -> None:
     parser.add_argument("--kernels", type=int, default=1, help="time the attention kernel alone")
     parser.add_argument("--micro", type=int, default=1, help="time GEMVs and a tiny kernel (what a step is made of)")
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--dtype", default="bfloat16", help="model dtype (float32: the check without bf16 noise)")
     parser.add_argument("--dry", action="store_true", help="CPU, a small float32 model: checks the script runs")
     args = parser.parse_args()
     global DEVICE
@@ -474,7 +475,8 @@ def main() -> None:
     meta["matmul_TFLOPs"] = ceil["bf16_matmul_flops"] / 1e12
     log(f"ceilings: copy {meta['copy_bw_TBps']:.2f} TB/s, bf16 matmul {meta['matmul_TFLOPs']:.0f} TFLOP/s ({time.time() - t0:.0f}s)")
 
-    model = build_model(dry=args.dry)
+    model = build_model(dry=args.dry, dtype=getattr(torch, args.dtype))
+    meta["dtype"] = args.dtype
     log(f"model built on {next(model.parameters()).device}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params ({time.time() - t0:.0f}s)")
     dysco_config = DyscoConfig(head_set=QWEN3_8B_HEADS, strength=2.0, top_p=0.975, top_k=4096, decay=0.75, context_warmup=8)
     meta["probe_layers"] = dysco_config.deepest_layer + 1

@@ -100,6 +100,7 @@ if HAVE_TRITON:
         KV_HEADS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
         DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CAPTURE: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         EVEN_D: tl.constexpr = DIM == D_PAD
         pid = tl.program_id(0)
@@ -144,7 +145,7 @@ if HAVE_TRITON:
                 valid = offs_n < end
             k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :],
                         mask=valid[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, D_PAD]
-            qk = tl.dot(q, tl.trans(k)) * scale  # [G_PAD, BLOCK_N] natural-log logits
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G_PAD, BLOCK_N] natural-log logits
             if HAS_CAPTURE:
                 tl.store(Scores + b * stride_sb + rows[:, None] * stride_sr + offs_n[None, :], qk,
                          mask=(rows[:, None] >= 0) & (offs_n[None, :] < end))
@@ -163,7 +164,7 @@ if HAVE_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
                         mask=valid[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
         a_ptr = Acc + b * stride_ab + heads[:, None] * stride_ah + split * stride_as + offs_d[None, :]
@@ -284,6 +285,7 @@ def decode_attention_triton(q, k, v, bias, t, scale, window=None, capture=None, 
         KV_HEADS=kv_heads, GROUP=group, G_PAD=max(16, _next_pow2(group)),
         DIM=dim, D_PAD=max(16, _next_pow2(dim)), BLOCK_N=block_n,
         HAS_BIAS=bias is not None, HAS_WINDOW=window is not None, HAS_CAPTURE=capture is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 models get float32 products
         num_warps=num_warps, num_stages=num_stages,
     )
     _merge_kernel[(batch * heads,)](
