@@ -166,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = calibrate(config_from_args(args), progress=not args.quiet)
-    except (CalibrationError, CatalogueError, RegistryError, FileNotFoundError) as err:
+    except (CalibrationError, CatalogueError, RegistryError, OSError) as err:
         return _fail(str(err), args.json)
+    except ValueError as err:  # e.g. the decoder refusing a setting; its message names it
+        return _fail(f"{type(err).__name__}: {err}", args.json)
     except KeyboardInterrupt:
         print("calibrate: interrupted; rerun the same command to continue the study", file=sys.stderr)
         return 130

@@ -377,6 +377,12 @@ class Calibration:
 
             torch.set_num_threads(cfg.threads)
         self.identity = ModelIdentity.from_dict(model_identity(self.model, model_name(cfg.model)))
+        limit = _context_length(self.model)
+        if cfg.context + cfg.max_new_tokens > limit:
+            raise CalibrationError(
+                f"--context {cfg.context} plus --max-new-tokens {cfg.max_new_tokens} exceeds the "
+                f"{limit}-token context of {cfg.model!r}"
+            )
         self._resolve_heads()
 
         n_dev, n_test = cfg.examples, cfg.n_test
