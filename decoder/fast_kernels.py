@@ -213,7 +213,10 @@ _SM_COUNT: dict[int, int] = {}
 
 
 # Tile and launch shape of the split kernel; benchmarks/decode_speed.py --kernels sweeps the choices.
-CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4}
+# Measured on an H200 (docs/gpu_notes.md): 128-column tiles, 4 warps, ~4 programs per SM; a third
+# pipeline stage pays on long chunks (128K: 133 vs 147 µs a layer) and costs on short ones (16K: 30 vs 26).
+CONFIG = {"block_n": 128, "num_warps": 4, "num_stages": None, "programs_per_sm": 4}
+LONG_CACHE = 49152  # from this many columns on, three stages
 
 
 def _splits(batch: int, kv_heads: int, max_len: int, block_n: int, device: torch.device,
@@ -258,7 +261,7 @@ def decode_attention_triton(q, k, v, bias, t, scale, window=None, capture=None, 
     """Split-KV Triton decode attention (same contract as `decode_attention`); tiles default to CONFIG."""
     block_n = block_n or CONFIG["block_n"]
     num_warps = num_warps or CONFIG["num_warps"]
-    num_stages = num_stages or CONFIG["num_stages"]
+    num_stages = num_stages or CONFIG["num_stages"] or (3 if k.shape[2] >= LONG_CACHE else 2)
     programs_per_sm = programs_per_sm or CONFIG["programs_per_sm"]
     batch, heads, dim = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
