@@ -364,7 +364,7 @@ def test_bad_input_gives_clear_errors_and_registers_nothing(workdir, tmp_path, c
     assert "outside tiny-llama (4 layers x 4 heads)" in capsys.readouterr().err
 
     # A context the model cannot hold.
-    assert _run_main("--dev", "kv", *base, "--context", "4090") == 1
+    assert _run_main("--dev", "kv", *base, "--context", "4095", "--max-new-tokens", "8") == 1
     assert "exceeds the 4096-token context" in capsys.readouterr().err
 
     # Nothing was registered for the tiny model, and no study was left half made.
