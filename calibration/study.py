@@ -346,7 +346,6 @@ class Calibration:
         config.validate()
         self.config = config
         self.tracker = None  # set by calibrate() when MLflow tracking is on
-        self._on_trial: Callable[[], None] | None = None
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -430,6 +429,16 @@ class Calibration:
         try:
             name, version = self.registry.resolve(ref)
             profile = self.registry.load(ref)
+            if cfg.profile is None:
+                # The latest profile may be an earlier calibration's result, whose head set is cut
+                # to its best size: start from the head-set profile it came from instead, so the
+                # same command always starts from the same ranking (and resumes the same study).
+                for _ in range(64):
+                    parent = profile.provenance.get("parent")
+                    if profile.provenance.get("kind") != "calibration" or not parent:
+                        break
+                    name, version = self.registry.resolve(parent)
+                    profile = self.registry.load(parent)
         except ProfileNotFound as err:
             hint = "" if cfg.profile else " (no --profile given, so the model's latest profile was looked up)"
             raise CalibrationError(
