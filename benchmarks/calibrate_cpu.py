@@ -35,7 +35,22 @@ def _run(cmd: list[str], **kwargs) -> tuple[subprocess.CompletedProcess, float]:
     return done, time.perf_counter() - start
 
 
-def _head_profile(registry: Path, threads: int) -> tuple[str, float | None]:
+def _register_run(folder: Path, registry: Path) -> str:
+    """Register a `headfinder detect` output folder (scores.safetensors, head_set.json) as a profile."""
+    from safetensors.numpy import load_file
+
+    from decoder.loading import load_model, model_identity
+    from registry import Profile, Registry, collect_provenance
+
+    heads = json.loads((folder / "head_set.json").read_text())["heads"]
+    scores = {k: v for k, v in load_file(folder / "scores.safetensors").items() if "." not in k}
+    model, _ = load_model(MODEL, progress=False)
+    profile = Profile(model=model_identity(model, MODEL), head_set=[tuple(h) for h in heads], head_scores=scores,
+                      provenance=collect_provenance(source=f"headfinder run {folder}"))
+    return Registry(registry).register(profile)
+
+
+def _head_profile(registry: Path, threads: int, heads_from: Path | None) -> tuple[str, float | None]:
     """The latest smollm2-135m profile in `registry`, detecting QR heads first when there is none."""
     from registry import ProfileNotFound, Registry
 
@@ -45,6 +60,8 @@ def _head_profile(registry: Path, threads: int) -> tuple[str, float | None]:
             return f"{name}@{version}", None
     except ProfileNotFound:
         pass
+    if heads_from is not None:
+        return _register_run(heads_from, registry), None
     cmd = [sys.executable, "-m", "headfinder.cli", "detect", "--model", MODEL, "--probes", "qr",
            "--n-probes", "8", "--context", "1024", "--top", "16", "--register", "--registry", str(registry),
            "--threads", str(threads), "--out", str(registry.parent / "headfinder"), "--json", "--no-progress"]
@@ -71,13 +88,18 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--examples", type=int, default=4, help="dev examples (default: %(default)s)")
     p.add_argument("--test-examples", type=int, default=2)
-    p.add_argument("--context", type=int, default=512, help="MRCR prompt tokens (default: %(default)s)")
+    p.add_argument("--context", type=int, default=1024, help="MRCR prompt tokens (default: %(default)s)")
     p.add_argument("--needles", type=int, default=2)
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    # One thread: on a shared 2-core box two OpenMP threads per process spin against other work
+    # (measured 4-6x slower per token under load); on an idle machine try --threads 2.
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "dysco-calibrate-cpu",
                    help="working folder: study, MLflow store, registry (default: %(default)s)")
+    p.add_argument("--registry", type=Path, help="registry folder (default: OUT/registry)")
+    p.add_argument("--heads-from", type=Path, metavar="DIR",
+                   help="a `headfinder detect` output folder to start from instead of running headfinder")
     p.add_argument("--fresh", action="store_true", help="delete the study and MLflow store first")
     p.add_argument("--report", type=Path, default=ROOT / "docs" / "calibrate_cpu.md")
     args = p.parse_args()
@@ -87,8 +109,8 @@ def main() -> int:
     if args.fresh:
         for path in (storage, tracking):
             path.unlink(missing_ok=True)
-    registry = args.out / "registry"
-    profile, headfinder_s = _head_profile(registry, args.threads)
+    registry = args.registry or args.out / "registry"
+    profile, headfinder_s = _head_profile(registry, args.threads, args.heads_from)
 
     cmd = [
         sys.executable, "-m", "calibration.cli", "--dev", "mrcr", "--model", MODEL, "--profile", profile,
@@ -98,7 +120,9 @@ def main() -> int:
         "--storage", f"sqlite:///{storage}", "--tracking-uri", f"sqlite:///{tracking}",
         "--registry", str(registry), "--json",
     ]
+    load_before = os.getloadavg()
     done, seconds = _run(cmd, stdout=subprocess.PIPE, text=True)
+    load_after = os.getloadavg()
     if done.returncode != 0:
         sys.exit(f"calibrate failed with code {done.returncode}")
     result = json.loads(done.stdout)
@@ -121,7 +145,8 @@ def main() -> int:
                                       for k, v in result["best_params"].items()),
     ]
     machine = f"{platform.node()} — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
-              f"Python {platform.python_version()}"
+              f"Python {platform.python_version()}; load average (1 min) {load_before[0]:.1f} before, " \
+              f"{load_after[0]:.1f} after"
     report = "\n".join([
         "# Calibration on CPU: SmolLM2-135M, synthetic MRCR",
         "",
