@@ -425,6 +425,18 @@ class EvalReport:
             "examples": self.examples,
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalReport:
+        """The inverse of `to_dict` (e.g. to re-plot a saved results.json)."""
+        return cls(
+            config=dict(data["config"]),
+            cells=[CellResult(**c) for c in data["cells"]],
+            paired=[PairedResult(**p) for p in data["paired"]],
+            speed=[SpeedResult(**s) for s in data["speed"]],
+            examples=list(data["examples"]),
+            seconds=float(data.get("seconds", 0.0)),
+        )
+
     def to_json(self) -> str:
         """`to_dict()` as indented JSON."""
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
@@ -486,6 +498,8 @@ class EvalReport:
                 err = [[100 * (c.mean - c.low) for c in cells], [100 * (c.high - c.mean) for c in cells]]
                 ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
             ax.set_xscale("log", base=2)
+            # A fixed margin: with a single length matplotlib would spread the offsets edge to edge.
+            ax.set_xlim(min(self.lengths) / 1.3, max(self.lengths) * 1.3)
             ax.set_xticks(self.lengths)
             ax.set_xticklabels([format_length(length) for length in self.lengths])
             ax.minorticks_off()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from calibration.evaluate import (
     ANSWER_MARGIN_TOKENS,
     EvalError,
+    EvalReport,
     bootstrap_interval,
     evaluate,
     format_length,
@@ -177,6 +178,8 @@ def test_save_writes_table_json_and_plot(report, tmp_path):
     assert len(data["examples"]) == 6 and data["examples"][0]["scores"].keys() == {"vanilla", "attnts", "dysco"}
     assert data["config"]["paired_test"].startswith("paired bootstrap")
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = EvalReport.from_dict(data)
+    assert again.to_dict() == json.loads(report.to_json()) and again.markdown() == table
 
 
 def test_batched_run_keeps_each_rows_budget(tiny):
