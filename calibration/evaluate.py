@@ -941,7 +941,7 @@ def register_cli(subparsers: Any) -> None:
         "eval",
         help="compare vanilla, AttnTS and DySCO on the same examples (accuracy with intervals, speed)",
         description="Run every decoding method on the same seeded examples of each task × context length; "
-        "report accuracy with 95%% bootstrap intervals, a paired test of each method vs vanilla, "
+        "report accuracy with 95% bootstrap intervals, a paired test of each method vs vanilla, "
         "time to first token and decode tokens/s; write a markdown table, JSON and a plot.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
