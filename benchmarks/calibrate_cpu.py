@@ -85,6 +85,7 @@ def _mlflow_runs(tracking_uri: str, parent_run_id: str) -> tuple[int, int]:
 def main() -> int:
     """Run the benchmark and write its report."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dev", default="mrcr", help="dev task (default: %(default)s); e.g. kv, which small models can score on")
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--examples", type=int, default=4, help="dev examples (default: %(default)s)")
     p.add_argument("--test-examples", type=int, default=2)
@@ -113,9 +114,10 @@ def main() -> int:
     profile, headfinder_s = _head_profile(registry, args.threads, args.heads_from)
 
     cmd = [
-        sys.executable, "-m", "calibration.cli", "--dev", "mrcr", "--model", MODEL, "--profile", profile,
+        sys.executable, "-m", "calibration.cli", "--dev", args.dev, "--model", MODEL, "--profile", profile,
         "--trials", str(args.trials), "--examples", str(args.examples), "--test-examples", str(args.test_examples),
-        "--context", str(args.context), "--needles", str(args.needles), "--max-new-tokens", str(args.max_new_tokens),
+        "--context", str(args.context), *(["--needles", str(args.needles)] if args.dev == "mrcr" else []),
+        "--max-new-tokens", str(args.max_new_tokens),
         "--batch-size", str(args.batch_size), "--threads", str(args.threads),
         "--storage", f"sqlite:///{storage}", "--tracking-uri", f"sqlite:///{tracking}",
         "--registry", str(registry), "--json",
@@ -148,7 +150,7 @@ def main() -> int:
               f"Python {platform.python_version()}; load average (1 min) {load_before[0]:.1f} before, " \
               f"{load_after[0]:.1f} after"
     report = "\n".join([
-        "# Calibration on CPU: SmolLM2-135M, synthetic MRCR",
+        f"# Calibration on CPU: SmolLM2-135M, {args.dev}",
         "",
         f"Date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}  ",
         f"Machine: {machine}  ",
