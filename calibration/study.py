@@ -332,6 +332,29 @@ def _heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Ite
         thread.join()
 
 
+def reclaim_dead_trials(study: optuna.Study) -> list[int]:
+    """Fail RUNNING trials whose process is gone and queue their parameters again.
+
+    Same host: the pid recorded in the trial's `worker` attribute is checked (it is dead, or now
+    names another process). Other hosts: Optuna's heartbeat decides. Returns the failed numbers.
+    """
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if worker is None or not _is_dead(worker):
+            continue
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        failed.append(trial.number)
+        log.warning("trial %d was left running by a dead process (pid %s); re-running it",
+                    trial.number, worker.get("pid"))
+        if set(trial.params) == set(_KNOBS):
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # other hosts: by heartbeat
+    return failed
+
+
 # --------------------------------------------------------------------------- the calibration
 
 
@@ -602,26 +625,11 @@ class Calibration:
             trial.set_user_attr(key, value)
         return (evaluation.mean, evaluation.tokens_per_s) if multi else evaluation.mean
 
-    def _reclaim_dead_trials(self, study: optuna.Study) -> None:
-        """Fail RUNNING trials whose process is gone and queue their parameters again."""
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            worker = trial.user_attrs.get("worker")
-            if worker is None or not _is_dead(worker):
-                continue
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            log.warning("trial %d was left running by a dead process (pid %s); re-running it",
-                        trial.number, worker.get("pid"))
-            if set(trial.params) == set(_KNOBS):
-                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # other hosts: by heartbeat
-
     def _next_trial(self) -> tuple[optuna.Study, optuna.Trial | None, bool]:
         """Under the study's lock: (study, a new trial or None, whether the budget is met)."""
         with self._lock():
             study = self.load_study()
-            self._reclaim_dead_trials(study)
+            reclaim_dead_trials(study)
             trials = study.get_trials(deepcopy=False)
             finished = sum(t.state in FINISHED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)

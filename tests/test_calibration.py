@@ -123,6 +123,33 @@ def test_head_ranking_follows_qr_scores_then_head_set():
         parse_heads("21-31")
 
 
+def test_a_trial_left_running_by_a_dead_process_is_failed_and_queued_again(tmp_path):
+    from calibration.space import SearchSpace
+    from calibration.study import _this_worker, open_storage, reclaim_dead_trials
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    space = SearchSpace.for_model(4096, 16)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = study.ask()
+    space.suggest(orphan)
+    orphan.set_user_attr("worker", {**_this_worker(), "pid": dead.pid})  # a process that has ended
+    alive = study.ask()
+    space.suggest(alive)
+    alive.set_user_attr("worker", _this_worker())  # this very process: must be left alone
+
+    assert reclaim_dead_trials(study) == [orphan.number]
+    trials = study.get_trials()
+    assert trials[orphan.number].state.name == "FAIL"
+    assert trials[alive.number].state.name == "RUNNING"
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == orphan.number]
+    assert len(retry) == 1 and retry[0].state.name == "WAITING"
+    assert reclaim_dead_trials(study) == []  # idempotent: nothing is queued twice
+    rerun = study.ask()  # the next trial taken is the queued one, with the orphan's parameters
+    assert rerun.number == retry[0].number and space.suggest(rerun) == trials[orphan.number].params
+
+
 # --------------------------------------------------------------------------- a whole calibration
 
 
