@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import time
 import zipfile
 from pathlib import Path
 
@@ -377,17 +376,14 @@ def test_embedded_model_finds_a_needle(smollm2):
 
 
 @pytest.mark.embedded
-def test_embedded_model_identity_and_fast_reload(smollm2):
+def test_embedded_model_identity_is_stable_across_reloads(smollm2):
+    # Load time is measured by benchmarks/load_time.py, never asserted here.
     model, _ = smollm2
-    started = time.perf_counter()
     identity = model_identity(model, "smollm2-135m")
-    assert time.perf_counter() - started < 1.0
     assert (identity["architecture"], identity["num_layers"], identity["num_heads"], identity["num_kv_heads"]) == (
         "llama", 30, 9, 3,
     )  # fmt: skip
-    started = time.perf_counter()
-    again, _ = load_model("smollm2-135m", progress=False)  # modules already imported: pure load cost
-    assert time.perf_counter() - started < 3.0
+    again, _ = load_model("smollm2-135m", progress=False)
     assert model_identity(again, "smollm2-135m") == identity
 
 
