@@ -518,18 +518,11 @@ class FastDecoder:
         template_mask: Sequence[Sequence[bool]] | None = None,
     ):
         """Greedy generation for a batch of prompts (the forms `Decoder.generate` takes): a `Generation`."""
-        from decoder.generation import Generation
+        from decoder.generation import Generation, left_pad
 
         exact = self._exact()
         ids, masks = exact.encode(prompts, template_mask)
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), exact.pad_id, dtype=torch.long)
-        real = torch.zeros(len(ids), width, dtype=torch.bool)
-        template = torch.zeros(len(ids), width, dtype=torch.bool)
-        for i, (row, mask) in enumerate(zip(ids, masks)):
-            input_ids[i, width - len(row):] = torch.tensor(row)
-            real[i, width - len(row):] = True
-            template[i, width - len(row):] = torch.tensor(mask, dtype=torch.bool)
+        input_ids, real, template = left_pad(ids, masks, exact.pad_id)
         eos_ids = sorted(exact._eos_ids(eos))
         out = self.generate_ids(input_ids, real, max_new_tokens=max_new_tokens, template=template,
                                 eos_token_id=eos_ids or None, return_logits=return_logits)

@@ -41,7 +41,7 @@ from decoder.attention import AttentionPlan, attach, attention_layers, use_plan
 from decoder.dysco import DyscoConfig, select_positions, update_importance, upweighted_positions, dysco_bias
 from decoder.template import encode_chat
 
-__all__ = ["METHODS", "Decoder", "Generation", "PrefillState", "StepEvent", "model_shape"]
+__all__ = ["METHODS", "Decoder", "Generation", "PrefillState", "StepEvent", "cache_kwarg", "left_pad", "model_shape"]
 
 METHODS = ("dysco", "vanilla", "attnts")
 
@@ -91,6 +91,19 @@ def model_shape(model) -> tuple[int, int]:
     """(layers, query heads) of a transformers causal LM."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(config.num_hidden_layers), int(config.num_attention_heads)
+
+
+def left_pad(ids: list[list[int]], masks: list[list[bool]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded batch: token ids [batch, width], real-token mask and chat-template mask (bool, same shape)."""
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    real = torch.zeros(len(ids), width, dtype=torch.bool)
+    template = torch.zeros(len(ids), width, dtype=torch.bool)
+    for i, (row, mask) in enumerate(zip(ids, masks)):
+        input_ids[i, width - len(row):] = torch.tensor(row)
+        real[i, width - len(row):] = True
+        template[i, width - len(row):] = torch.tensor(mask, dtype=torch.bool)
+    return input_ids, real, template
 
 
 def _context_limit(model) -> int | None:
@@ -225,14 +238,7 @@ class Decoder:
                     f"prompt {longest} has {width} tokens; with max_new_tokens={max_new_tokens} it would exceed the "
                     f"model's context of {limit} tokens"
                 )
-        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        real = torch.zeros(len(ids), width, dtype=torch.bool)
-        template = torch.zeros(len(ids), width, dtype=torch.bool)
-        for i, (row, mask) in enumerate(zip(ids, masks)):
-            input_ids[i, width - len(row):] = torch.tensor(row)
-            real[i, width - len(row):] = True
-            template[i, width - len(row):] = torch.tensor(mask, dtype=torch.bool)
-        input_ids, real, template = (x.to(self.device) for x in (input_ids, real, template))
+        input_ids, real, template = (x.to(self.device) for x in left_pad(ids, masks, self.pad_id))
         warmup = self._warmup(width) if warmup is None else min(int(warmup), width)
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {warmup}")
@@ -258,7 +264,7 @@ class Decoder:
             input_ids=ids[:, start:end], attention_mask=attention_mask, position_ids=position_ids,
             use_cache=True, logits_to_keep=1,
         )
-        kwargs[_cache_kwarg(self.model)] = cache
+        kwargs[cache_kwarg(self.model)] = cache
         with torch.no_grad():
             if plan is None:
                 return self.model(**kwargs).logits[:, -1].float()
@@ -569,7 +575,7 @@ class _Run:
             self.static_set = self.static_set[index]
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """The forward's cache keyword: `cache` from transformers 5.2x, `past_key_values` before (an unknown keyword
     is swallowed by **kwargs, so passing the wrong one silently runs without a cache)."""
     import inspect

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from decoder.attention import AttentionPlan, attach, use_plan
+from decoder.generation import cache_kwarg, model_shape
 from headfinder.probes import NeedleProbe, QRProbe
 
 # --------------------------------------------------------------------------------------------------
@@ -97,12 +98,6 @@ def retrieval_hits(
 # Drivers
 
 
-def model_shape(model) -> tuple[int, int]:
-    """(layers, query heads) of a transformers causal LM."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.num_hidden_layers), int(config.num_attention_heads)
-
-
 def _all_heads(model) -> dict[int, torch.Tensor]:
     from decoder.attention import attention_layers
 
@@ -116,11 +111,8 @@ def _device(model) -> torch.device:
 
 
 def _forward(model, ids: torch.Tensor, cache):
-    """One forward that reads and extends `cache` (transformers renamed `past_key_values` to `cache`)."""
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(input_ids=ids, use_cache=True, logits_to_keep=1, **{name: cache})
+    """One forward that reads and extends `cache`."""
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
 
 
 def _new_cache(model):
