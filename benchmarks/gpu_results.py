@@ -1,0 +1,653 @@
+"""Qwen2.5-Coder-0.5B on the GPU: detect its QR heads, then `evaluate` vanilla, AttnTS and DySCO at 8K–32K.
+
+The GPU machine has no network, so the run is prepared here and sent in pieces (docs/results.md has
+the whole recipe and the figures it produced):
+
+    # here, on the CPU: the GGUF in <= 60 MB pieces (git-ignored), the examples, the wheels
+    split -b 60000000 -d -a 2 ~/.cache/dysco-toolkit/models/qwen2.5-coder-0.5b/source/*.gguf .gguf_parts/part
+    .venv/bin/python benchmarks/gpu_results.py prepare --gguf ~/.cache/.../qwen2.5-coder-0.5b-instruct.gguf \
+        --tasks mrcr,kv --out .gpu_inputs/examples.jsonl.gz
+    # there, on the GPU: join the pieces, check the sha256, load in bf16, detect heads, evaluate
+    python benchmarks/gpu_results.py run --parts /tmp/q --examples .gpu_inputs/examples.jsonl.gz \
+        --tasks kv,mrcr --batch-sizes 8k:50,16k:25,32640:13 --out $OUT
+    # a dry run of the same code on the CPU with any small GGUF split the same way (SmolLM2 here)
+    .venv/bin/python benchmarks/gpu_results.py run --parts /tmp/parts --gguf-name SmolLM2-135M-Instruct.Q4_1.gguf \
+        --sha256 <hex> --size <bytes> --model-name smollm2-135m --device cpu --dtype float32 \
+        --tasks kv --lengths 1k --n 2 --batch-sizes 2 --probes 4 --probe-length 512 --top-k 8 --out /tmp/dry
+    # rebuild results.md and accuracy.png from a run's results.json
+    .venv/bin/python benchmarks/gpu_results.py render docs/results/qwen2.5-coder-0.5b-gpu
+
+`run` writes into --out, rewriting after every finished task × length so that a run stopped at its
+time limit still returns what finished: results.json (`EvalReport.to_dict()` of everything finished
+so far), results.md and accuracy.png (tasks may have different lengths when the budget stopped the
+run), heads.json (the detected head set and how it was found). It
+checks a time budget (--budget-s) before every task × length: when the next one, estimated from the
+ones already measured, would not fit, it runs it with fewer examples (never fewer than --min-n) or
+skips it, and says so in the log and in results.json's config.
+
+Nothing here imports optuna or mlflow (not on the GPU machine): `calibration.evaluate` and
+`headfinder` are imported module by module, never through `calibration.study`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+MODEL_NAME = "qwen2.5-coder-0.5b"
+GGUF_NAME = "qwen2.5-coder-0.5b-instruct.gguf"
+GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+GGUF_SIZE = 491_400_064
+# The model's context is 32,768 tokens; a "32K" prompt must leave room for the answer (MRCR: up to
+# ~70 answer tokens + 24 of margin), so the longest length is 32K minus 128.
+DEFAULT_LENGTHS = "8k,16k,32640"
+T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f} s] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+def join_parts(parts_dir: Path, target: Path, sha256: str | None, size: int | None) -> Path:
+    """Concatenate parts_dir/part* (sorted) into `target` and check its size and sha256."""
+    parts = sorted(p for p in parts_dir.iterdir() if p.name.startswith("part"))
+    if not parts:
+        raise SystemExit(f"no part* files in {parts_dir}")
+    digest = hashlib.sha256()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+    got = target.stat().st_size
+    log(f"joined {len(parts)} parts ({', '.join(p.name for p in parts)}) into {target}: {got:,} bytes, sha256 {digest.hexdigest()}")
+    if size is not None and got != size:
+        raise SystemExit(f"joined file has {got:,} bytes, expected {size:,}: a part is missing or truncated")
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise SystemExit(f"sha256 mismatch: got {digest.hexdigest()}, expected {sha256}")
+    return target
+
+
+def save_example_sets(path: Path, sets: dict[tuple[str, int], list[Any]], seed: int) -> None:
+    """One JSON line per example: {"task", "length", "seed", "example"} (gzip when path ends in .gz)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt", encoding="utf-8") as fh:
+        for (task, length), examples in sets.items():
+            for example in examples:
+                fh.write(json.dumps({"task": task, "length": length, "seed": seed, "example": example.to_dict()}, ensure_ascii=False) + "\n")
+
+
+def load_example_sets(path: Path) -> tuple[dict[tuple[str, int], list[Any]], int | None]:
+    from calibration.tasks.base import Example
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    sets: dict[tuple[str, int], list[Any]] = {}
+    seed = None
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            record = json.loads(line)
+            seed = record["seed"]
+            sets.setdefault((record["task"], int(record["length"])), []).append(
+                Example.from_dict(record["example"], where=f"{path}:{number}")
+            )
+    return sets, seed
+
+
+class StoredTask:
+    """A task whose examples were generated beforehand (same tokenizer, same seed); grading is the task's own.
+
+    Synthetic examples at 32K cost seconds each to size on one CPU core; generating them here spares
+    that device time. `generate` falls back to the real task for anything not stored.
+    """
+
+    def __new__(cls, base, stored: dict[int, list[Any]], seed: int | None):
+        from calibration.tasks.base import Task
+
+        class _Stored(Task):
+            name = base.name
+            description = base.description
+
+            def _generate(self, tokenizer, n, context_tokens, seed_):
+                examples = stored.get(context_tokens)
+                if examples is not None and seed_ == seed and n <= len(examples):
+                    return list(examples[:n])
+                log(f"{base.name} {context_tokens}: not stored (n={n}, seed={seed_}); generating on this machine")
+                return base.generate(tokenizer, n, context_tokens, seed_)
+
+            def grade(self, response, example):
+                return base.grade(response, example)
+
+        return _Stored()
+
+
+# ---------------------------------------------------------------------------------------- heads
+
+
+def detect_heads(model, tokenizer, probes: int, length: int, seed: int, k: int) -> dict[str, Any]:
+    """Top-k QR heads over `probes` query-focused probes, with split-half stability."""
+    import torch
+
+    from headfinder.head_sets import stability_report, top_k_heads
+    from headfinder.probes import make_qr_probes
+    from headfinder.scores import qr_scores
+
+    started = time.perf_counter()
+    probe_set = make_qr_probes(tokenizer, probes, length, seed=seed)
+    made = time.perf_counter() - started
+    result = qr_scores(model, probe_set, progress=False)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    heads = top_k_heads(result.qr, k)
+    half = probes // 2
+    stability = None
+    if half >= 1:
+        stability = stability_report(result.per_probe_qr[:half].mean(0), result.per_probe_qr[half:].mean(0), k=k)
+        stability = {key: (float(v) if isinstance(v, (int, float)) else v) for key, v in stability.items()
+                     if isinstance(v, (int, float, str, list))}
+    return {
+        "heads": [list(h) for h in heads],
+        "qr_scores": [round(float(result.qr[layer, head]), 6) for layer, head in heads],
+        "ndcg": [round(float(result.ndcg[layer, head]), 6) for layer, head in heads],
+        "probes": probes,
+        "probe_tokens": [len(p.query_ids) for p in probe_set],
+        "probe_length": length,
+        "seed": seed,
+        "top_k": k,
+        "split_half_stability": stability,
+        "seconds_probes_built": round(made, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+        "method": "headfinder.qr_scores (QR score, Zhang et al. 2025) over make_qr_probes; top_k_heads",
+    }
+
+
+# ---------------------------------------------------------------------------------------- reports
+
+
+def merge_reports(reports: list[Any]):
+    """One EvalReport from several (disjoint task × length units, same methods and seed)."""
+    from calibration.evaluate import EvalReport, SpeedResult
+
+    first = reports[0]
+    config = dict(first.config)
+    config["tasks"] = list(dict.fromkeys(t for r in reports for t in r.config["tasks"]))
+    config["lengths"] = sorted({length for r in reports for length in r.config["lengths"]})
+    units = {f"{r.config['tasks'][0]}@{r.config['lengths'][0]}": r for r in reports}
+    config["n"] = min(r.config["n"] for r in reports)
+    config["n_per_unit"] = {k: r.config["n"] for k, r in units.items()}
+    config["batch_size_per_unit"] = {k: r.config["batch_size"] for k, r in units.items()}
+    config["seconds_per_unit"] = {k: r.config.get("unit_seconds") for k, r in units.items()}
+    config["peak_gib_per_unit"] = {k: r.config.get("peak_gib") for k, r in units.items()}
+    # Speed rows are per method × length, pooled over the tasks of that length: pool the units again.
+    speed = []
+    for method in config["methods"]:
+        for length in config["lengths"]:
+            parts = [s for r in reports for s in r.speed if (s.method, s.length) == (method, length)]
+            if not parts:
+                continue
+            batches = sum(s.batches for s in parts)
+            seconds = sum(s.seconds for s in parts)
+            tokens = sum(s.new_tokens for s in parts)
+            ttft_sum = sum(s.ttft_s * s.batches for s in parts)
+            after_first = seconds - ttft_sum
+            decode_tokens = sum(s.decode_tokens_per_s * (s.seconds - s.ttft_s * s.batches) for s in parts)
+            speed.append(SpeedResult(
+                method=method, length=length, batches=batches, new_tokens=tokens, seconds=seconds,
+                ttft_s=ttft_sum / batches if batches else 0.0,
+                decode_tokens_per_s=decode_tokens / after_first if after_first > 0 else 0.0,
+                tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+            ))
+    return EvalReport(
+        config=config,
+        cells=[c for r in reports for c in r.cells],
+        paired=[p for r in reports for p in r.paired],
+        speed=speed,
+        examples=[e for r in reports for e in r.examples],
+        seconds=sum(r.seconds for r in reports),
+    )
+
+
+def grid_markdown(report) -> str:
+    """The accuracy and speed tables of a merged report whose tasks need not share every length.
+
+    (`EvalReport.markdown()` assumes the full task × length grid; a run stopped by its budget has
+    fewer lengths for the later tasks.) Same cells and format as `EvalReport.markdown()`.
+    """
+    from calibration.evaluate import BASELINE, format_length
+
+    cfg, methods = report.config, report.methods
+    paired = {(p.task, p.length, p.method): p for p in report.paired}
+    compared = [m for m in methods if m != BASELINE and any(k[2] == m for k in paired)]
+    lines = [
+        f"Model `{cfg['model']}`; examples per task × length: "
+        + ", ".join(f"{k} {v}" for k, v in cfg.get("n_per_unit", {}).items())
+        + f" (seed {cfg['seed']}); greedy decoding; scores in % with 95% bootstrap intervals ({cfg['bootstrap_resamples']} resamples).",
+        "",
+    ]
+    header = ["task", "length", *methods, *[f"{m} − {BASELINE} (95% CI), sign-test p" for m in compared]]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in report.tasks:
+        for length in sorted({c.length for c in report.cells if c.task == task}):
+            row = [task, format_length(length)]
+            for method in methods:
+                c = report.cell(task, length, method)
+                row.append(f"{100 * c.mean:.1f} [{100 * c.low:.1f}, {100 * c.high:.1f}]")
+            for method in compared:
+                p = paired[(task, length, method)]
+                row.append(f"{100 * p.mean_difference:+.1f} [{100 * p.low:+.1f}, {100 * p.high:+.1f}], "
+                           f"{p.wins}W/{p.losses}L/{p.ties}T, p={p.p_value:.3g}")
+            lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Speed (the tasks of each length pooled): time to first token = prefill + warmup + first token, mean per "
+        "batch; decode tokens/s counts the tokens after the first, over all rows of a batch. Batch sizes: "
+        + ", ".join(f"{k} {v}" for k, v in cfg.get("batch_size_per_unit", {}).items()) + ".",
+        "",
+        "| method | length | TTFT (s) | decode tokens/s | tokens generated |",
+        "|---|---|---|---|---|",
+    ]
+    for s in report.speed:
+        lines.append(f"| {s.method} | {format_length(s.length)} | {s.ttft_s:.2f} | {s.decode_tokens_per_s:.1f} | {s.new_tokens} |")
+    return "\n".join(lines) + "\n"
+
+
+def grid_plot(report, path: Path) -> Path:
+    """Accuracy vs context length, one panel per task (each with its own lengths), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from calibration.evaluate import format_length
+
+    tasks = report.tasks
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False, sharey=True)
+    for ax, task in zip(axes[0], tasks):
+        lengths = sorted({c.length for c in report.cells if c.task == task})
+        for k, method in enumerate(report.methods):
+            cells = [report.cell(task, length, method) for length in lengths]
+            xs = [length * (1 + 0.03 * (k - (len(report.methods) - 1) / 2)) for length in lengths]
+            err = [[100 * (c.mean - c.low) for c in cells], [100 * (c.high - c.mean) for c in cells]]
+            ax.errorbar(xs, [100 * c.mean for c in cells], yerr=err, marker="o", capsize=3, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(min(lengths) / 1.3, max(lengths) * 1.3)
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([format_length(length) for length in lengths])
+        ax.minorticks_off()
+        ax.set_title(f"{task} (n={report.config.get('n_per_unit', {}).get(f'{task}@{lengths[0]}', report.config['n'])})")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylim(-5, 105)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score (%)")
+    axes[0][-1].legend(loc="best", fontsize="small")
+    fig.suptitle(f"{report.config['model']}: 95% bootstrap intervals", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render(out: Path, report) -> None:
+    """results.md and accuracy.png from a (merged) report, atomically."""
+    tmp = out / "results.md.tmp"
+    tmp.write_text(grid_markdown(report), encoding="utf-8")
+    os.replace(tmp, out / "results.md")
+    try:
+        grid_plot(report, out / "accuracy.tmp.png")
+        os.replace(out / "accuracy.tmp.png", out / "accuracy.png")
+    except Exception as err:  # a plot must never cost the numbers
+        log(f"plot failed: {type(err).__name__}: {err}")
+
+
+def write_outputs(out: Path, reports: list[Any], meta: dict[str, Any]):
+    """results.json / results.md / accuracy.png for everything finished so far (atomic rewrites)."""
+    report = merge_reports(reports)
+    report.config["gpu_results"] = meta
+    tmp = out / "results.json.tmp"
+    tmp.write_text(report.to_json() + "\n", encoding="utf-8")
+    os.replace(tmp, out / "results.json")
+    try:
+        render(out, report)
+    except Exception as err:  # the JSON above holds everything; never stop the run for a table
+        log(f"rendering results.md failed: {type(err).__name__}: {err}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------- timing hooks
+
+
+class Timings:
+    """Wraps calibration.evaluate's run_examples and _prompt_ids: per-method times in the log, ids encoded once."""
+
+    def __init__(self) -> None:
+        import calibration.evaluate as ev
+
+        self.ev = ev
+        self.original_run = ev.run_examples
+        self.original_ids = ev._prompt_ids
+        self.memo: dict[str, tuple[list[int], list[bool]]] = {}
+        self.units: list[dict[str, Any]] = []
+        self.current = ""
+        ev.run_examples = self.run_examples
+        ev._prompt_ids = self.prompt_ids
+
+    def prompt_ids(self, tokenizer, example):
+        key = example.id
+        if key not in self.memo:
+            self.memo[key] = self.original_ids(tokenizer, example)
+        return self.memo[key]
+
+    def run_examples(self, decoder, task, examples, **kwargs):
+        import torch
+
+        started = time.perf_counter()
+        run = self.original_run(decoder, task, examples, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        ttft = sum(t.ttft_s for t in run.timings)
+        tokens = sum(t.new_tokens for t in run.timings)
+        mean = sum(run.scores) / len(run.scores)
+        steps = planned_steps(list(examples), kwargs.get("batch_size", 1))
+        self.units.append({"unit": self.current, "method": decoder.method, "rows": len(examples), "steps": steps, "seconds": seconds,
+                           "prefill_s": ttft, "decode_s": seconds - ttft, "batches": len(run.timings), "tokens": tokens})
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        log(f"  {self.current} {decoder.method:8s}: {len(examples)} rows in {len(run.timings)} batches, {seconds:6.1f} s "
+            f"(TTFT sum {ttft:5.1f} s, decode {seconds - ttft:5.1f} s, {tokens} tokens), mean score {100 * mean:5.1f}%, "
+            f"peak {peak:.1f} GiB")
+        return run
+
+
+def planned_steps(examples: list[Any], batch: int) -> int:
+    """Decode steps the batches of `examples` may take at most: each batch runs to its largest budget."""
+    from calibration.evaluate import example_budget
+
+    budgets = [example_budget(e, None) for e in examples]
+    return sum(max(budgets[i : i + batch]) for i in range(0, len(budgets), batch))
+
+
+def estimate_seconds(done: list[dict[str, Any]], length: int, n: int, steps: int) -> float | None:
+    """Seconds a unit of `n` examples at `length` with `steps` planned decode steps should take.
+
+    From the last measured unit of each method: prefill seconds per row scaled by
+    (length ratio)^1.6 (linear layers ~ L, attention under a padding mask ~ L^2), decode seconds per
+    planned step by (length ratio)^0.5 (the KV traffic grows, the per-step overhead does not); a
+    ratio below 1 scales prefill linearly and decode not at all. Deliberately pessimistic.
+    """
+    if not done:
+        return None
+    total = 0.0
+    for method in dict.fromkeys(u["method"] for u in done):
+        last = [u for u in done if u["method"] == method][-1]
+        ratio = length / last["length"]
+        prefill = last["prefill_s"] / last["rows"] * (ratio**1.6 if ratio >= 1 else ratio)
+        decode = last["decode_s"] / max(1, last["steps"]) * (ratio**0.5 if ratio >= 1 else 1.0)
+        total += prefill * n + decode * steps
+    return total * 1.15 + 5.0
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Generate and store the examples of every task × length with the model's own tokenizer."""
+    from calibration.evaluate import parse_lengths
+    from calibration.tasks import get_task
+
+    tokenizer = load_tokenizer(args)
+    lengths = parse_lengths(args.lengths)
+    sets = {}
+    for name in args.tasks.split(","):
+        task = get_task(name)
+        for length in lengths:
+            started = time.perf_counter()
+            sets[(name, length)] = task.generate(tokenizer, args.n, length, args.seed)
+            tokens = [e.meta.get("prompt_tokens") for e in sets[(name, length)]]
+            log(f"{name} {length}: {args.n} examples in {time.perf_counter() - started:.1f} s, prompt tokens {min(tokens)}–{max(tokens)}")
+    save_example_sets(Path(args.out), sets, args.seed)
+    log(f"wrote {args.out} ({Path(args.out).stat().st_size:,} bytes)")
+    return 0
+
+
+def load_tokenizer(args: argparse.Namespace):
+    if args.gguf:
+        from transformers import AutoTokenizer
+
+        from decoder.loading import _finish_tokenizer
+
+        path = Path(args.gguf).expanduser()
+        return _finish_tokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+    from decoder.loading import load_model
+
+    return load_model(args.model, progress=False)[1]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from calibration.evaluate import EvalReport, evaluate, format_length, parse_lengths
+    from calibration.tasks import get_task
+    from decoder.dysco import DyscoConfig
+    from decoder.loading import load_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget_end = T0 + args.budget_s
+    dtype = getattr(torch, args.dtype)
+    log(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
+        f"device {args.device}" + (f" ({torch.cuda.get_device_name(0)})" if args.device.startswith("cuda") else ""))
+
+    # 1. the weights
+    if args.parts:
+        gguf = join_parts(Path(args.parts), Path(args.join_to) / (args.gguf_name or GGUF_NAME), args.sha256 or None, args.size or None)
+    else:
+        gguf = Path(args.gguf).expanduser()
+    started = time.perf_counter()
+    model, tokenizer = load_model(str(gguf), dtype=dtype, device=args.device, progress=False)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    shape = f"{text_config.num_hidden_layers} layers × {text_config.num_attention_heads} heads ({text_config.num_key_value_heads} KV)"
+    log(f"loaded {gguf.name} in {time.perf_counter() - started:.1f} s as {model.dtype} on {args.device}: {model.config.model_type}, "
+        f"{shape}, context {text_config.max_position_embeddings}, attention {model.config._attn_implementation}")
+
+    # 2. the head set
+    if args.heads:
+        heads_info = {"heads": [[int(x) for x in pair.split(":")] for pair in args.heads.split(",")], "method": "given (--heads)"}
+    else:
+        heads_info = detect_heads(model, tokenizer, args.probes, args.probe_length, args.seed, args.top_k)
+    heads_info.update({"model": args.model_name, "gguf": gguf.name, "dtype": args.dtype})
+    (out / "heads.json").write_text(json.dumps(heads_info, indent=2) + "\n", encoding="utf-8")
+    heads = [tuple(pair) for pair in heads_info["heads"]]
+    log(f"head set ({heads_info.get('seconds', 0)} s): {','.join(f'{a}:{b}' for a, b in heads)}; "
+        f"split-half stability {heads_info.get('split_half_stability')}")
+    dysco = DyscoConfig(head_set=heads)  # the published default knobs
+
+    # 3. the examples
+    stored_sets, stored_seed = ({}, None)
+    if args.examples:
+        stored_sets, stored_seed = load_example_sets(Path(args.examples))
+        log(f"examples from {args.examples}: " + ", ".join(f"{t}@{format_length(l)}×{len(v)}" for (t, l), v in stored_sets.items()))
+    lengths = parse_lengths(args.lengths)
+    batch_sizes = parse_batch_sizes(args.batch_sizes, lengths)
+    units = [(task, length) for task in args.tasks.split(",") for length in lengths]
+    timings = Timings()
+    reports, plan_notes, done_units = [], [], []
+    meta = {"command": " ".join(sys.argv), "dtype": args.dtype, "device": args.device,
+            "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+            "head_set": heads_info, "examples_file": args.examples, "budget_s": args.budget_s, "notes": plan_notes}
+
+    for task_name, length in units:
+        base = get_task(task_name)
+        stored = {l: v for (t, l), v in stored_sets.items() if t == task_name}
+        task = StoredTask(base, stored, stored_seed) if stored else base
+        n, batch = args.n, batch_sizes[length]
+        label = f"{task_name}@{format_length(length)}"
+        remaining = budget_end - time.perf_counter()
+        examples = task.generate(tokenizer, n, length, args.seed)
+        estimate = estimate_seconds(done_units, length, n, planned_steps(examples, batch))
+        if estimate is not None and estimate > remaining:
+            fit = n
+            while fit > 0 and estimate_seconds(done_units, length, fit, planned_steps(examples[:fit], batch)) > remaining:
+                fit -= 1
+            if fit < args.min_n:
+                note = f"{label}: skipped (estimated {estimate:.0f} s for n={n}, {remaining:.0f} s left of the budget)"
+                plan_notes.append(note)
+                log(note)
+                continue
+            note = f"{label}: n cut from {n} to {fit} (estimated {estimate:.0f} s for n={n}, {remaining:.0f} s left)"
+            plan_notes.append(note)
+            log(note)
+            n = fit
+        log(f"{label}: n={n}, batch {batch}" + (f", estimated {estimate:.0f} s" if estimate is not None else "")
+            + f", {remaining:.0f} s of budget left")
+        timings.current = label
+        first_unit = len(timings.units)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        report = None
+        while report is None:
+            try:
+                report = evaluate(
+                    model, tokenizer, [task], [length], args.methods, n, args.seed, dysco=dysco,
+                    attnts_temperature=args.attnts_temperature, batch_size=batch, model_name=args.model_name,
+                    extra_config={"unit_seconds": None},
+                )
+            except torch.cuda.OutOfMemoryError as err:
+                del timings.units[first_unit:]
+                torch.cuda.empty_cache()
+                if batch == 1:
+                    note = f"{label}: out of memory even at batch 1; skipped"
+                    plan_notes.append(note)
+                    log(note)
+                    break
+                note = f"{label}: out of memory at batch {batch} ({str(err).splitlines()[0][:160]}); retrying at batch {max(1, batch // 2)}"
+                plan_notes.append(note)
+                log(note)
+                batch = max(1, batch // 2)
+                started = time.perf_counter()
+            except Exception as err:  # keep what finished; go on with the next unit
+                import traceback
+
+                traceback.print_exc()
+                note = f"{label}: failed ({type(err).__name__}: {str(err)[:300]})"
+                plan_notes.append(note)
+                log(note)
+                break
+        if report is None:
+            del timings.units[first_unit:]
+            continue
+        report.config["unit_seconds"] = round(time.perf_counter() - started, 1)
+        report.config["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1) if args.device.startswith("cuda") else None
+        for unit in timings.units[first_unit:]:
+            unit.update({"length": length, "batch": batch})
+            done_units.append(unit)
+        reports.append(report)
+        meta["units"] = timings.units
+        write_outputs(out, reports, meta)
+        log(f"{label}: done in {report.config['unit_seconds']} s; wrote {out}/results.json, results.md, accuracy.png")
+
+    if not reports:
+        log("nothing evaluated")
+        return 1
+    final = merge_reports(reports)
+    print()
+    print(grid_markdown(final))
+    for note in plan_notes:
+        print(f"note: {note}")
+    log(f"total {time.perf_counter() - T0:.0f} s")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Rewrite results.md and accuracy.png from a results.json written by `run`."""
+    from calibration.evaluate import EvalReport
+
+    folder = Path(args.folder)
+    report = EvalReport.from_dict(json.loads((folder / "results.json").read_text(encoding="utf-8")))
+    render(folder, report)
+    print(grid_markdown(report))
+    return 0
+
+
+def parse_batch_sizes(text: str, lengths: list[int]) -> dict[int, int]:
+    """'8k:25,16k:25,32640:13' or one number for all -> {length: batch}."""
+    from calibration.evaluate import parse_length
+
+    if ":" not in text:
+        return {length: int(text) for length in lengths}
+    given = {}
+    for item in text.split(","):
+        key, value = item.split(":")
+        given[parse_length(key)] = int(value)
+    missing = [length for length in lengths if length not in given]
+    if missing:
+        raise SystemExit(f"--batch-sizes gives no batch size for length {missing[0]}")
+    return given
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--tasks", default="mrcr", help="comma-separated tasks (default: mrcr)")
+        p.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"default: {DEFAULT_LENGTHS}")
+        p.add_argument("--n", type=int, default=50, help="examples per task × length (default: 50)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--gguf", default=None, help="a .gguf file (instead of --parts)")
+        p.add_argument("--model", default=MODEL_NAME, help="catalogue name whose tokenizer `prepare` uses without --gguf")
+
+    p = sub.add_parser("prepare", help="generate the examples here (CPU) with the model's tokenizer")
+    common(p)
+    p.add_argument("--out", required=True, help="examples file (.jsonl or .jsonl.gz)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("run", help="join, load, detect heads, evaluate")
+    common(p)
+    p.add_argument("--parts", default=None, help="folder of part* pieces of the GGUF (joined in order)")
+    p.add_argument("--join-to", default="/tmp/gguf", help="folder the joined GGUF is written to (default: /tmp/gguf)")
+    p.add_argument("--gguf-name", default=None, help=f"joined file name (default: {GGUF_NAME})")
+    p.add_argument("--sha256", default=GGUF_SHA256, help="expected sha256 of the joined GGUF ('' to skip)")
+    p.add_argument("--size", type=int, default=GGUF_SIZE, help="expected size in bytes (0 to skip)")
+    p.add_argument("--model-name", default=MODEL_NAME)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--examples", default=None, help="examples file written by `prepare`")
+    p.add_argument("--methods", default="vanilla,attnts,dysco")
+    p.add_argument("--batch-sizes", default="8k:25,16k:25,32640:13", help="per length, or one number")
+    p.add_argument("--attnts-temperature", type=float, default=None, help="default: evaluate's (0.8)")
+    p.add_argument("--heads", default=None, help="L:H,… to skip detection")
+    p.add_argument("--probes", type=int, default=16)
+    p.add_argument("--probe-length", type=int, default=3072)
+    p.add_argument("--top-k", type=int, default=16)
+    p.add_argument("--budget-s", type=float, default=420.0, help="wall seconds from start for the whole run (default: 420)")
+    p.add_argument("--min-n", type=int, default=20, help="fewest examples a task × length is run with when cut (default: 20)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("render", help="rewrite results.md and accuracy.png from a run's results.json")
+    p.add_argument("folder")
+    p.set_defaults(func=cmd_render)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
