@@ -10,8 +10,9 @@
 #
 # Everything it writes goes under OUT_DIR: the registry (unless DYSCO_REGISTRY is set), the Optuna
 # study, the MLflow store and its artifacts, the head heatmaps, and the eval table, JSON and plot.
-# The sizes below are chosen so the three model steps take about 10 minutes on a 2-core CPU; see
-# docs/quickstart.md for the measured times. Each QUICKSTART_* variable overrides one size.
+# The sizes below keep the three model steps near 6 minutes on an idle 2-core CPU (the whole run,
+# install included, under 10); docs/quickstart.md has the measured times. Each QUICKSTART_*
+# variable overrides one size, QUICKSTART_THREADS the torch threads of every step.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")" && pwd)"
@@ -21,8 +22,9 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 
 MODEL="${QUICKSTART_MODEL:-smollm2-135m}"
-# headfinder: the CLI's default QR probe set (16 probes of 1024 tokens); needle probes are left out
-# because they decode (about 5× the cost) and the head set is chosen by the QR score anyway.
+# headfinder: the CLI's default QR probe set (16 probes of 1024 tokens). Needle probes are left out:
+# they decode, which took about 3× as long as the QR probes (8 of each at 512 tokens), and the head
+# set is chosen by the QR score anyway.
 HF_PROBES="${QUICKSTART_HF_PROBES:-16}"
 HF_CONTEXT="${QUICKSTART_HF_CONTEXT:-1024}"
 # calibrate: a handful of short MRCR chats; 24 new tokens hold the 10-character hash the grade
@@ -32,9 +34,9 @@ CAL_EXAMPLES="${QUICKSTART_CAL_EXAMPLES:-4}"
 CAL_TEST="${QUICKSTART_CAL_TEST:-2}"
 CAL_CONTEXT="${QUICKSTART_CAL_CONTEXT:-512}"
 CAL_NEW_TOKENS="${QUICKSTART_CAL_NEW_TOKENS:-24}"
-# eval: two tasks at two short lengths. 24 new tokens: SmolLM2 answers the needle with a sentence
-# ("The secret number of Quifand is 2085850.", up to 21 tokens), longer than the default cap of the
-# answer's length + 8.
+# eval: two tasks at two short lengths. 24 new tokens hold SmolLM2's whole needle answer (a sentence
+# such as "The secret number of Quifand is 2085850.", at most 21 tokens seen) and cut MRCR's default
+# (its 32-token answer + 24) short: the hash the MRCR grade checks first comes in the first tokens.
 EVAL_TASKS="${QUICKSTART_EVAL_TASKS:-needle,mrcr}"
 EVAL_LENGTHS="${QUICKSTART_EVAL_LENGTHS:-512,1k}"
 EVAL_N="${QUICKSTART_EVAL_N:-4}"
