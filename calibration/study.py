@@ -846,14 +846,41 @@ class _Workers:
         self.processes = [
             subprocess.Popen(
                 [sys.executable, "-m", "calibration.study", "--worker", spec],
-                stdout=subprocess.DEVNULL, stderr=stream,
+                stdout=subprocess.PIPE, stderr=stream,
             )
             for stream in self.logs
         ]
 
+    def wait_ready(self, timeout_s: float = 900.0) -> int:
+        """Block until every worker has loaded its model and joined the study (or has died).
+
+        Without this the command, whose model is often loaded first, could run the whole budget
+        alone while its workers are still importing torch. Returns how many workers joined.
+        """
+        import select
+
+        pending = {p.stdout.fileno(): p for p in self.processes if p.stdout is not None}
+        joined, deadline = 0, time.monotonic() + timeout_s
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("%d calibrate worker(s) not ready after %.0f s; going on without waiting",
+                            len(pending), timeout_s)
+                break
+            readable, _, _ = select.select(list(pending), [], [], left)
+            for fd in readable:
+                process = pending.pop(fd)
+                for line in iter(process.stdout.readline, b""):  # b"" when the worker died first
+                    if line.strip() == b"ready":
+                        joined += 1
+                        break
+        return joined
+
     def wait(self) -> None:
         """Wait for every worker; warn with the tail of the stderr of any that failed."""
         for process, stream in zip(self.processes, self.logs):
+            if process.stdout is not None:
+                process.stdout.close()
             if process.wait() != 0:
                 stream.seek(0)
                 tail = stream.read().decode(errors="replace")[-2000:]
@@ -863,6 +890,8 @@ class _Workers:
     def stop(self) -> None:
         """End the workers this command started (by their pids) and reap them."""
         for process in self.processes:
+            if process.stdout is not None:
+                process.stdout.close()
             if process.poll() is None:
                 process.terminate()
         for process in self.processes:
@@ -885,7 +914,7 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Calibrati
     # (or create the study, whichever process comes first) on their own.
     workers = _Workers(config, config.workers - 1) if config.workers > 1 else None
     try:
-        result = _coordinate(config, progress)
+        result = _coordinate(config, progress, workers)
     except BaseException:
         if workers is not None:
             workers.stop()
@@ -895,7 +924,7 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Calibrati
     return result
 
 
-def _coordinate(config: CalibrationConfig, progress: bool) -> CalibrationResult:
+def _coordinate(config: CalibrationConfig, progress: bool, workers: _Workers | None) -> CalibrationResult:
     cal = Calibration(config)
     cal.prepare(create=True, progress=progress)
     tracker = None
@@ -919,6 +948,8 @@ def _coordinate(config: CalibrationConfig, progress: bool) -> CalibrationResult:
     try:
         # Trials first, baselines after (in `finish`): extra workers and other commands start on
         # trials at once, and the baselines are computed by one process only, under the lock.
+        if workers is not None:
+            workers.wait_ready()
         bar = _trial_bar(cal, progress)
 
         def on_trial(study: optuna.Study) -> None:
@@ -976,6 +1007,8 @@ def run_worker(config: CalibrationConfig) -> None:
     """Join an existing study as an extra worker: run trials until the budget is met, then exit."""
     cal = Calibration(config)
     cal.prepare(create=True)  # the command that started it may not have created the study yet
+    print("ready", flush=True)  # the command waits for this line before it starts on trials
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nobody reads the pipe from now on
     cal.run_trials()
 
 
