@@ -333,19 +333,24 @@ def write_outputs(out: Path, reports: list[Any], meta: dict[str, Any]):
 
 
 class Timings:
-    """Wraps calibration.evaluate's run_examples and _prompt_ids: per-method times in the log, ids encoded once."""
+    """Wraps calibration.evaluate's run_batch and _prompt_ids: per-method times per unit, ids encoded once."""
 
     def __init__(self) -> None:
         import calibration.evaluate as ev
 
         self.ev = ev
-        self.original_run = ev.run_examples
+        self.original_batch = ev.run_batch
         self.original_ids = ev._prompt_ids
         self.memo: dict[str, tuple[list[int], list[bool]]] = {}
         self.units: list[dict[str, Any]] = []
         self.current = ""
-        ev.run_examples = self.run_examples
+        self.first = 0  # self.units[self.first:] belong to the unit being evaluated
+        ev.run_batch = self.run_batch
         ev._prompt_ids = self.prompt_ids
+
+    def begin(self, label: str) -> None:
+        """Start timing a new task × length unit (or a retry of one)."""
+        self.current, self.first = label, len(self.units)
 
     def prompt_ids(self, tokenizer, example):
         key = example.id
@@ -353,25 +358,36 @@ class Timings:
             self.memo[key] = self.original_ids(tokenizer, example)
         return self.memo[key]
 
-    def run_examples(self, decoder, task, examples, **kwargs):
+    def run_batch(self, decoder, task, batch, **kwargs):
+        from calibration.evaluate import example_budget
+
+        run = self.original_batch(decoder, task, batch, **kwargs)
+        unit = next((u for u in self.units[self.first:] if u["method"] == decoder.method), None)
+        if unit is None:
+            unit = {"unit": self.current, "method": decoder.method, "rows": 0, "steps": 0, "seconds": 0.0,
+                    "prefill_s": 0.0, "decode_s": 0.0, "batches": 0, "tokens": 0, "scores": []}
+            self.units.append(unit)
+        timing = run.timings[0]  # includes the shared prefill this method continued from, if any
+        unit["rows"] += len(batch)
+        unit["steps"] += max(example_budget(e, kwargs.get("max_new_tokens")) for e in batch)
+        unit["seconds"] += timing.seconds
+        unit["prefill_s"] += timing.ttft_s
+        unit["decode_s"] += timing.seconds - timing.ttft_s
+        unit["batches"] += 1
+        unit["tokens"] += timing.new_tokens
+        unit["scores"] += run.scores
+        return run
+
+    def log_unit(self) -> None:
+        """One line per method of the unit just finished."""
         import torch
 
-        started = time.perf_counter()
-        run = self.original_run(decoder, task, examples, **kwargs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        ttft = sum(t.ttft_s for t in run.timings)
-        tokens = sum(t.new_tokens for t in run.timings)
-        mean = sum(run.scores) / len(run.scores)
-        steps = planned_steps(list(examples), kwargs.get("batch_size", 1))
-        self.units.append({"unit": self.current, "method": decoder.method, "rows": len(examples), "steps": steps, "seconds": seconds,
-                           "prefill_s": ttft, "decode_s": seconds - ttft, "batches": len(run.timings), "tokens": tokens})
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        log(f"  {self.current} {decoder.method:8s}: {len(examples)} rows in {len(run.timings)} batches, {seconds:6.1f} s "
-            f"(TTFT sum {ttft:5.1f} s, decode {seconds - ttft:5.1f} s, {tokens} tokens), mean score {100 * mean:5.1f}%, "
-            f"peak {peak:.1f} GiB")
-        return run
+        for u in self.units[self.first:]:
+            mean = sum(u["scores"]) / max(1, len(u["scores"]))
+            log(f"  {u['unit']} {u['method']:8s}: {u['rows']} rows in {u['batches']} batches, {u['seconds']:6.1f} s "
+                f"(TTFT sum {u['prefill_s']:5.1f} s, decode {u['decode_s']:5.1f} s, {u['tokens']} tokens), "
+                f"mean score {100 * mean:5.1f}%, peak {peak:.1f} GiB")
 
 
 def planned_steps(examples: list[Any], batch: int) -> int:
@@ -517,7 +533,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             n = fit
         log(f"{label}: n={n}, batch {batch}" + (f", estimated {estimate:.0f} s" if estimate is not None else "")
             + f", {remaining:.0f} s of budget left")
-        timings.current = label
+        timings.begin(label)
         first_unit = len(timings.units)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -554,10 +570,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if report is None:
             del timings.units[first_unit:]
             continue
+        timings.log_unit()
         report.config["unit_seconds"] = round(time.perf_counter() - started, 1)
         report.config["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1) if args.device.startswith("cuda") else None
         for unit in timings.units[first_unit:]:
             unit.update({"length": length, "batch": batch})
+            unit.pop("scores", None)
             done_units.append(unit)
         reports.append(report)
         meta["units"] = timings.units

@@ -11,6 +11,10 @@ context length — greedily, so the comparison is paired. The report holds:
 - speed per method × length: time to first token (prefill + warmup + first token, per batch) and
   decode tokens/s (tokens after the first one over the time after the first one).
 
+Vanilla and DySCO continue from one shared prefill of each batch (DySCO only changes the steps from
+its warmup on), so a three-method eval reads each long prompt twice, not three times; each method's
+time to first token still includes that prefill, as if it had run alone.
+
     >>> from calibration.evaluate import evaluate
     >>> report = evaluate(model, tokenizer, tasks=["needle", "kv"], lengths=["2k"],
     ...                   methods=["vanilla", "dysco"], n=8, seed=0, dysco=profile_or_heads)
@@ -53,7 +57,9 @@ __all__ = [
     "parse_lengths",
     "register_cli",
     "resolve_dysco",
+    "run_batch",
     "run_examples",
+    "shared_prefill",
 ]
 
 METHODS = ("vanilla", "attnts", "dysco")
@@ -279,6 +285,13 @@ class MethodRun:
     new_tokens: list[int]
     timings: list[BatchTiming]
 
+    def extend(self, other: MethodRun) -> None:
+        """Append another run's examples and batches (the next batch of the same method)."""
+        self.scores += other.scores
+        self.responses += other.responses
+        self.new_tokens += other.new_tokens
+        self.timings += other.timings
+
 
 def _prompt_ids(tokenizer: Any, example: Example) -> tuple[list[int], list[bool]]:
     """`encode_prompt`'s ids (what the task sized) and the chat-template mask aligned to them."""
@@ -306,6 +319,55 @@ def example_budget(example: Example, max_new_tokens: int | None) -> int:
     return answer + ANSWER_MARGIN_TOKENS
 
 
+def run_batch(
+    decoder: Any,
+    task: Task,
+    batch: Sequence[Example],
+    *,
+    max_new_tokens: int | None = None,
+    prefilled: Any = None,
+    prefill_seconds: float = 0.0,
+) -> MethodRun:
+    """Decode one batch greedily with `decoder` (a `decoder.generation.Decoder`) and grade it.
+
+    `prefilled`: a `Decoder.prefill` state of this batch to continue from (vanilla and DySCO share
+    one); its `prefill_seconds` are counted in this batch's time, so each method's time is what it
+    would cost alone. Each row keeps only its own budget of tokens (`example_budget`), so a row's
+    result does not depend on which batch it shared; a batch runs to its largest budget.
+    """
+    tokenizer = decoder.tokenizer
+    budgets = [example_budget(example, max_new_tokens) for example in batch]
+    first: list[float] = []
+
+    def on_step(event) -> None:
+        if event.step == 0 and not first:
+            first.append(time.perf_counter())
+
+    began = time.perf_counter()
+    if prefilled is None:
+        encoded = [_prompt_ids(tokenizer, example) for example in batch]
+        out = decoder.generate(
+            [ids for ids, _ in encoded], template_mask=[mask for _, mask in encoded],
+            max_new_tokens=max(budgets), do_sample=False, callback=on_step,
+        )
+    else:
+        out = decoder.generate_from(prefilled, max_new_tokens=max(budgets), do_sample=False, callback=on_step)
+    ended = time.perf_counter()
+    run = MethodRun(scores=[], responses=[], new_tokens=[], timings=[BatchTiming(
+        rows=len(batch), new_tokens=sum(len(ids) for ids in out.token_ids),
+        seconds=prefill_seconds + ended - began, ttft_s=prefill_seconds + (first[0] if first else ended) - began,
+    )])
+    for example, ids, reason, budget in zip(batch, out.token_ids, out.finish_reasons, budgets):
+        kept = ids[:budget]
+        if reason == "eos" and len(kept) == len(ids):
+            kept = kept[:-1]  # the EOS token itself is not part of the answer
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        run.responses.append(text)
+        run.scores.append(float(task.grade(text, example)))
+        run.new_tokens.append(len(kept))
+    return run
+
+
 def run_examples(
     decoder: Any,
     task: Task,
@@ -315,47 +377,37 @@ def run_examples(
     batch_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> MethodRun:
-    """Decode `examples` greedily with `decoder` (a `decoder.generation.Decoder`) and grade them.
-
-    Each row keeps only its own budget of tokens (`example_budget`), so a row's result does not
-    depend on which batch it shared; a batch runs to its largest budget.
-    """
-    tokenizer = decoder.tokenizer
+    """Decode `examples` greedily with one `decoder`, `batch_size` at a time, and grade them."""
     run = MethodRun(scores=[], responses=[], new_tokens=[], timings=[])
     for start in range(0, len(examples), batch_size):
         batch = list(examples[start : start + batch_size])
-        encoded = [_prompt_ids(tokenizer, example) for example in batch]
-        budgets = [example_budget(example, max_new_tokens) for example in batch]
-        first: list[float] = []
-
-        def on_step(event, _first=first):
-            if event.step == 0 and not _first:
-                _first.append(time.perf_counter())
-
-        began = time.perf_counter()
-        out = decoder.generate(
-            [ids for ids, _ in encoded],
-            template_mask=[mask for _, mask in encoded],
-            max_new_tokens=max(budgets),
-            do_sample=False,
-            callback=on_step,
-        )
-        ended = time.perf_counter()
-        generated = sum(len(ids) for ids in out.token_ids)
-        run.timings.append(
-            BatchTiming(rows=len(batch), new_tokens=generated, seconds=ended - began, ttft_s=(first[0] if first else ended) - began)
-        )
-        for example, ids, reason, budget in zip(batch, out.token_ids, out.finish_reasons, budgets):
-            kept = ids[:budget]
-            if reason == "eos" and len(kept) == len(ids):
-                kept = kept[:-1]  # the EOS token itself is not part of the answer
-            text = tokenizer.decode(kept, skip_special_tokens=True)
-            run.responses.append(text)
-            run.scores.append(float(task.grade(text, example)))
-            run.new_tokens.append(len(kept))
+        run.extend(run_batch(decoder, task, batch, max_new_tokens=max_new_tokens))
         if on_batch is not None:
             on_batch(len(batch))
     return run
+
+
+def shared_prefill(
+    decoders: Mapping[str, Any], batch: Sequence[Example], max_new_tokens: int | None
+) -> tuple[Any, float]:
+    """One plain prefill of `batch` that vanilla and DySCO both continue from, and its seconds.
+
+    It stops before DySCO's warmup (the only part of the prompt DySCO treats differently), so the
+    prompt, the costly part of a long-context example, is read once for both. None when fewer than
+    two of the methods can share it (AttnTS changes the prefill itself).
+    """
+    sharing = [m for m in ("vanilla", "dysco") if m in decoders]
+    if len(sharing) < 2:
+        return None, 0.0
+    plain = decoders["vanilla"]
+    encoded = [_prompt_ids(plain.tokenizer, example) for example in batch]
+    budget = max(example_budget(example, max_new_tokens) for example in batch)
+    began = time.perf_counter()
+    state = plain.prefill(
+        [ids for ids, _ in encoded], template_mask=[mask for _, mask in encoded],
+        warmup=decoders["dysco"].dysco.context_warmup, max_new_tokens=budget,
+    )
+    return state, time.perf_counter() - began
 
 
 # --------------------------------------------------------------------------- the report
@@ -747,17 +799,28 @@ def evaluate(
 
         bar = tqdm(total=total, desc="eval", unit="batch", file=sys.stderr)
 
+    # Batch by batch, every method in turn: vanilla and DySCO continue from one shared prefill of the
+    # batch (`shared_prefill`), which is dropped before the next batch is read.
     runs: dict[tuple[str, int, str], MethodRun] = {}
     try:
         for (label, length), examples in sets.items():
             task = task_objs[labels.index(label)]
             for method in methods:
-                if bar is not None:
-                    bar.set_postfix_str(f"{label} {format_length(length)} {method}")
-                runs[(label, length, method)] = run_examples(
-                    decoders[method], task, examples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    on_batch=(lambda _rows: bar.update(1)) if bar is not None else None,
-                )
+                runs[(label, length, method)] = MethodRun(scores=[], responses=[], new_tokens=[], timings=[])
+            for start in range(0, len(examples), batch_size):
+                batch = list(examples[start : start + batch_size])
+                prefilled, prefill_seconds = shared_prefill(decoders, batch, max_new_tokens)
+                for method in methods:
+                    if bar is not None:
+                        bar.set_postfix_str(f"{label} {format_length(length)} {method}")
+                    shares = prefilled is not None and method != "attnts"
+                    runs[(label, length, method)].extend(run_batch(
+                        decoders[method], task, batch, max_new_tokens=max_new_tokens,
+                        prefilled=prefilled if shares else None, prefill_seconds=prefill_seconds if shares else 0.0,
+                    ))
+                    if bar is not None:
+                        bar.update(1)
+                del prefilled
     finally:
         if bar is not None:
             bar.close()

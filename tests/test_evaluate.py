@@ -119,21 +119,38 @@ def test_every_method_sees_the_same_prompts(tiny, monkeypatch):
 
     model, tokenizer = tiny
     seen: dict[str, list] = {}
-    original = Decoder.generate
+    continued: dict[str, list] = {}
+    original_prefill, original_generate_from = Decoder.prefill, Decoder.generate_from
 
-    def spy(self, prompts, **kwargs):
+    def spy_prefill(self, prompts, **kwargs):  # generate() prefills too: AttnTS's own prompts land here
         seen.setdefault(self.method, []).append((prompts, kwargs["template_mask"]))
-        return original(self, prompts, **kwargs)
+        return original_prefill(self, prompts, **kwargs)
 
-    monkeypatch.setattr(Decoder, "generate", spy)
+    def spy_generate_from(self, state, **kwargs):
+        continued.setdefault(self.method, []).append(id(state))
+        return original_generate_from(self, state, **kwargs)
+
+    monkeypatch.setattr(Decoder, "prefill", spy_prefill)
+    monkeypatch.setattr(Decoder, "generate_from", spy_generate_from)
     evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 2, 7, dysco=HEADS, max_new_tokens=2,
              bootstrap_resamples=200)
-    assert set(seen) == {"vanilla", "attnts", "dysco"}
-    assert seen["vanilla"] == seen["attnts"] == seen["dysco"]
-    assert len(seen["vanilla"]) == 2  # batch size 1: one call per example
+    # One prefill per example for vanilla and DySCO together (made by the vanilla decoder), one for AttnTS.
+    assert set(seen) == {"vanilla", "attnts"}
+    assert seen["vanilla"] == seen["attnts"] and len(seen["vanilla"]) == 2  # batch size 1: one per example
+    assert continued["vanilla"] == continued["dysco"]  # both continue the very same states
     # The chat template's positions are marked, so DySCO can leave them alone.
-    prompts, masks = seen["dysco"][0]
+    prompts, masks = seen["vanilla"][0]
     assert any(masks[0]) and not all(masks[0])
+
+
+def test_shared_prefill_gives_what_each_method_gives_alone(tiny):
+    """Vanilla and DySCO from one shared prefill answer exactly as when each runs on its own."""
+    model, tokenizer = tiny
+    kw = dict(dysco=HEADS, max_new_tokens=6, bootstrap_resamples=200)
+    together = evaluate(model, tokenizer, "needle", "512", "vanilla,dysco", 3, 7, **kw)
+    for method in ("vanilla", "dysco"):
+        alone = evaluate(model, tokenizer, "needle", "512", method, 3, 7, **kw)
+        assert [e["responses"][method] for e in alone.examples] == [e["responses"][method] for e in together.examples]
 
 
 def test_report_shape_and_interval_bounds(report):
