@@ -344,7 +344,13 @@ def run_batch(
             first.append(time.perf_counter())
 
     began = time.perf_counter()
-    if prefilled is None:
+    if not hasattr(decoder, "generate_from"):  # the fast path (decoder.fast.FastDecoder): greedy, timed inside
+        encoded = [_prompt_ids(tokenizer, example) for example in batch]
+        out = decoder.generate([ids for ids, _ in encoded], template_mask=[mask for _, mask in encoded],
+                               max_new_tokens=max(budgets))
+        timed = out.timings or {}
+        first.append(began + timed.get("prepare_s", 0.0) + timed.get("ttft_s", time.perf_counter() - began))
+    elif prefilled is None:
         encoded = [_prompt_ids(tokenizer, example) for example in batch]
         out = decoder.generate(
             [ids for ids, _ in encoded], template_mask=[mask for _, mask in encoded],
@@ -397,7 +403,7 @@ def shared_prefill(
     two of the methods can share it (AttnTS changes the prefill itself).
     """
     sharing = [m for m in ("vanilla", "dysco") if m in decoders]
-    if len(sharing) < 2:
+    if len(sharing) < 2 or not all(hasattr(decoders[m], "prefill") for m in sharing):
         return None, 0.0
     plain = decoders["vanilla"]
     encoded = [_prompt_ids(plain.tokenizer, example) for example in batch]
@@ -701,12 +707,15 @@ def evaluate(
     bootstrap_resamples: int = BOOTSTRAP_RESAMPLES,
     progress: bool = False,
     extra_config: Mapping[str, Any] | None = None,
+    fast: bool = False,
 ) -> EvalReport:
     """Run every method on the same seeded examples of every task × length and report accuracy and speed.
 
     `dysco` (needed when "dysco" is a method): a `DyscoConfig`, a list of (layer, head) pairs or a
     registry `Profile`. `attnts_temperature` defaults to the profile's tuned one, else 0.8.
     `max_new_tokens` None: each example gets its answer's length plus 24 tokens.
+    `fast`: decode with `decoder.fast.FastDecoder` (static KV buffers, fused biased attention, CUDA
+    graphs on one GPU; the same greedy tokens as the exact path) instead of `decoder.generation.Decoder`.
     """
     from decoder.dysco import DyscoConfig
     from decoder.generation import Decoder
@@ -758,15 +767,19 @@ def evaluate(
     ):
         raise EvalError(f"attnts_temperature must be a finite number > 0, got {attnts_temperature!r}")
 
+    if fast:
+        from decoder.fast import FastDecoder  # same constructor and greedy `generate` as Decoder
+
+    make = FastDecoder if fast else Decoder
     decoders = {}
     for method in methods:
         try:
             if method == "dysco":
-                decoders[method] = Decoder(model, tokenizer, method="dysco", dysco=dysco)
+                decoders[method] = make(model, tokenizer, "dysco", dysco=dysco)
             elif method == "attnts":
-                decoders[method] = Decoder(model, tokenizer, method="attnts", temperature=float(attnts_temperature))
+                decoders[method] = make(model, tokenizer, "attnts", temperature=float(attnts_temperature))
             else:
-                decoders[method] = Decoder(model, tokenizer, method="vanilla")
+                decoders[method] = make(model, tokenizer, "vanilla")
         except (ValueError, TypeError) as err:
             raise EvalError(f"cannot build the {method} decoder: {err}") from None
 
@@ -880,6 +893,7 @@ def evaluate(
         "max_new_tokens_rule": "fixed" if max_new_tokens is not None else f"answer tokens + {ANSWER_MARGIN_TOKENS}",
         "batch_size": batch_size,
         "decoding": "greedy",
+        "path": "fast" if fast else "exact",
         "attnts_temperature": float(attnts_temperature) if "attnts" in methods else None,
         "attnts_temperature_source": temperature_source if "attnts" in methods else None,
         "dysco": _dysco_dict(dysco) if "dysco" in methods else None,
@@ -1025,6 +1039,11 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--attnts-temperature", type=_arg(_positive_float), default=None,
                    help=f"AttnTS attention temperature (default: the profile's tuned one, else {DEFAULT_ATTNTS_TEMPERATURE})")
     p.add_argument("--batch-size", type=_arg(_positive_int), default=1, help="prompts decoded together (default: 1)")
+    p.add_argument("--fast", action="store_true",
+                   help="decode on the fast path (static KV buffers, fused biased attention, CUDA graphs on one GPU; "
+                   "same greedy tokens as the exact path; worth it on a GPU)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--out", default=None, metavar="DIR", help="where results.md, results.json, accuracy.png go (default: eval-<model>)")
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="log the run to this MLflow tracking store (e.g. sqlite:///mlflow.db)")
     p.add_argument("--registry", default=None, metavar="DIR", help="registry root (default: the user's registry)")
@@ -1055,7 +1074,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     name = model_name(args.model)
     try:
-        model, tokenizer = load_model(args.model, progress=not args.quiet)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet)
     except (ValueError, FileNotFoundError, OSError) as err:
         raise EvalError(f"cannot load model {args.model!r}: {err}") from None
     dysco = None
@@ -1069,7 +1088,7 @@ def _run_cli(args: argparse.Namespace) -> int:
     report = evaluate(
         model, tokenizer, tasks, args.lengths, args.methods, args.n, args.seed,
         dysco=dysco, attnts_temperature=args.attnts_temperature, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, model_name=name, progress=not args.quiet, extra_config=extra,
+        batch_size=args.batch_size, model_name=name, progress=not args.quiet, extra_config=extra, fast=args.fast,
     )
     out = Path(args.out) if args.out else Path(f"eval-{name}")
     files = report.save(out)

@@ -548,7 +548,7 @@ class FastDecoder:
             if return_logits:
                 logits.append(out.logits[row, : len(kept)].cpu())
         return Generation(texts=texts, token_ids=token_ids, prompt_ids=ids, finish_reasons=reasons,
-                          logits=logits if return_logits else None)
+                          logits=logits if return_logits else None, timings=out.timings)
 
     @torch.no_grad()
     def generate_ids(

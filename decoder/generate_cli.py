@@ -53,6 +53,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--force", action="store_true", help="use a profile made for another model anyway (warns)")
     p.add_argument("--json", action="store_true", help='print {"text": …, "diagnostics": …} instead of streaming text')
+    p.add_argument("--fast", action="store_true",
+                   help="greedy decoding on the fast path (static KV buffers, fused biased attention, CUDA graphs on one "
+                   "GPU): same tokens as the default path; prints the text at the end, no per-step diagnostics")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -145,6 +148,8 @@ def _generate(args) -> int:
     text = _read_prompt(args)
     if args.max_new_tokens < 1:
         raise _UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.fast and args.sample:
+        raise _UsageError("--fast decodes greedily; drop --sample, or drop --fast to sample")
     from decoder.catalogue import DEFAULT_MODEL
     from decoder.loading import load_model
 
@@ -166,6 +171,9 @@ def _generate(args) -> int:
         prompt = text
     else:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]
+
+    if args.fast:
+        return _generate_fast(args, decoder, prompt, model_name)
 
     streamed = []
 
@@ -201,6 +209,24 @@ def _generate(args) -> int:
         }))
     else:
         sys.stdout.write("\n")
+    return 0
+
+
+def _generate_fast(args, decoder, prompt, model_name: str) -> int:
+    """Greedy generation on `decoder.fast`, printed when done (the fast path does not stream)."""
+    from decoder.fast import FastDecoder
+
+    fast = FastDecoder(decoder.model, decoder.tokenizer, decoder.method, dysco=decoder.dysco,
+                       temperature=decoder.temperature)
+    result = fast.generate(prompt, max_new_tokens=args.max_new_tokens, stop_strings=args.stop or None)
+    if args.json:
+        print(json.dumps({
+            "text": result.text, "model": model_name, "method": decoder.method, "path": "fast",
+            "prompt_tokens": len(result.prompt_ids[0]), "tokens": result.token_ids[0],
+            "finish_reason": result.finish_reasons[0], "knobs": _knobs(decoder), "timings": result.timings,
+        }))
+    else:
+        print(result.text)
     return 0
 
 

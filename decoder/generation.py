@@ -80,6 +80,7 @@ class Generation:
     finish_reasons: list[str]  # "eos", "stop_string" or "length"
     diagnostics: list[list[dict]] | None = None  # per row, per DySCO step: {"selected", "mass"}
     logits: list[torch.Tensor] | None = None  # per row float32 [n_generated, vocab]
+    timings: dict[str, float] | None = None  # the fast path's: prepare_s, prefill_s, ttft_s, decode_s_per_token
 
     @property
     def text(self) -> str:

@@ -90,6 +90,7 @@ def test_streamed_text_equals_the_json_text(tiny_loader, capsys):
         (["--heads", "1-0", "--prompt", "hi"], 1, "not layer:head"),
         (["--heads", "1:0", "--prompt-file", "/nonexistent/x.txt"], 2, "cannot read --prompt-file"),
         (["--profile", "no-such-model", "--prompt", "hi"], 1, "no-such-model"),
+        (["--heads", "1:0", "--fast", "--sample", "--prompt", "hi"], 2, "--fast decodes greedily"),
     ],
 )
 def test_errors_are_one_clear_line(tiny_loader, capsys, args, code, message):
@@ -97,6 +98,18 @@ def test_errors_are_one_clear_line(tiny_loader, capsys, args, code, message):
     err = capsys.readouterr().err
     assert err.startswith("dysco generate: ")
     assert re.search(message, err), err
+
+
+def test_fast_flag_gives_the_same_tokens(tiny_loader, capsys):
+    """`--fast` (decoder.fast) generates the tokens of the default exact path."""
+    args = ["generate", "--model", "tiny", "--heads", "1:0,2:3", "--top-k", "5", "--warmup", "4",
+            "--max-new-tokens", "6", "--prompt", "The value of key 17 is 42.", "--json"]
+    assert main(args) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert main([*args, "--fast"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert fast["path"] == "fast" and fast["tokens"] == exact["tokens"] and fast["text"] == exact["text"]
+    assert fast["timings"]["prefill_s"] >= 0
 
 
 @pytest.mark.embedded

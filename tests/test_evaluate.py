@@ -335,3 +335,15 @@ def test_embedded_smollm2_short_eval(smollm2):
                  model_name="smollm2-135m", bootstrap_resamples=200)
     assert r.examples[0]["prompt_tokens"] <= 1024 and all(s.ttft_s > 0 for s in r.speed)
     assert set(r.examples[0]["responses"]) == {"vanilla", "dysco"}
+
+
+def test_fast_path_gives_the_exact_paths_answers(tiny):
+    """`fast=True` (`dysco eval --fast`) decodes with FastDecoder: same responses, scores and timings recorded."""
+    model, tokenizer = tiny
+    kw = dict(dysco=HEADS, max_new_tokens=6, bootstrap_resamples=200, batch_size=2)
+    exact = evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 3, 7, **kw)
+    fast = evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 3, 7, fast=True, **kw)
+    assert fast.config["path"] == "fast" and exact.config["path"] == "exact"
+    for a, b in zip(exact.examples, fast.examples):
+        assert a["responses"] == b["responses"] and a["scores"] == b["scores"]
+    assert all(s.ttft_s > 0 and s.new_tokens > 0 for s in fast.speed)
