@@ -223,93 +223,13 @@ def merge_reports(reports: list[Any]):
     )
 
 
-def grid_markdown(report) -> str:
-    """The accuracy and speed tables of a merged report whose tasks need not share every length.
-
-    (`EvalReport.markdown()` assumes the full task × length grid; a run stopped by its budget has
-    fewer lengths for the later tasks.) Same cells and format as `EvalReport.markdown()`.
-    """
-    from calibration.evaluate import BASELINE, format_length
-
-    cfg, methods = report.config, report.methods
-    paired = {(p.task, p.length, p.method): p for p in report.paired}
-    compared = [m for m in methods if m != BASELINE and any(k[2] == m for k in paired)]
-    lines = [
-        f"Model `{cfg['model']}`; examples per task × length: "
-        + ", ".join(f"{k} {v}" for k, v in cfg.get("n_per_unit", {}).items())
-        + f" (seed {cfg['seed']}); greedy decoding; scores in % with 95% bootstrap intervals ({cfg['bootstrap_resamples']} resamples).",
-        "",
-    ]
-    header = ["task", "length", *methods, *[f"{m} − {BASELINE} (95% CI), sign-test p" for m in compared]]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for task in report.tasks:
-        for length in sorted({c.length for c in report.cells if c.task == task}):
-            row = [task, format_length(length)]
-            for method in methods:
-                c = report.cell(task, length, method)
-                row.append(f"{100 * c.mean:.1f} [{100 * c.low:.1f}, {100 * c.high:.1f}]")
-            for method in compared:
-                p = paired[(task, length, method)]
-                row.append(f"{100 * p.mean_difference:+.1f} [{100 * p.low:+.1f}, {100 * p.high:+.1f}], "
-                           f"{p.wins}W/{p.losses}L/{p.ties}T, p={p.p_value:.3g}")
-            lines.append("| " + " | ".join(row) + " |")
-    lines += [
-        "",
-        "Speed (the tasks of each length pooled): time to first token = prefill + warmup + first token, mean per "
-        "batch; decode tokens/s counts the tokens after the first, over all rows of a batch. Batch sizes: "
-        + ", ".join(f"{k} {v}" for k, v in cfg.get("batch_size_per_unit", {}).items()) + ".",
-        "",
-        "| method | length | TTFT (s) | decode tokens/s | tokens generated |",
-        "|---|---|---|---|---|",
-    ]
-    for s in report.speed:
-        lines.append(f"| {s.method} | {format_length(s.length)} | {s.ttft_s:.2f} | {s.decode_tokens_per_s:.1f} | {s.new_tokens} |")
-    return "\n".join(lines) + "\n"
-
-
-def grid_plot(report, path: Path) -> Path:
-    """Accuracy vs context length, one panel per task (each with its own lengths), one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from calibration.evaluate import format_length
-
-    tasks = report.tasks
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False, sharey=True)
-    for ax, task in zip(axes[0], tasks):
-        lengths = sorted({c.length for c in report.cells if c.task == task})
-        for k, method in enumerate(report.methods):
-            cells = [report.cell(task, length, method) for length in lengths]
-            xs = [length * (1 + 0.03 * (k - (len(report.methods) - 1) / 2)) for length in lengths]
-            err = [[100 * (c.mean - c.low) for c in cells], [100 * (c.high - c.mean) for c in cells]]
-            ax.errorbar(xs, [100 * c.mean for c in cells], yerr=err, marker="o", capsize=3, label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_xlim(min(lengths) / 1.3, max(lengths) * 1.3)
-        ax.set_xticks(lengths)
-        ax.set_xticklabels([format_length(length) for length in lengths])
-        ax.minorticks_off()
-        ax.set_title(f"{task} (n={report.config.get('n_per_unit', {}).get(f'{task}@{lengths[0]}', report.config['n'])})")
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylim(-5, 105)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("score (%)")
-    axes[0][-1].legend(loc="best", fontsize="small")
-    fig.suptitle(f"{report.config['model']}: 95% bootstrap intervals", fontsize="medium")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def render(out: Path, report) -> None:
     """results.md and accuracy.png from a (merged) report, atomically."""
     tmp = out / "results.md.tmp"
-    tmp.write_text(grid_markdown(report), encoding="utf-8")
+    tmp.write_text(report.markdown(), encoding="utf-8")
     os.replace(tmp, out / "results.md")
     try:
-        grid_plot(report, out / "accuracy.tmp.png")
+        report.plot(out / "accuracy.tmp.png")
         os.replace(out / "accuracy.tmp.png", out / "accuracy.png")
     except Exception as err:  # a plot must never cost the numbers
         log(f"plot failed: {type(err).__name__}: {err}")
@@ -587,7 +507,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     final = merge_reports(reports)
     print()
-    print(grid_markdown(final))
+    print(final.markdown())
     for note in plan_notes:
         print(f"note: {note}")
     log(f"total {time.perf_counter() - T0:.0f} s")
@@ -601,7 +521,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     report = EvalReport.from_dict(json.loads((folder / "results.json").read_text(encoding="utf-8")))
     render(folder, report)
-    print(grid_markdown(report))
+    print(report.markdown())
     return 0
 
 

@@ -499,11 +499,24 @@ class EvalReport:
         """`to_dict()` as indented JSON."""
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
 
+    def lengths_of(self, task: str) -> list[int]:
+        """The lengths `task` has results for (all of them, unless reports of partial runs were merged)."""
+        return sorted({c.length for c in self.cells if c.task == task})
+
+    def _n_text(self) -> str:
+        """'50 examples per task × length', or the count of each task × length when they differ."""
+        counts = {(c.task, c.length): c.n for c in self.cells}
+        if len(set(counts.values())) == 1:
+            return f"{next(iter(counts.values()))} examples per task × length"
+        return "examples per task × length: " + ", ".join(
+            f"{task} {format_length(length)} {n}" for (task, length), n in counts.items()
+        )
+
     def markdown(self) -> str:
         """The accuracy table (with intervals and paired tests) and the speed table, in markdown."""
         methods, cfg = self.methods, self.config
         lines = [
-            f"Model `{cfg['model']}`; {cfg['n']} examples per task × length (seed {cfg['seed']}); greedy decoding; "
+            f"Model `{cfg['model']}`; {self._n_text()} (seed {cfg['seed']}); greedy decoding; "
             f"scores in % with 95% bootstrap intervals ({cfg['bootstrap_resamples']} resamples).",
             "",
         ]
@@ -512,7 +525,7 @@ class EvalReport:
         header = ["task", "length", *methods, *[f"{m} − {BASELINE} (95% CI), sign-test p" for m in compared]]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for task in self.tasks:
-            for length in self.lengths:
+            for length in self.lengths_of(task):
                 row = [task, format_length(length)]
                 for method in methods:
                     c = self.cell(task, length, method)
@@ -524,10 +537,13 @@ class EvalReport:
                         f"{p.wins}W/{p.losses}L/{p.ties}T, p={p.p_value:.3g}"
                     )
                 lines.append("| " + " | ".join(row) + " |")
+        batch_sizes = cfg.get("batch_size_per_unit") or {}
+        batch_text = (f"batch size {cfg['batch_size']}" if len(set(batch_sizes.values())) <= 1
+                      else "batch sizes " + ", ".join(f"{unit} {b}" for unit, b in batch_sizes.items()))
         lines += [
             "",
-            "Speed (all tasks pooled): time to first token = prefill + warmup + first token, mean per batch "
-            f"(batch size {cfg['batch_size']}); decode tokens/s counts the tokens after the first.",
+            "Speed (the tasks of each length pooled): time to first token = prefill + warmup + first token, mean per "
+            f"batch ({batch_text}); decode tokens/s counts the tokens after the first, over all rows of a batch.",
             "",
             "| method | length | TTFT (s) | decode tokens/s | tokens generated |",
             "|---|---|---|---|---|",
@@ -548,26 +564,28 @@ class EvalReport:
         tasks = self.tasks
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False, sharey=True)
         for ax, task in zip(axes[0], tasks):
+            lengths = self.lengths_of(task)
             for k, method in enumerate(self.methods):
-                cells = [self.cell(task, length, method) for length in self.lengths]
+                cells = [self.cell(task, length, method) for length in lengths]
                 # Small horizontal offsets keep overlapping intervals readable.
-                xs = [length * (1 + 0.03 * (k - (len(self.methods) - 1) / 2)) for length in self.lengths]
+                xs = [length * (1 + 0.03 * (k - (len(self.methods) - 1) / 2)) for length in lengths]
                 ys = [100 * c.mean for c in cells]
                 err = [[100 * (c.mean - c.low) for c in cells], [100 * (c.high - c.mean) for c in cells]]
                 ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
             ax.set_xscale("log", base=2)
             # A fixed margin: with a single length matplotlib would spread the offsets edge to edge.
-            ax.set_xlim(min(self.lengths) / 1.3, max(self.lengths) * 1.3)
-            ax.set_xticks(self.lengths)
-            ax.set_xticklabels([format_length(length) for length in self.lengths])
+            ax.set_xlim(min(lengths) / 1.3, max(lengths) * 1.3)
+            ax.set_xticks(lengths)
+            ax.set_xticklabels([format_length(length) for length in lengths])
             ax.minorticks_off()
-            ax.set_title(task)
+            counts = sorted({c.n for c in self.cells if c.task == task})
+            ax.set_title(f"{task} (n={'/'.join(map(str, counts))})")
             ax.set_xlabel("context length (tokens)")
             ax.set_ylim(-5, 105)
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("score (%)")
         axes[0][-1].legend(loc="best", fontsize="small")
-        fig.suptitle(f"{self.config['model']}: n={self.config['n']} per point, 95% bootstrap intervals", fontsize="medium")
+        fig.suptitle(f"{self.config['model']}: 95% bootstrap intervals", fontsize="medium")
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from calibration.evaluate import (
     ANSWER_MARGIN_TOKENS,
+    CellResult,
     EvalError,
     EvalReport,
+    PairedResult,
     bootstrap_interval,
     evaluate,
     format_length,
@@ -347,3 +349,20 @@ def test_fast_path_gives_the_exact_paths_answers(tiny):
     for a, b in zip(exact.examples, fast.examples):
         assert a["responses"] == b["responses"] and a["scores"] == b["scores"]
     assert all(s.ttft_s > 0 and s.new_tokens > 0 for s in fast.speed)
+
+
+def test_partial_grid_report_renders_each_tasks_own_lengths(tmp_path):
+    """A report whose tasks have different lengths and counts (merged partial runs) still renders."""
+    cells = [CellResult("kv", 8192, m, 50, 0.4, 0.3, 0.5) for m in ("vanilla", "dysco")]
+    cells += [CellResult("kv", 16384, m, 50, 0.1, 0.0, 0.2) for m in ("vanilla", "dysco")]
+    cells += [CellResult("mrcr", 8192, m, 25, 0.05, 0.0, 0.1) for m in ("vanilla", "dysco")]
+    paired = [PairedResult(t, length, "dysco", "vanilla", n, 0.0, -0.1, 0.1, 1, 1, n - 2, 1.0)
+              for t, length, n in (("kv", 8192, 50), ("kv", 16384, 50), ("mrcr", 8192, 25))]
+    config = {"model": "m", "tasks": ["kv", "mrcr"], "lengths": [8192, 16384], "methods": ["vanilla", "dysco"],
+              "n": 25, "seed": 0, "bootstrap_resamples": 100, "batch_size": 1}
+    report = EvalReport(config, cells, paired, [], [], seconds=1.0)
+    table = report.markdown()
+    rows = [line for line in table.splitlines() if line.startswith("| kv") or line.startswith("| mrcr")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| kv", "8k"], ["| kv", "16k"], ["| mrcr", "8k"]]
+    assert "kv 8k 50" in table and "mrcr 8k 25" in table  # counts differ, so each is named
+    assert report.plot(tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
