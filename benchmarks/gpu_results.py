@@ -237,6 +237,7 @@ def render(out: Path, report) -> None:
 
 def write_outputs(out: Path, reports: list[Any], meta: dict[str, Any]):
     """results.json / results.md / accuracy.png for everything finished so far (atomic rewrites)."""
+    out.mkdir(parents=True, exist_ok=True)
     report = merge_reports(reports)
     report.config["gpu_results"] = meta
     tmp = out / "results.json.tmp"
@@ -424,10 +425,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     batch_sizes = parse_batch_sizes(args.batch_sizes, lengths)
     units = [(task, length) for task in args.tasks.split(",") for length in lengths]
     timings = Timings()
-    reports, plan_notes, done_units = [], [], []
+    paths = args.paths.split(",")
+    if not paths or any(p not in ("exact", "fast") for p in paths) or len(set(paths)) != len(paths):
+        raise SystemExit(f"--paths takes exact, fast or exact,fast; got {args.paths!r}")
+    if len(paths) > 1 and paths != ["exact", "fast"]:
+        paths = ["exact", "fast"]
+    reports: dict[str, list[Any]] = {path: [] for path in paths}
+    plan_notes, done_units = [], []
     meta = {"command": " ".join(sys.argv), "dtype": args.dtype, "device": args.device,
             "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-            "head_set": heads_info, "examples_file": args.examples, "budget_s": args.budget_s, "notes": plan_notes}
+            "head_set": heads_info, "examples_file": args.examples, "budget_s": args.budget_s, "notes": plan_notes,
+            "paths": paths, "agreement": {}}
 
     for task_name, length in units:
         base = get_task(task_name)
@@ -437,10 +445,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         label = f"{task_name}@{format_length(length)}"
         remaining = budget_end - time.perf_counter()
         examples = task.generate(tokenizer, n, length, args.seed)
-        estimate = estimate_seconds(done_units, length, n, planned_steps(examples, batch))
+        # Timings pool the paths of a unit (rows counted once per path), so one path's estimate × paths.
+        estimate = estimate_seconds(done_units, length, n * len(paths), planned_steps(examples, batch) * len(paths))
         if estimate is not None and estimate > remaining:
             fit = n
-            while fit > 0 and estimate_seconds(done_units, length, fit, planned_steps(examples[:fit], batch)) > remaining:
+            while fit > 0 and estimate_seconds(done_units, length, fit * len(paths),
+                                               planned_steps(examples[:fit], batch) * len(paths)) > remaining:
                 fit -= 1
             if fit < args.min_n:
                 note = f"{label}: skipped (estimated {estimate:.0f} s for n={n}, {remaining:.0f} s left of the budget)"
@@ -461,11 +471,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         report = None
         while report is None:
             try:
-                report = evaluate(
+                report = {path: evaluate(
                     model, tokenizer, [task], [length], args.methods, n, args.seed, dysco=dysco,
                     attnts_temperature=args.attnts_temperature, batch_size=batch, model_name=args.model_name,
-                    extra_config={"unit_seconds": None},
-                )
+                    extra_config={"unit_seconds": None}, fast=path == "fast",
+                ) for path in paths}
             except torch.cuda.OutOfMemoryError as err:
                 del timings.units[first_unit:]
                 torch.cuda.empty_cache()
@@ -491,27 +501,44 @@ def cmd_run(args: argparse.Namespace) -> int:
             del timings.units[first_unit:]
             continue
         timings.log_unit()
-        report.config["unit_seconds"] = round(time.perf_counter() - started, 1)
-        report.config["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1) if args.device.startswith("cuda") else None
+        for path, one in report.items():
+            one.config["unit_seconds"] = round(one.seconds, 1)
+            one.config["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1) if args.device.startswith("cuda") else None
+            reports[path].append(one)
         for unit in timings.units[first_unit:]:
             unit.update({"length": length, "batch": batch})
             unit.pop("scores", None)
             done_units.append(unit)
-        reports.append(report)
+        if len(paths) > 1:
+            meta["agreement"][label] = agreement(report["exact"], report["fast"])
+            log(f"{label}: fast vs exact: {meta['agreement'][label]}")
         meta["units"] = timings.units
-        write_outputs(out, reports, meta)
-        log(f"{label}: done in {report.config['unit_seconds']} s; wrote {out}/results.json, results.md, accuracy.png")
+        for path in paths:
+            write_outputs(out / path if len(paths) > 1 else out, reports[path], meta)
+        log(f"{label}: done in {time.perf_counter() - started:.1f} s; wrote results.json, results.md, accuracy.png")
 
-    if not reports:
+    if not any(reports.values()):
         log("nothing evaluated")
         return 1
-    final = merge_reports(reports)
-    print()
-    print(final.markdown())
+    for path in paths:
+        final = merge_reports(reports[path])
+        print()
+        if len(paths) > 1:
+            print(f"## {path} path")
+        print(final.markdown())
     for note in plan_notes:
         print(f"note: {note}")
     log(f"total {time.perf_counter() - T0:.0f} s")
     return 0
+
+
+def agreement(exact, fast) -> dict[str, str]:
+    """Per method: how many examples the fast path answered exactly as the exact path did."""
+    out = {}
+    for method in exact.methods:
+        same = sum(a["responses"][method] == b["responses"][method] for a, b in zip(exact.examples, fast.examples))
+        out[method] = f"{same}/{len(exact.examples)} identical responses"
+    return out
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -570,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--examples", default=None, help="examples file written by `prepare`")
     p.add_argument("--methods", default="vanilla,attnts,dysco")
+    p.add_argument("--paths", default="exact", help="exact, fast, or exact,fast: both on the same examples, "
+                   "written to --out/exact and --out/fast, with how many responses agree (default: exact)")
     p.add_argument("--batch-sizes", default="8k:25,16k:25,32640:13", help="per length, or one number")
     p.add_argument("--attnts-temperature", type=float, default=None, help="default: evaluate's (0.8)")
     p.add_argument("--heads", default=None, help="L:H,… to skip detection")
