@@ -471,11 +471,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         report = None
         while report is None:
             try:
-                report = {path: evaluate(
-                    model, tokenizer, [task], [length], args.methods, n, args.seed, dysco=dysco,
-                    attnts_temperature=args.attnts_temperature, batch_size=batch, model_name=args.model_name,
-                    extra_config={"unit_seconds": None}, fast=path == "fast",
-                ) for path in paths}
+                report = {}
+                for path in paths:
+                    try:
+                        report[path] = evaluate(
+                            model, tokenizer, [task], [length], args.methods, n, args.seed, dysco=dysco,
+                            attnts_temperature=args.attnts_temperature, batch_size=batch, model_name=args.model_name,
+                            extra_config={"unit_seconds": None}, fast=path == "fast",
+                        )
+                    except torch.cuda.OutOfMemoryError:
+                        raise
+                    except Exception as err:
+                        if path == paths[0]:
+                            raise
+                        import traceback
+
+                        traceback.print_exc()  # the first path's results are kept; the failure is noted
+                        note = f"{label}: {path} path failed ({type(err).__name__}: {str(err)[:300]})"
+                        plan_notes.append(note)
+                        log(note)
             except torch.cuda.OutOfMemoryError as err:
                 del timings.units[first_unit:]
                 torch.cuda.empty_cache()
@@ -509,18 +523,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             unit.update({"length": length, "batch": batch})
             unit.pop("scores", None)
             done_units.append(unit)
-        if len(paths) > 1:
+        if len(report) > 1:
             meta["agreement"][label] = agreement(report["exact"], report["fast"])
             log(f"{label}: fast vs exact: {meta['agreement'][label]}")
         meta["units"] = timings.units
-        for path in paths:
+        for path in report:
             write_outputs(out / path if len(paths) > 1 else out, reports[path], meta)
         log(f"{label}: done in {time.perf_counter() - started:.1f} s; wrote results.json, results.md, accuracy.png")
 
     if not any(reports.values()):
         log("nothing evaluated")
         return 1
-    for path in paths:
+    for path in [p for p in paths if reports[p]]:
         final = merge_reports(reports[path])
         print()
         if len(paths) > 1:
