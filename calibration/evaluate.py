@@ -413,6 +413,10 @@ def shared_prefill(
         [ids for ids, _ in encoded], template_mask=[mask for _, mask in encoded],
         warmup=decoders["dysco"].dysco.context_warmup, max_new_tokens=budget,
     )
+    if state.input_ids.is_cuda:  # kernels run asynchronously: stop the clock when they are done
+        import torch
+
+        torch.cuda.synchronize(state.input_ids.device)
     return state, time.perf_counter() - began
 
 
