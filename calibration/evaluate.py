@@ -57,6 +57,7 @@ __all__ = [
     "parse_lengths",
     "register_cli",
     "resolve_dysco",
+    "Checkpoint",
     "run_batch",
     "run_examples",
     "shared_prefill",
@@ -73,6 +74,7 @@ BOOTSTRAP_RESAMPLES = 10_000
 # digits are one token each) without paying for long rambles.
 ANSWER_MARGIN_TOKENS = 24
 EXPERIMENT = "dysco-eval"
+CHECKPOINT_NAME = "progress.jsonl"  # in --out: every finished batch, so that a rerun resumes
 
 
 class EvalError(ValueError):
@@ -691,6 +693,70 @@ def _dysco_dict(config: Any) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- resuming
+
+
+class Checkpoint:
+    """Finished batches of one evaluation, one JSON line each, so that an interrupted run resumes.
+
+    A line holds the batch's results and the fingerprint of everything that decides them (model
+    config and weights, dtype, seed, n, batch size, budgets, knobs, decoding path); lines of another
+    fingerprint are ignored, so a changed command starts over in the same file. A line cut short
+    by a kill is dropped and overwritten.
+    """
+
+    def __init__(self, path: str | Path, fingerprint: str) -> None:
+        self.path, self.fingerprint = Path(path), fingerprint
+        self.done: dict[tuple[str, int, str, int], dict[str, Any]] = {}
+        if self.path.is_file():
+            text = self.path.read_text(encoding="utf-8")
+            if text and not text.endswith("\n"):  # the last write was cut: drop the partial line
+                text = text[: text.rfind("\n") + 1]
+                self.path.write_text(text, encoding="utf-8")
+            for line in text.splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("fingerprint") == fingerprint:
+                    self.done[(record["task"], record["length"], record["method"], record["start"])] = record
+        self.resumed = 0
+
+    def get(self, task: str, length: int, method: str, start: int, batch: Sequence[Example]) -> MethodRun | None:
+        """The stored run of this batch, if it was finished on the very same examples."""
+        record = self.done.get((task, length, method, start))
+        if record is None or record["ids"] != [example.id for example in batch]:
+            return None
+        self.resumed += 1
+        run = record["run"]
+        return MethodRun(run["scores"], run["responses"], run["new_tokens"], [BatchTiming(**t) for t in run["timings"]])
+
+    def add(self, task: str, length: int, method: str, start: int, batch: Sequence[Example], run: MethodRun) -> None:
+        """Append one finished batch (flushed and synced: a kill loses at most the batch under way)."""
+        import os
+
+        record = {
+            "fingerprint": self.fingerprint, "task": task, "length": length, "method": method, "start": start,
+            "ids": [example.id for example in batch],
+            "run": {"scores": run.scores, "responses": run.responses, "new_tokens": run.new_tokens,
+                    "timings": [asdict(t) for t in run.timings]},
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _run_fingerprint(model: Any, settings: Mapping[str, Any]) -> str:
+    """sha256 of what decides an evaluation's answers: the model's config, weights and dtype, and `settings`."""
+    from decoder.loading import config_fingerprint, weights_fingerprint
+
+    identity = {"config": config_fingerprint(model.config), "weights": weights_fingerprint(model),
+                "dtype": str(getattr(model, "dtype", "")), **settings}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
 # --------------------------------------------------------------------------- evaluate
 
 
@@ -730,6 +796,7 @@ def evaluate(
     progress: bool = False,
     extra_config: Mapping[str, Any] | None = None,
     fast: bool = False,
+    checkpoint: str | Path | None = None,
 ) -> EvalReport:
     """Run every method on the same seeded examples of every task × length and report accuracy and speed.
 
@@ -738,6 +805,8 @@ def evaluate(
     `max_new_tokens` None: each example gets its answer's length plus 24 tokens.
     `fast`: decode with `decoder.fast.FastDecoder` (static KV buffers, fused biased attention, CUDA
     graphs on one GPU; the same greedy tokens as the exact path) instead of `decoder.generation.Decoder`.
+    `checkpoint`: a JSONL file that every finished batch is appended to; run the same evaluation
+    again with it and the finished batches are read back instead of decoded (see `Checkpoint`).
     """
     from decoder.dysco import DyscoConfig
     from decoder.generation import Decoder
@@ -836,6 +905,13 @@ def evaluate(
 
     # Batch by batch, every method in turn: vanilla and DySCO continue from one shared prefill of the
     # batch (`shared_prefill`), which is dropped before the next batch is read.
+    saved = None
+    if checkpoint is not None:
+        saved = Checkpoint(checkpoint, _run_fingerprint(model, {
+            "seed": seed, "n": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "fast": fast,
+            "attnts_temperature": float(attnts_temperature) if "attnts" in methods else None,
+            "dysco": _dysco_dict(dysco) if "dysco" in methods else None,
+        }))
     runs: dict[tuple[str, int, str], MethodRun] = {}
     try:
         for (label, length), examples in sets.items():
@@ -844,15 +920,22 @@ def evaluate(
                 runs[(label, length, method)] = MethodRun(scores=[], responses=[], new_tokens=[], timings=[])
             for start in range(0, len(examples), batch_size):
                 batch = list(examples[start : start + batch_size])
-                prefilled, prefill_seconds = shared_prefill(decoders, batch, max_new_tokens)
+                stored = {m: saved.get(label, length, m, start, batch) if saved else None for m in methods}
+                todo = {m: decoders[m] for m in methods if stored[m] is None}
+                prefilled, prefill_seconds = shared_prefill(todo, batch, max_new_tokens)
                 for method in methods:
                     if bar is not None:
                         bar.set_postfix_str(f"{label} {format_length(length)} {method}")
-                    shares = prefilled is not None and method != "attnts"
-                    runs[(label, length, method)].extend(run_batch(
-                        decoders[method], task, batch, max_new_tokens=max_new_tokens,
-                        prefilled=prefilled if shares else None, prefill_seconds=prefill_seconds if shares else 0.0,
-                    ))
+                    run = stored[method]
+                    if run is None:
+                        shares = prefilled is not None and method != "attnts"
+                        run = run_batch(
+                            decoders[method], task, batch, max_new_tokens=max_new_tokens,
+                            prefilled=prefilled if shares else None, prefill_seconds=prefill_seconds if shares else 0.0,
+                        )
+                        if saved is not None:
+                            saved.add(label, length, method, start, batch, run)
+                    runs[(label, length, method)].extend(run)
                     if bar is not None:
                         bar.update(1)
                 del prefilled
@@ -916,6 +999,7 @@ def evaluate(
         "batch_size": batch_size,
         "decoding": "greedy",
         "path": "fast" if fast else "exact",
+        "resumed_batches": saved.resumed if saved is not None else 0,
         "attnts_temperature": float(attnts_temperature) if "attnts" in methods else None,
         "attnts_temperature_source": temperature_source if "attnts" in methods else None,
         "dysco": _dysco_dict(dysco) if "dysco" in methods else None,
@@ -989,12 +1073,14 @@ examples:
   dysco eval --model smollm2-135m --tasks needle,kv --lengths 2k --methods vanilla,dysco --n 8
   dysco eval --model smollm2-135m --heads 14:2,17:5 --tasks mrcr --lengths 2k,4k --n 20 --out eval/smollm2
   dysco eval --model ./my-checkpoint --profile my-model@3 --tasks pathtrans --lengths 4096 --n 50 --json
+  dysco eval --model qwen2.5-coder-0.5b --device cuda --dtype bfloat16 --fast --batch-size 16 --tasks kv --lengths 16k
 
 Without --profile or --heads, dysco uses the registry's NAME@latest profile (from `headfinder` or
 `calibrate`). Accuracy intervals are 95% percentile bootstraps of the mean (seeded); each method is
 compared with vanilla on the same examples by a paired bootstrap of the mean difference and an
 exact two-sided sign test. Writes results.md, results.json (per-example scores and responses) and
-accuracy.png into --out.
+accuracy.png into --out. An interrupted run resumes: the same command again reads the batches already
+in --out's progress.jsonl back instead of decoding them (--fresh discards them).
 """
 
 
@@ -1066,7 +1152,10 @@ def register_cli(subparsers: Any) -> None:
                    "same greedy tokens as the exact path; worth it on a GPU)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 … (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
-    p.add_argument("--out", default=None, metavar="DIR", help="where results.md, results.json, accuracy.png go (default: eval-<model>)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where results.md, results.json, accuracy.png go (default: eval-<model>); finished batches are "
+                   f"kept in DIR/{CHECKPOINT_NAME}, so the same command run again resumes where it stopped")
+    p.add_argument("--fresh", action="store_true", help=f"discard DIR/{CHECKPOINT_NAME} and decode everything again")
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="log the run to this MLflow tracking store (e.g. sqlite:///mlflow.db)")
     p.add_argument("--registry", default=None, metavar="DIR", help="registry root (default: the user's registry)")
     p.add_argument("--force", action="store_true", help="use a profile even if its model fingerprint does not match (warns)")
@@ -1107,12 +1196,18 @@ def _run_cli(args: argparse.Namespace) -> int:
         if args.attnts_temperature is None and "attnts_temperature" in info:
             args.attnts_temperature = info["attnts_temperature"]
             extra["attnts_temperature_from_profile"] = True
+    out = Path(args.out) if args.out else Path(f"eval-{name}")
+    checkpoint = out / CHECKPOINT_NAME
+    if args.fresh and checkpoint.exists():
+        checkpoint.unlink()
     report = evaluate(
         model, tokenizer, tasks, args.lengths, args.methods, args.n, args.seed,
         dysco=dysco, attnts_temperature=args.attnts_temperature, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, model_name=name, progress=not args.quiet, extra_config=extra, fast=args.fast,
+        checkpoint=checkpoint,
     )
-    out = Path(args.out) if args.out else Path(f"eval-{name}")
+    if report.config["resumed_batches"] and not args.quiet:
+        print(f"resumed: {report.config['resumed_batches']} finished batches read back from {checkpoint}", file=sys.stderr)
     files = report.save(out)
     if args.tracking_uri:
         report.config["mlflow_run_id"] = log_to_mlflow(report, args.tracking_uri, files)

@@ -293,11 +293,20 @@ def test_cli_end_to_end_with_mlflow(tiny, tmp_path, capsys):
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["config"]["model"] == "tiny-llama" and len(printed["examples"]) == 2
-    assert {p.name for p in out.iterdir()} == {"results.md", "results.json", "accuracy.png"}
+    assert {p.name for p in out.iterdir()} == {"results.md", "results.json", "accuracy.png", "progress.jsonl"}
     run_id = json.loads((out / "results.json").read_text())["config"]["mlflow_run_id"]
     run = MlflowClient(uri).get_run(run_id)
     assert "score/needle/512/dysco" in run.data.metrics and run.data.params["n"] == "2"
     assert math.isfinite(run.data.metrics["decode_tokens_per_s/512/vanilla"])
+
+    # The same command again reads every batch back; --fresh decodes them again.
+    argv = ["eval", "--model", str(folder), "--heads", "1:0,2:3", "--tasks", "needle", "--lengths", "512",
+            "--methods", "vanilla,dysco", "--n", "2", "--max-new-tokens", "2", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["config"]["resumed_batches"] == 4 and again["examples"] == printed["examples"]
+    assert main([*argv, "--fresh"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["resumed_batches"] == 0
 
 
 @pytest.mark.parametrize(
@@ -366,3 +375,41 @@ def test_partial_grid_report_renders_each_tasks_own_lengths(tmp_path):
     assert [r.split(" | ")[:2] for r in rows] == [["| kv", "8k"], ["| kv", "16k"], ["| mrcr", "8k"]]
     assert "kv 8k 50" in table and "mrcr 8k 25" in table  # counts differ, so each is named
     assert report.plot(tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interrupted_eval_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatch):
+    """A run killed mid-way leaves its finished batches; the same call again decodes only the rest."""
+    import calibration.evaluate as ev
+
+    model, tokenizer = tiny
+    kw = dict(dysco=HEADS, max_new_tokens=4, bootstrap_resamples=200)
+    whole = evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 3, 7, **kw)
+
+    checkpoint = tmp_path / "progress.jsonl"
+    calls = []
+    original = ev.run_batch
+
+    def dies_after_four(*args, **kwargs):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(args[0].method)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "run_batch", dies_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 3, 7, checkpoint=checkpoint, **kw)
+    with open(checkpoint, "a") as handle:
+        handle.write('{"fingerprint": "cut sh')  # a write cut by the kill
+    monkeypatch.setattr(ev, "run_batch", original)
+
+    calls.clear()
+    monkeypatch.setattr(ev, "run_batch", lambda *a, **k: (calls.append(a[0].method), original(*a, **k))[1])
+    resumed = evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 3, 7, checkpoint=checkpoint, **kw)
+    assert len(calls) == 9 - 4 and resumed.config["resumed_batches"] == 4
+    assert [e["responses"] for e in resumed.examples] == [e["responses"] for e in whole.examples]
+    assert [(c.mean, c.low, c.high) for c in resumed.cells] == [(c.mean, c.low, c.high) for c in whole.cells]
+
+    # Other settings (another seed here) share the file but none of its batches.
+    calls.clear()
+    evaluate(model, tokenizer, "needle", "512", "vanilla", 2, 3, checkpoint=checkpoint, **kw)
+    assert len(calls) == 2
