@@ -329,6 +329,29 @@ def test_cli_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--dtype", "float8"], "dtype 'float8' is not understood"),
+        (["--model", "/nonexistent/model"], "cannot load model '/nonexistent/model'"),
+    ],
+)
+def test_cli_bad_model_arguments_are_one_clear_line(tiny, tmp_path, argv, message, capsys):
+    """Refused at load time with `dysco eval: error: …` and exit code 2, before any decoding."""
+    from decoder.cli import main
+
+    model, tokenizer = tiny
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    capsys.readouterr()  # saving printed a progress bar
+    code = main(["eval", "--model", str(folder), "--heads", "1:0", "--tasks", "needle", "--lengths", "512", "--n", "1",
+                 "--quiet", "--out", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("dysco eval: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
 def test_cli_help_explains():
     from decoder.cli import build_parser
 
