@@ -551,7 +551,7 @@ class EvalReport:
             "Speed (the tasks of each length pooled): time to first token = prefill + warmup + first token, mean per "
             f"batch ({batch_text}); decode tokens/s counts the tokens after the first, over all rows of a batch."
             + (" Vanilla and DySCO continue one shared prefill per batch; its time is in both TTFTs."
-               if {"vanilla", "dysco"} <= set(methods) and cfg.get("path", "exact") == "exact" else ""),
+               if {"vanilla", "dysco"} <= set(methods) and cfg.get("path") == "exact" else ""),  # older reports: no key
             "",
             "| method | length | TTFT (s) | decode tokens/s | tokens generated |",
             "|---|---|---|---|---|",
