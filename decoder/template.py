@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 __all__ = ["encode_chat", "template_mask"]
 
 _SENTINEL = "\ue000dysco-content-{}\ue001"  # private-use characters: never in a real template
@@ -43,12 +45,14 @@ def encode_chat(
     if not ids:
         raise ValueError("the rendered conversation has no tokens")
     spans = _content_spans(tokenizer, messages, text, add_generation_prompt)
-    template = []
-    for start, end in encoding["offset_mapping"]:
-        touches_content = any(start < c_end and end > c_start for c_start, c_end in spans)
-        # Zero-width tokens (some special tokens) sit at a boundary: treat them as template.
-        template.append(not touches_content or start == end)
-    return ids, template
+    offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)  # [tokens, 2] char start, end
+    content = np.asarray(spans, dtype=np.int64).reshape(-1, 2)  # [messages, 2]
+    # One vectorised overlap test of every token against every content span (long prompts have
+    # 100K+ tokens and few messages): a token touching any content character is content.
+    touches = (offsets[:, :1] < content[None, :, 1]) & (offsets[:, 1:] > content[None, :, 0])  # [tokens, messages]
+    # Zero-width tokens (some special tokens) sit at a boundary: treat them as template.
+    template = ~touches.any(axis=1) | (offsets[:, 0] == offsets[:, 1])
+    return ids, template.tolist()
 
 
 def template_mask(tokenizer, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> list[bool]:
