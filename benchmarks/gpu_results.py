@@ -425,13 +425,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     batch_sizes = parse_batch_sizes(args.batch_sizes, lengths)
     units = [(task, length) for task in args.tasks.split(",") for length in lengths]
     timings = Timings()
-    paths = args.paths.split(",")
-    if not paths or any(p not in ("exact", "fast") for p in paths) or len(set(paths)) != len(paths):
+    asked = args.paths.split(",")
+    if not asked or any(p not in ("exact", "fast") for p in asked) or len(set(asked)) != len(asked):
         raise SystemExit(f"--paths takes exact, fast or exact,fast; got {args.paths!r}")
-    if len(paths) > 1 and paths != ["exact", "fast"]:
-        paths = ["exact", "fast"]
+    paths = [p for p in ("exact", "fast") if p in asked]  # exact first: the agreement compares against it
     reports: dict[str, list[Any]] = {path: [] for path in paths}
     plan_notes, done_units = [], []
+
+    def note(text: str) -> None:
+        """Say it in the log and keep it in results.json's notes."""
+        plan_notes.append(text)
+        log(text)
+
     meta = {"command": " ".join(sys.argv), "dtype": args.dtype, "device": args.device,
             "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
             "head_set": heads_info, "examples_file": args.examples, "budget_s": args.budget_s, "notes": plan_notes,
@@ -453,18 +458,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                planned_steps(examples[:fit], batch) * len(paths)) > remaining:
                 fit -= 1
             if fit < args.min_n:
-                note = f"{label}: skipped (estimated {estimate:.0f} s for n={n}, {remaining:.0f} s left of the budget)"
-                plan_notes.append(note)
-                log(note)
+                note(f"{label}: skipped (estimated {estimate:.0f} s for n={n}, {remaining:.0f} s left of the budget)")
                 continue
-            note = f"{label}: n cut from {n} to {fit} (estimated {estimate:.0f} s for n={n}, {remaining:.0f} s left)"
-            plan_notes.append(note)
-            log(note)
+            note(f"{label}: n cut from {n} to {fit} (estimated {estimate:.0f} s for n={n}, {remaining:.0f} s left)")
             n = fit
         log(f"{label}: n={n}, batch {batch}" + (f", estimated {estimate:.0f} s" if estimate is not None else "")
             + f", {remaining:.0f} s of budget left")
         timings.begin(label)
-        first_unit = len(timings.units)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
@@ -487,39 +487,31 @@ def cmd_run(args: argparse.Namespace) -> int:
                         import traceback
 
                         traceback.print_exc()  # the first path's results are kept; the failure is noted
-                        note = f"{label}: {path} path failed ({type(err).__name__}: {str(err)[:300]})"
-                        plan_notes.append(note)
-                        log(note)
+                        note(f"{label}: {path} path failed ({type(err).__name__}: {str(err)[:300]})")
             except torch.cuda.OutOfMemoryError as err:
-                del timings.units[first_unit:]
+                del timings.units[timings.first:]
                 torch.cuda.empty_cache()
                 if batch == 1:
-                    note = f"{label}: out of memory even at batch 1; skipped"
-                    plan_notes.append(note)
-                    log(note)
+                    note(f"{label}: out of memory even at batch 1; skipped")
                     break
-                note = f"{label}: out of memory at batch {batch} ({str(err).splitlines()[0][:160]}); retrying at batch {max(1, batch // 2)}"
-                plan_notes.append(note)
-                log(note)
+                note(f"{label}: out of memory at batch {batch} ({str(err).splitlines()[0][:160]}); retrying at batch {max(1, batch // 2)}")
                 batch = max(1, batch // 2)
                 started = time.perf_counter()
             except Exception as err:  # keep what finished; go on with the next unit
                 import traceback
 
                 traceback.print_exc()
-                note = f"{label}: failed ({type(err).__name__}: {str(err)[:300]})"
-                plan_notes.append(note)
-                log(note)
+                note(f"{label}: failed ({type(err).__name__}: {str(err)[:300]})")
                 break
         if report is None:
-            del timings.units[first_unit:]
+            del timings.units[timings.first:]
             continue
         timings.log_unit()
         for path, one in report.items():
             one.config["unit_seconds"] = round(one.seconds, 1)
             one.config["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1) if args.device.startswith("cuda") else None
             reports[path].append(one)
-        for unit in timings.units[first_unit:]:
+        for unit in timings.units[timings.first:]:
             unit.update({"length": length, "batch": batch})
             unit.pop("scores", None)
             done_units.append(unit)
@@ -540,8 +532,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if len(paths) > 1:
             print(f"## {path} path")
         print(final.markdown())
-    for note in plan_notes:
-        print(f"note: {note}")
+    for text in plan_notes:
+        print(f"note: {text}")
     log(f"total {time.perf_counter() - T0:.0f} s")
     return 0
 

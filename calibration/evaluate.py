@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -59,7 +60,6 @@ __all__ = [
     "resolve_dysco",
     "Checkpoint",
     "run_batch",
-    "run_examples",
     "shared_prefill",
 ]
 
@@ -376,25 +376,6 @@ def run_batch(
     return run
 
 
-def run_examples(
-    decoder: Any,
-    task: Task,
-    examples: Sequence[Example],
-    *,
-    max_new_tokens: int | None = None,
-    batch_size: int = 1,
-    on_batch: Callable[[int], None] | None = None,
-) -> MethodRun:
-    """Decode `examples` greedily with one `decoder`, `batch_size` at a time, and grade them."""
-    run = MethodRun(scores=[], responses=[], new_tokens=[], timings=[])
-    for start in range(0, len(examples), batch_size):
-        batch = list(examples[start : start + batch_size])
-        run.extend(run_batch(decoder, task, batch, max_new_tokens=max_new_tokens))
-        if on_batch is not None:
-            on_batch(len(batch))
-    return run
-
-
 def shared_prefill(
     decoders: Mapping[str, Any], batch: Sequence[Example], max_new_tokens: int | None
 ) -> tuple[Any, float]:
@@ -404,9 +385,8 @@ def shared_prefill(
     prompt, the costly part of a long-context example, is read once for both. None when fewer than
     two of the methods can share it (AttnTS changes the prefill itself).
     """
-    sharing = [m for m in ("vanilla", "dysco") if m in decoders]
-    if len(sharing) < 2 or not all(hasattr(decoders[m], "prefill") for m in sharing):
-        return None, 0.0
+    if not {"vanilla", "dysco"} <= decoders.keys() or not hasattr(decoders["vanilla"], "prefill"):
+        return None, 0.0  # the fast path (no `prefill`) prefills inside its own generate
     plain = decoders["vanilla"]
     encoded = [_prompt_ids(plain.tokenizer, example) for example in batch]
     budget = max(example_budget(example, max_new_tokens) for example in batch)
@@ -735,8 +715,6 @@ class Checkpoint:
 
     def add(self, task: str, length: int, method: str, start: int, batch: Sequence[Example], run: MethodRun) -> None:
         """Append one finished batch (flushed and synced: a kill loses at most the batch under way)."""
-        import os
-
         record = {
             "fingerprint": self.fingerprint, "task": task, "length": length, "method": method, "start": start,
             "ids": [example.id for example in batch],

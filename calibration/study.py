@@ -851,16 +851,16 @@ class _Workers:
             for stream in self.logs
         ]
 
-    def wait_ready(self, timeout_s: float = 900.0) -> int:
+    def wait_ready(self, timeout_s: float = 900.0) -> None:
         """Block until every worker has loaded its model and joined the study (or has died).
 
         Without this the command, whose model is often loaded first, could run the whole budget
-        alone while its workers are still importing torch. Returns how many workers joined.
+        alone while its workers are still importing torch.
         """
         import select
 
         pending = {p.stdout.fileno(): p for p in self.processes if p.stdout is not None}
-        joined, deadline = 0, time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_s
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -872,9 +872,7 @@ class _Workers:
                 process = pending.pop(fd)
                 for line in iter(process.stdout.readline, b""):  # b"" when the worker died first
                     if line.strip() == b"ready":
-                        joined += 1
                         break
-        return joined
 
     def wait(self) -> None:
         """Wait for every worker; warn with the tail of the stderr of any that failed."""
