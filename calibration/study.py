@@ -280,8 +280,14 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     if url.startswith("sqlite"):
         # Workers write briefly and rarely; wait for the lock rather than fail.
         engine_kwargs["connect_args"] = {"timeout": 120}
+    from filelock import FileLock
+
     try:
-        with warnings.catch_warnings():
+        # Opening a new database creates its tables; two processes doing it at once (a command and
+        # the worker it started) race, and the loser fails with "table … already exists".
+        path = _lock_path(url, "storage schema")
+        schema_lock = FileLock(path) if path and os.path.isdir(os.path.dirname(path)) else contextlib.nullcontext()
+        with schema_lock, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 url,
@@ -294,7 +300,8 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
         raise CalibrationError(f"cannot open the study storage {url!r}: {err}") from None
 
 
-def _lock_path(url: str | None, study_name: str) -> str | None:
+def _lock_path(url: str | None, key: str) -> str | None:
+    """A host-wide lock file for `key` (a study name, or the storage schema) on the storage `url`."""
     if url is None:
         return None
     if url.startswith("sqlite:///"):
@@ -302,9 +309,9 @@ def _lock_path(url: str | None, study_name: str) -> str | None:
 
         database = make_url(url).database
         if database and database != ":memory:":
-            return os.path.abspath(database) + f".{hashlib.sha256(study_name.encode()).hexdigest()[:12]}.lock"
-    key = hashlib.sha256(f"{url}\0{study_name}".encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"dysco-calibrate-{key}.lock")
+            return os.path.abspath(database) + f".{hashlib.sha256(key.encode()).hexdigest()[:12]}.lock"
+    digest = hashlib.sha256(f"{url}\0{key}".encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"dysco-calibrate-{digest}.lock")
 
 
 @contextlib.contextmanager

@@ -311,6 +311,37 @@ def _nested_trial_numbers(work) -> list[int]:
     return sorted(int(r.data.tags["optuna.trial_number"]) for r in runs if "optuna.trial_number" in r.data.tags)
 
 
+def _open_at(url: str, start: float, results) -> None:
+    from calibration.study import open_storage
+
+    while time.time() < start:  # every process opens the new database at the same moment
+        pass
+    try:
+        open_storage(url)
+        results.put("ok")
+    except Exception as err:
+        results.put(repr(err))
+
+
+def test_processes_opening_a_new_database_at_once_all_succeed(tmp_path):
+    """A command and its workers create a new study database together; none may lose the race
+    for its tables ("table … already exists", seen on CI before the schema lock)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for k in range(3):
+        results = context.Queue()
+        start = time.time() + 0.5
+        procs = [context.Process(target=_open_at, args=(f"sqlite:///{tmp_path / f's{k}.db'}", start, results))
+                 for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=120) for _ in procs]
+        for proc in procs:
+            proc.join()
+        assert outcomes == ["ok"] * 4, outcomes
+
+
 def test_two_workers_share_one_study_without_duplicates(workdir):
     db = workdir["dir"] / "study.db"
     base = ["--profile", workdir["ref"], "--max-new-tokens", "48", "--json"]  # trials long enough to share
