@@ -1,35 +1,48 @@
-"""DySCO's settings and its three small steps: importance, selection, bias.
+"""DySCO's settings and its small steps: feed schedule, importance, selection, bias.
 
 `DyscoConfig` holds the head set S and the knobs. The steps are pure functions on batched tensors
 (no Python loops over positions, no host syncs), so the decoder can run them on the GPU as they are:
 
     >>> importance = update_importance(past, cur, decay=0.75)          # [batch, n], rows sum to 1
     >>> selected = select_positions(importance, top_p=0.975, top_k=4096)  # bool [batch, n]
-    >>> bias = dysco_bias(selected, strength=2.0, template=template, real=real)  # [batch, n]
+    >>> up = upweighted_positions(selected, template, real, hard=False)   # bool [batch, n]
+    >>> bias = dysco_bias(up, strength=2.0)                               # [batch, n]
 
-How DySCO runs (ALGORITHMS.md, with the decisions it leaves open; the decoder follows this):
+How DySCO runs. These are the rules of the authors' published code (princeton-pli/DySCO,
+`rescale_generate`, as configured by its YAML files), which is the definition we follow token for
+token; `docs/design.md` lists them with the places where the paper's prose reads differently.
 
-1. Prefill all but the last `context_warmup` prompt tokens with plain attention.
-2. Feed the warmup tokens one at a time with plain attention except the last one. Each step reads
-   `cur` from the heads in S (mean over S of the current query's attention probabilities, softmax over
-   all positions including the current one) and sets `importance = normalise(cur + decay * past)`,
-   `past` extended by a zero for the new position. A row whose token at that step is left padding
-   keeps its importance (extended by a zero).
-3. Feeding the *last* prompt token is the first real decode step, so every generated token, the first
-   included, comes from a DySCO full pass. A real decode step: probe (plain attention, layers up to the
-   deepest layer in S, nothing written to the cache) → importance update → select → full pass with the
-   bias in every head of every layer → logits → next token.
-4. Selection: the nucleus (highest-importance positions until their mass reaches `top_p`; at least
-   one; positions of zero importance never) capped at the `top_k` highest. Chat-template positions
-   and padding are removed *after* selection (their mass still counts towards the nucleus); the
-   current position is always added.
-5. Bias: `log(strength)` on the up-weighted positions, 0 elsewhere; `strength >= 99` (hard) is 0 on
-   them and -inf elsewhere.
-6. `selection="static"`: select once at the first real decode step and keep that set; later steps
-   up-weight it plus their own current position (no probe is needed after the first step).
-7. `context_warmup=0`: prefill everything; the first token comes from the plain prefill logits, and
-   importance starts at the first decode step. A prompt shorter than the warmup is fed token by token
-   from its first token.
+1. Feed schedule (`feed_schedule`). With `T = context_warmup + intervention_warmup` (at most the
+   prompt), prefill all but the last T prompt tokens with plain attention, then feed those T tokens
+   one at a time. The first of them that are older than the last `intervention_warmup + 1` prompt
+   tokens (`context_warmup - 1` of them) only update importance (plain attention). The last
+   `intervention_warmup + 1` prompt tokens (the chat template's generation prompt and the token
+   before it) already run a full DySCO step (probe, select, biased pass; their biased keys and values
+   stay in the cache), and so does every generated token. `intervention_warmup="auto"` is the length
+   of the generation prompt the tokenizer's chat template appends (0 without a chat template).
+2. Importance: `cur` = mean over S of the current query's attention probabilities (softmax over all
+   positions including the current one); `importance = normalise(cur + decay * past)`, `past`
+   extended by a zero for the new position. A row whose token at that step is left padding keeps its
+   importance (extended by a zero).
+3. A DySCO step: probe (plain attention, layers up to the deepest layer in S, nothing written to the
+   cache) → importance update → select → full pass with the bias in every head of every layer.
+4. Selection (`select_positions`): renormalise, sort descending, keep every position whose cumulative
+   mass *including itself* is `<= top_p` (the top one always); if that keeps more than `top_k`, keep the
+   `top_k` highest. Ties keep position order. Positions outside `valid` (padding, unfed columns) rank
+   last and are never kept.
+5. Up-weighted set (`upweighted_positions`): the selected positions minus chat-template positions
+   (their mass still counts towards the nucleus), plus the current position. In the hard variant
+   (`strength >= 99`) the published code skips the template exclusion: a selected template position
+   stays visible. Padding is never up-weighted.
+6. Bias (`dysco_bias`): `log(strength)` on the up-weighted positions, 0 elsewhere; hard: 0 there,
+   -inf elsewhere.
+7. `selection="static"`: at the first DySCO step, select once from the importance the importance-only
+   steps built (no probe, the current position not in it) and keep that set; every DySCO step
+   up-weights it plus its own current position. With no importance yet (`context_warmup <= 1`, where
+   the published code divides by zero), the first step probes first.
+8. `context_warmup=0` and `intervention_warmup=0`: prefill everything; the first token comes from the
+   plain prefill logits, and importance starts at the first decode step. A prompt shorter than T is fed
+   token by token from its first token.
 """
 
 from __future__ import annotations
@@ -44,7 +57,9 @@ import torch
 __all__ = [
     "HARD_STRENGTH",
     "DyscoConfig",
+    "FeedSchedule",
     "dysco_bias",
+    "feed_schedule",
     "select_positions",
     "update_importance",
     "upweighted_positions",
@@ -52,6 +67,7 @@ __all__ = [
 
 HARD_STRENGTH = 99.0  # strength at or above this masks out every unselected position
 SELECTIONS = ("dynamic", "static")
+AUTO = "auto"  # intervention_warmup: the chat template's generation-prompt length
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,7 @@ class DyscoConfig:
     decay: float = 0.75
     context_warmup: int = 8
     selection: str = "dynamic"
+    intervention_warmup: int | str = AUTO
     heads_by_layer: dict[int, tuple[int, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +107,7 @@ class DyscoConfig:
             raise ValueError(f"DySCO decay must be in [0, 1), got {self.decay}")
         if isinstance(self.context_warmup, bool) or not isinstance(self.context_warmup, int) or self.context_warmup < 0:
             raise ValueError(f"DySCO context_warmup must be an integer >= 0, got {self.context_warmup!r}")
+        object.__setattr__(self, "intervention_warmup", parse_intervention_warmup(self.intervention_warmup))
         if self.selection not in SELECTIONS:
             raise ValueError(f"DySCO selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         by_layer: dict[int, list[int]] = {}
@@ -124,7 +142,8 @@ class DyscoConfig:
     def replace(self, **changes) -> DyscoConfig:
         """A copy with some fields changed (validated again)."""
         fields = {name: getattr(self, name) for name in
-                  ("head_set", "strength", "top_p", "top_k", "decay", "context_warmup", "selection")}
+                  ("head_set", "strength", "top_p", "top_k", "decay", "context_warmup", "selection",
+                   "intervention_warmup")}
         fields.update(changes)
         return DyscoConfig(**fields)
 
@@ -154,6 +173,53 @@ def _as_head_set(head_set) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
+def parse_intervention_warmup(value) -> int | str:
+    """`"auto"` or an integer >= 0 (also from a string such as "4"); anything else is a ValueError."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == AUTO:
+            return AUTO
+        if text.isdigit():
+            return int(text)
+    elif not isinstance(value, bool) and isinstance(value, int) and value >= 0:
+        return int(value)
+    raise ValueError(
+        f"DySCO intervention_warmup must be 'auto' (the chat template's generation-prompt length) or an "
+        f"integer >= 0, got {value!r}"
+    )
+
+
+@dataclass(frozen=True)
+class FeedSchedule:
+    """Which prompt columns a DySCO generation prefills, feeds for importance only, and intervenes on."""
+
+    prefill_end: int  # columns [0, prefill_end) are prefilled together with plain attention
+    intervene_from: int  # columns [prefill_end, intervene_from) only update importance; later ones intervene
+    prompt_len: int
+
+    @property
+    def importance_only(self) -> range:
+        """Prompt columns fed one at a time with plain attention, reading importance."""
+        return range(self.prefill_end, self.intervene_from)
+
+    @property
+    def intervened(self) -> range:
+        """Prompt columns fed one at a time with a full DySCO step (probe, select, biased pass)."""
+        return range(self.intervene_from, self.prompt_len)
+
+
+def feed_schedule(prompt_len: int, context_warmup: int, intervention_warmup: int) -> FeedSchedule:
+    """The published feed schedule of a `prompt_len`-column prompt (rule 1 of this module)."""
+    if prompt_len < 1:
+        raise ValueError(f"a prompt needs at least one token, got {prompt_len}")
+    if isinstance(intervention_warmup, str):
+        raise ValueError("resolve intervention_warmup='auto' against a tokenizer first (Decoder does)")
+    fed = min(context_warmup + intervention_warmup, prompt_len)
+    prefill_end = prompt_len - fed
+    intervene_from = max(prefill_end, prompt_len - intervention_warmup - 1)
+    return FeedSchedule(prefill_end, intervene_from, prompt_len)
+
+
 def update_importance(past: torch.Tensor | None, cur: torch.Tensor, decay: float) -> torch.Tensor:
     """`normalise(cur + decay * past)`, `past` [batch, m <= n] zero-extended to `cur`'s [batch, n]; float32."""
     cur = cur.float()
@@ -165,39 +231,50 @@ def update_importance(past: torch.Tensor | None, cur: torch.Tensor, decay: float
     return blended / blended.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def select_positions(importance: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
-    """The nucleus of `importance` [batch, n] reaching `top_p` (at least one), capped at `top_k`: bool [batch, n]."""
-    ordered, order = importance.sort(dim=-1, descending=True, stable=True)  # [batch, n]
-    mass_before = ordered.cumsum(-1) - ordered  # mass of the strictly higher-ranked positions
+def select_positions(
+    importance: torch.Tensor, top_p: float, top_k: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Positions whose cumulative importance, themselves included, is <= `top_p` (the top one always),
+    capped at the `top_k` highest: bool [batch, n]. `valid` (bool, broadcastable) excludes positions."""
+    if valid is not None:
+        importance = importance.masked_fill(~valid, 0.0)
+    # The published code renormalises here although importance is already normalised; doing the
+    # same keeps the float rounding of the `<= top_p` boundary identical.
+    importance = importance / importance.sum(-1, keepdim=True).clamp_min(torch.finfo(importance.dtype).tiny)
+    # Invalid positions sort after every valid one (ties of equal importance keep position order).
+    key = importance if valid is None else importance.masked_fill(~valid, -1.0)
+    _, order = key.sort(dim=-1, descending=True, stable=True)  # [batch, n]
+    ordered = importance.gather(-1, order)
     rank = torch.arange(importance.shape[-1], device=importance.device)
-    keep = ((mass_before < top_p) & (ordered > 0)) | (rank == 0)
+    keep = (ordered.cumsum(-1) <= top_p) | (rank == 0)
     keep &= rank < top_k
+    if valid is not None:
+        keep &= valid.expand_as(importance).gather(-1, order)
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
 def upweighted_positions(
-    selected: torch.Tensor, template: torch.Tensor | None = None, real: torch.Tensor | None = None
+    selected: torch.Tensor,
+    template: torch.Tensor | None = None,
+    real: torch.Tensor | None = None,
+    *,
+    hard: bool = False,
+    current: bool = True,
 ) -> torch.Tensor:
-    """Selected minus template and padding positions, plus the current (last) position: bool [batch, n]."""
+    """Selected minus template (not when `hard`) and padding positions, plus the current (last) one when
+    `current`: bool [batch, n]."""
     up = selected.clone()
-    if template is not None:
+    if template is not None and not hard:
         up &= ~template
     if real is not None:
         up &= real
-    up[..., -1] = True
+    if current:
+        up[..., -1] = True
     return up
 
 
-def dysco_bias(
-    selected: torch.Tensor,
-    strength: float,
-    *,
-    template: torch.Tensor | None = None,
-    real: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """The additive logit bias [batch, n]: log(strength) on up-weighted positions; hard: 0 there, -inf elsewhere."""
-    up = upweighted_positions(selected, template, real)
+def dysco_bias(up: torch.Tensor, strength: float, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive logit bias [batch, n] from the up-weighted positions: log(strength) there; hard: 0 there, -inf elsewhere."""
     if strength >= HARD_STRENGTH:
         return torch.zeros(up.shape, dtype=dtype, device=up.device).masked_fill(~up, float("-inf"))
     return torch.zeros(up.shape, dtype=dtype, device=up.device).masked_fill(up, math.log(strength))

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from decoder.dysco import DyscoConfig, dysco_bias, select_positions, update_importance, upweighted_positions
+from decoder.dysco import DyscoConfig, dysco_bias, feed_schedule, select_positions, update_importance, upweighted_positions
 from decoder.fast_kernels import decode_attention
 
 __all__ = ["FastDecoder", "FastOutput", "FAST_IMPLEMENTATION"]
@@ -239,6 +239,13 @@ class FastDecoder:
             raise ValueError(f"attention temperature must be > 0, got {temperature}")
         self.model, self.tokenizer, self.method = model, tokenizer, method
         self.dysco = dysco if method == "dysco" else None
+        if self.dysco is not None:
+            from decoder.template import resolve_intervention_warmup
+
+            # "auto" needs the tokenizer's chat template; without a tokenizer there is none: 0.
+            self.intervention_warmup = resolve_intervention_warmup(self.dysco.intervention_warmup, tokenizer)
+        else:
+            self.intervention_warmup = 0
         self.temperature = temperature if method == "attnts" else 1.0
         self.sync_every = sync_every
         self.decoder = model.get_decoder()
@@ -374,14 +381,8 @@ class FastDecoder:
         self._sync_devices()
 
     def _upweighted(self, shape: _Shape, selected: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """`upweighted_positions` with the current column at `t`: bool [batch, max_len].
-
-        The exact path's current column is its last one; here the buffers are wider. Folding column t
-        in as selected, real and not template makes `upweighted_positions` add it whatever it is, as the
-        exact path does. (It also sets column max_len - 1, which is never attended before t reaches it.)
-        """
-        current = self._current_row(shape, t)[None, :]  # [1, max_len]
-        return upweighted_positions(selected | current, shape.template & ~current, shape.real | current)
+        """`upweighted_positions` without the current column (the static set): bool [batch, max_len]."""
+        return upweighted_positions(selected, shape.template, shape.real, hard=self.dysco.hard, current=False)
 
     def _advance(self, shape: _Shape, t: torch.Tensor, logits: torch.Tensor) -> None:
         """Greedy next token into the token buffer (past the prompt only); t += 1."""
@@ -416,7 +417,14 @@ class FastDecoder:
             shape.importance.copy_(torch.where(padding_now, shape.importance, updated))
             self._advance(shape, t, logits)
             return
-        if kind in ("dysco", "static_first"):
+        current = self._current_row(shape, t)[None, :]  # [1, max_len]
+        if kind == "static_first":
+            # Static selects once, without a probe, from the importance of the columns before t.
+            valid = shape.real & (shape.columns < t)[None, :]
+            selected = select_positions(shape.importance, self.dysco.top_p, self.dysco.top_k, valid=valid)
+            shape.static_selected.copy_(self._upweighted(shape, selected, t))
+            up = shape.static_selected | current
+        elif kind in ("dysco", "static_probe_first"):
             self._set_bias(shape.pad_bias)
             run.capture = shape.capture
             try:
@@ -424,14 +432,18 @@ class FastDecoder:
             finally:
                 run.capture = None
             cur = self._cur_importance(shape, t)
-            shape.importance.copy_(update_importance(shape.importance, cur, self.dysco.decay))
-            selected = select_positions(shape.importance, self.dysco.top_p, self.dysco.top_k)
-            up = self._upweighted(shape, selected, t)
-            if kind == "static_first":
-                shape.static_selected.copy_(up)  # the exact path keeps the up-weighted set, its current column too
-        else:  # static: the set chosen at the first real step plus the current column, no probe
-            up = shape.static_selected | self._current_row(shape, t)[None, :]
-        # `up` already excludes template and padding columns; padding is masked by pad_bias.
+            updated = update_importance(shape.importance, cur, self.dysco.decay)
+            padding_now = ~shape.real.index_select(1, t)  # [batch, 1]: a teacher-forced column that is padding
+            shape.importance.copy_(torch.where(padding_now, shape.importance, updated))
+            valid = shape.real & (shape.columns <= t)[None, :]
+            selected = select_positions(shape.importance, self.dysco.top_p, self.dysco.top_k, valid=valid)
+            chosen = self._upweighted(shape, selected, t)
+            if kind == "static_probe_first":
+                shape.static_selected.copy_(chosen)
+            up = chosen | current
+        else:  # static: the set chosen at the first DySCO step plus the current column, no probe
+            up = shape.static_selected | current
+        # Padding is masked by pad_bias (and never in `up`); the current column is always up-weighted.
         self._set_bias(dysco_bias(up, self.dysco.strength) + shape.pad_bias)
         logits = self._forward_full(shape, ids, positions)
         self._advance(shape, t, logits)
@@ -442,7 +454,7 @@ class FastDecoder:
         if self.dysco is None:
             return ["plain"]
         if self.dysco.selection == "static":
-            return ["warmup", "static_first", "static"]
+            return ["warmup", "static_first", "static_probe_first", "static"]
         return ["warmup", "dysco"]
 
     def _capture_graphs(self, shape: _Shape) -> None:
@@ -594,24 +606,30 @@ class FastDecoder:
         pads = (~attention_mask).sum(-1)  # [batch]
         self._load_prompt(shape, input_ids.to(dev), attention_mask, pads, template)
 
-        warmup = self.dysco.context_warmup if self.dysco is not None else 0
-        n_prefill = max(0, prompt - warmup) if self.dysco is not None else prompt
+        if self.dysco is not None:
+            schedule = feed_schedule(prompt, self.dysco.context_warmup, self.intervention_warmup)
+            n_prefill = schedule.prefill_end
+        else:
+            n_prefill = prompt
         first_logits = self._prefill(shape, input_ids.to(dev), pads, n_prefill)
         self.run.t[dev].fill_(n_prefill)
         self._sync_devices()
         timer.mark("prefill")
 
-        steps: list[str] = []
+        # (kind, produces a token): importance-only and teacher-forced DySCO steps on the prompt produce none.
+        steps: list[tuple[str, bool]] = []
         if self.dysco is None:
-            steps = ["plain"] * (max_new_tokens - 1)
+            steps = [("plain", True)] * (max_new_tokens - 1)
         else:
-            real_kind = "static_first" if self.dysco.selection == "static" else "dysco"
-            later_kind = "static" if self.dysco.selection == "static" else "dysco"
-            n_warm = prompt - 1 - n_prefill if n_prefill < prompt else 0
-            if n_prefill == prompt:  # context_warmup 0: the first token comes from the prefill logits
-                steps = [real_kind] + [later_kind] * (max_new_tokens - 2) if max_new_tokens > 1 else []
-            else:
-                steps = ["warmup"] * n_warm + [real_kind] + [later_kind] * (max_new_tokens - 1)
+            static = self.dysco.selection == "static"
+            n_importance = len(schedule.importance_only)
+            first_kind = ("static_first" if n_importance else "static_probe_first") if static else "dysco"
+            later_kind = "static" if static else "dysco"
+            steps = [("warmup", False)] * n_importance
+            forced = len(schedule.intervened)  # prompt columns fed with a full DySCO step
+            n_dysco = forced + max_new_tokens - 1  # the last forced step (or the prefill) gives the first token
+            kinds = [first_kind] + [later_kind] * (n_dysco - 1) if n_dysco > 0 else []
+            steps += [(kind, i >= forced - 1) for i, kind in enumerate(kinds)]
 
         # Eager steps (no graphs) run inside one activation instead of switching per step.
         eager = contextlib.nullcontext() if self.cuda_graphs else _activated(self.model, self.run)
@@ -639,9 +657,9 @@ class FastDecoder:
         eos = _eos_set(eos_token_id)
         eos = eos.to(dev) if eos is not None else None
         produced = 1 if first_logits is not None else 0
-        for i, kind in enumerate(steps):
+        for kind, produces in steps:
             self._run_step(shape, kind)
-            if kind == "warmup":
+            if not produces:
                 continue
             produced += 1
             if produced == 1:

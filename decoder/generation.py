@@ -38,8 +38,10 @@ from typing import Any
 import torch
 
 from decoder.attention import AttentionPlan, attach, attention_layers, use_plan
-from decoder.dysco import DyscoConfig, select_positions, update_importance, upweighted_positions, dysco_bias
-from decoder.template import encode_chat
+from decoder.dysco import (
+    DyscoConfig, dysco_bias, feed_schedule, select_positions, update_importance, upweighted_positions,
+)
+from decoder.template import encode_chat, resolve_intervention_warmup
 
 __all__ = ["METHODS", "Decoder", "Generation", "PrefillState", "StepEvent", "cache_kwarg", "left_pad", "model_shape"]
 
@@ -150,6 +152,8 @@ class Decoder:
         self.tokenizer = tokenizer
         self.method = method
         self.dysco = dysco if method == "dysco" else None
+        # "auto" resolved once against this tokenizer: an integer from here on.
+        self.intervention_warmup = resolve_intervention_warmup(dysco.intervention_warmup, tokenizer) if self.dysco else 0
         self.temperature = float(temperature)
         self.device = model.get_input_embeddings().weight.device
         self.pad_id = next(
@@ -175,6 +179,7 @@ class Decoder:
             decay=knobs.decay,
             context_warmup=knobs.context_warmup,
             selection=knobs.selection,
+            intervention_warmup=knobs.intervention_warmup,
         )
         return cls(model, tokenizer, method="dysco", dysco=config)
 
@@ -220,8 +225,11 @@ class Decoder:
     # ------------------------------------------------------------------------------------------
 
     def _warmup(self, prompt_len: int) -> int:
-        """Prompt columns fed one at a time (DySCO's warmup, the last prompt token included)."""
-        return min(self.dysco.context_warmup, prompt_len) if self.dysco is not None else 0
+        """Prompt columns fed one at a time: context plus intervention warmup (the last prompt token included)."""
+        if self.dysco is None:
+            return 0
+        schedule = feed_schedule(prompt_len, self.dysco.context_warmup, self.intervention_warmup)
+        return prompt_len - schedule.prefill_end
 
     def prefill(self, prompts, *, template_mask=None, warmup: int | None = None, max_new_tokens: int = 0) -> PrefillState:
         """Plain (or AttnTS) prefill of all but the last `warmup` prompt columns (default: this decoder's warmup)."""
@@ -490,6 +498,8 @@ class _Run:
             self.heads = {
                 layer: torch.tensor(heads, dtype=torch.long, device=device) for layer, heads in self.dysco.heads_by_layer.items()
             }
+            captured = [(layer, head) for layer, heads in self.dysco.heads_by_layer.items() for head in heads]
+            self.head_order = torch.tensor([captured.index(pair) for pair in self.dysco.head_set], device=device)
 
     # -- feeding columns ------------------------------------------------------------------------
 
@@ -506,9 +516,12 @@ class _Run:
         if width - warmup > self.column:  # a chunk the state's prefill left over
             logits = self._plain(self.column, width - warmup)
             self.column = width - warmup
-        while self.column < width - 1:  # warmup: plain passes that also read importance
+        if self.dysco is None:
+            return logits
+        schedule = feed_schedule(width, self.dysco.context_warmup, self.decoder.intervention_warmup)
+        while self.column < schedule.intervene_from:  # plain passes that only read importance
             self._warmup_step()
-        if self.column == width - 1:
+        while self.column < width:  # the generation prompt: full DySCO steps, teacher-forced
             logits = self._dysco_step()
         return logits
 
@@ -523,8 +536,9 @@ class _Run:
 
     def _current(self, plan: AttentionPlan) -> torch.Tensor:
         """`cur`: mean over the heads of S of the current query's probabilities, [active, column + 1]."""
-        probs = torch.cat([plan.captured[layer][:, :, -1, :] for layer in self.heads], dim=1)  # [active, |S|, n]
-        return probs.mean(dim=1)
+        by_layer = torch.cat([plan.captured[layer][:, :, -1, :] for layer in self.heads], dim=1)  # [active, |S|, n]
+        # Averaged in the head set's own order, as the published code stacks them: same float sums.
+        return by_layer[:, self.head_order].mean(dim=1)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append the sampled tokens and produce the next logits."""
@@ -538,22 +552,33 @@ class _Run:
         return self._dysco_step()
 
     def _dysco_step(self) -> torch.Tensor:
-        """One real DySCO decode step for column `self.column`: probe, importance, select, full pass."""
+        """One DySCO step for column `self.column`: probe, importance, select, full pass with the bias."""
         dysco, t = self.dysco, self.column
         n = t + 1
         real, template = self.real[:, :n], self.template[:, :n]
-        if dysco.selection == "dynamic" or self.static_set is None:
-            probe = AttentionPlan(capture_heads=self.heads, stop_after_layer=dysco.deepest_layer, kv_length=n)
-            self.decoder._forward(self.state, self.cache, t, n, probe, ids=self.ids, real=self.real, frozen=True)
-            self.importance = update_importance(self.importance, self._current(probe), dysco.decay)
-            selected = select_positions(self.importance, dysco.top_p, dysco.top_k)
-            up = upweighted_positions(selected, template, real)
-            if dysco.selection == "static":
-                self.static_set = torch.nn.functional.pad(up, (0, self.real.shape[1] - n))
-        else:
+        if self.static_set is not None:  # static selection, after its first step
             up = self.static_set[:, :n].clone()
             up[:, -1] = True
-        bias = dysco_bias(up, dysco.strength)  # `up` already excludes template and padding
+        else:
+            if dysco.selection == "static" and self.importance is not None:
+                # Static selects once, without a probe, from what the importance-only steps built
+                # (columns before t); the current column is up-weighted but not part of the set.
+                selected = select_positions(self.importance, dysco.top_p, dysco.top_k, valid=real[:, :t])
+                selected = torch.nn.functional.pad(selected, (0, 1))
+            else:
+                probe = AttentionPlan(capture_heads=self.heads, stop_after_layer=dysco.deepest_layer, kv_length=n)
+                self.decoder._forward(self.state, self.cache, t, n, probe, ids=self.ids, real=self.real, frozen=True)
+                updated = update_importance(self.importance, self._current(probe), dysco.decay)
+                past = torch.nn.functional.pad(self.importance, (0, 1)) if self.importance is not None else torch.zeros_like(updated)
+                # A row whose prompt is shorter than the teacher-forced span sees padding here: it keeps its importance.
+                self.importance = torch.where(real[:, -1:], updated, past)
+                selected = select_positions(self.importance, dysco.top_p, dysco.top_k, valid=real)
+            chosen = upweighted_positions(selected, template, real, hard=dysco.hard, current=False)
+            if dysco.selection == "static":
+                self.static_set = torch.nn.functional.pad(chosen, (0, self.real.shape[1] - n))
+            up = chosen.clone()
+            up[:, -1] = True
+        bias = dysco_bias(up, dysco.strength)  # `up` already excludes padding (and template, when soft)
         if self.diagnostics:
             count = up.sum(-1).tolist()
             mass = (self.importance[:, :n] * up[:, : self.importance.shape[1]]).sum(-1).tolist()

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["encode_chat", "template_mask"]
+__all__ = ["encode_chat", "generation_prompt_length", "resolve_intervention_warmup", "template_mask"]
 
 _SENTINEL = "\ue000dysco-content-{}\ue001"  # private-use characters: never in a real template
 
@@ -124,3 +124,26 @@ def _spans_by_search(messages, text: str) -> list[tuple[int, int]]:
                 cursor = found + len(candidate)
                 break
     return spans
+
+
+def generation_prompt_length(tokenizer) -> int:
+    """Tokens the chat template appends as its generation prompt (0 without a chat template).
+
+    Measured as the published code does: a one-message conversation ("Hi") rendered with and without
+    the generation prompt; the difference in token count.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return 0
+    hi = [{"role": "user", "content": "Hi"}]
+    lengths = [
+        len(tokenizer(_render(tokenizer, hi, add), add_special_tokens=False)["input_ids"]) for add in (True, False)
+    ]
+    return max(0, lengths[0] - lengths[1])
+
+
+def resolve_intervention_warmup(value, tokenizer) -> int:
+    """DySCO's `intervention_warmup` as a number of tokens: "auto" is `generation_prompt_length(tokenizer)`."""
+    from decoder.dysco import AUTO, parse_intervention_warmup
+
+    value = parse_intervention_warmup(value)
+    return generation_prompt_length(tokenizer) if value == AUTO else value

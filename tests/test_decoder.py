@@ -56,18 +56,21 @@ def _reference_model(arch: str):
 
 
 def _reference_select(importance: list[float], top_p: float, top_k: int) -> set[int]:
+    """Walk down the sorted importances: keep a position while the mass so far, itself included, is <= top_p."""
+    total = sum(importance)
     order = sorted(range(len(importance)), key=lambda j: -importance[j])  # stable: ties keep position order
     chosen, mass = [], 0.0
     for j in order:
-        if chosen and (mass >= top_p or importance[j] == 0):
+        mass += importance[j] / total
+        if chosen and mass > top_p:
             break
         chosen.append(j)
-        mass += importance[j]
     return set(chosen[:top_k])
 
 
-def reference_dysco(model, prompt: list[int], template: list[bool], config: DyscoConfig, steps: int):
-    """Greedy tokens and logits of DySCO, the slow way."""
+def reference_dysco(model, prompt: list[int], template: list[bool], config: DyscoConfig, steps: int,
+                    intervention_warmup: int = 0):
+    """Greedy tokens and logits of DySCO, the slow way (rules: ALGORITHMS.md, the authors' code)."""
     total = len(prompt) + steps
     bias_rows = torch.zeros(total, total)  # row i: the bias in force when position i was fed
     seq = list(prompt)
@@ -80,8 +83,8 @@ def reference_dysco(model, prompt: list[int], template: list[bool], config: Dysc
             return model(input_ids=torch.tensor([seq[:n]]), use_cache=False).logits[0, -1].float()
 
     def cur() -> list[float]:
-        probs = torch.cat([_REFERENCE["captured"][l] for l in sorted(_REFERENCE["captured"])], dim=0)
-        return probs.mean(0).tolist()
+        rows = {(l, h): _REFERENCE["captured"][l][i] for l, heads in config.heads_by_layer.items() for i, h in enumerate(heads)}
+        return torch.stack([rows[pair] for pair in config.head_set]).mean(0).tolist()
 
     importance: list[float] = []
 
@@ -90,38 +93,46 @@ def reference_dysco(model, prompt: list[int], template: list[bool], config: Dysc
         s = sum(blended)
         importance[:] = [b / s for b in blended]
 
-    tokens, all_logits = [], []
     P = len(prompt)
-    warmup = min(config.context_warmup, P)
-    for i in range(P - warmup, P - 1):  # warmup: plain, read importance
+    fed = min(config.context_warmup + intervention_warmup, P)  # fed one at a time, the rest prefilled
+    intervene_from = max(P - fed, P - intervention_warmup - 1)
+    for i in range(P - fed, intervene_from):  # importance only: plain, read importance
         run(i + 1, capture=True)
         update(cur())
     static: set[int] | None = None
-    position = P - 1
-    logits = run(P, capture=False) if warmup == 0 else None
+    tokens, all_logits = [], []
+    position = intervene_from
+    logits = run(P, capture=False) if fed == 0 else None
     while len(tokens) < steps:
-        if logits is None:  # a real DySCO step at `position`
-            if config.selection == "dynamic" or static is None:
-                run(position + 1, capture=True)  # probe: the row of `position` has no bias yet
-                update(cur())
-                chosen = _reference_select(importance, config.top_p, config.top_k)
-                chosen = {j for j in chosen if not (j < P and template[j])}
+        if logits is None:  # a DySCO step at `position`
+            if static is None:
+                if config.selection == "static" and importance:
+                    chosen = _reference_select(importance, config.top_p, config.top_k)  # no probe
+                else:
+                    run(position + 1, capture=True)  # probe: the row of `position` has no bias yet
+                    update(cur())
+                    chosen = _reference_select(importance, config.top_p, config.top_k)
+                if config.strength < 99:  # the hard variant keeps selected template positions
+                    chosen = {j for j in chosen if not (j < P and template[j])}
                 if config.selection == "static":
-                    static = chosen | {position}
+                    static = chosen
             else:
                 chosen = set(static)
-            chosen.add(position)
+            chosen = chosen | {position}
             for j in range(position + 1):
                 if config.strength >= 99:
                     bias_rows[position, j] = 0.0 if j in chosen else float("-inf")
                 else:
                     bias_rows[position, j] = math.log(config.strength) if j in chosen else 0.0
             logits = run(position + 1, capture=False)
+            position += 1
+            if position < P:  # teacher-forced: the prompt's own next token, logits dropped
+                logits = None
+                continue
         token = int(logits.argmax())
         tokens.append(token)
         all_logits.append(logits)
         seq.append(token)
-        position += 1
         logits = None  # every later token comes from a DySCO step
     return tokens, torch.stack(all_logits)
 
@@ -143,9 +154,12 @@ def _heads(model) -> list[tuple[int, int]]:
 
 
 SETTINGS = {
-    "soft": dict(strength=3.0, top_p=0.6, top_k=12, decay=0.75, context_warmup=4),
+    "soft": dict(strength=3.0, top_p=0.6, top_k=12, decay=0.75, context_warmup=4),  # intervention_warmup auto
+    "soft_iw0": dict(strength=3.0, top_p=0.9, top_k=40, decay=0.75, context_warmup=4, intervention_warmup=0),
     "hard": dict(strength=99.0, top_p=0.8, top_k=20, decay=0.5, context_warmup=3),
     "static": dict(strength=4.0, top_p=0.7, top_k=8, decay=0.75, context_warmup=5, selection="static"),
+    "static_iw2": dict(strength=4.0, top_p=0.7, top_k=8, decay=0.75, context_warmup=5, selection="static",
+                       intervention_warmup=2),
 }
 
 
@@ -157,7 +171,7 @@ def _check_against_reference(model, tokenizer, arch, setting, rows, steps=5):
     reference = _reference_model(arch)
     ids, masks = decoder.encode(prompts)
     for i in range(len(rows)):
-        tokens, logits = reference_dysco(reference, ids[i], masks[i], config, steps)
+        tokens, logits = reference_dysco(reference, ids[i], masks[i], config, steps, decoder.intervention_warmup)
         assert result.token_ids[i] == tokens, f"{arch} {setting} row {i}"
         torch.testing.assert_close(result.logits[i], logits, atol=ATOL, rtol=0)
     return result
@@ -221,7 +235,7 @@ def test_dysco_soft_matches_the_reference_batch_of_three(arch):
     _check_against_reference(model, tokenizer, arch, "soft", rows=[0, 1, 2])
 
 
-@pytest.mark.parametrize("setting", ["hard", "static"])
+@pytest.mark.parametrize("setting", ["soft_iw0", "hard", "static", "static_iw2"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_dysco_hard_and_static_match_the_reference(arch, setting):
     model, tokenizer = tiny_model(arch)
@@ -233,12 +247,14 @@ def test_warmup_longer_than_a_prompt_and_zero_warmup_match_the_reference():
     model, tokenizer = tiny_model("gemma3_text")
     reference = _reference_model("gemma3_text")
     prompts = [[5, 9, 33], list(range(40, 60))]  # token ids: 3 tokens (shorter than the warmup) and 20
-    for warmup in (0, 8):
-        config = DyscoConfig(head_set=[(1, 2), (2, 0)], strength=5.0, top_p=0.5, top_k=6, context_warmup=warmup)
-        result = Decoder(model, tokenizer, dysco=config).generate(prompts, max_new_tokens=4, eos=[], return_logits=True)
+    for warmup, intervention in ((0, 0), (8, 0), (0, 2), (8, 2), (2, "auto")):  # auto: 9 tokens here
+        config = DyscoConfig(head_set=[(1, 2), (2, 0)], strength=5.0, top_p=0.5, top_k=6, context_warmup=warmup,
+                             intervention_warmup=intervention)
+        decoder = Decoder(model, tokenizer, dysco=config)
+        result = decoder.generate(prompts, max_new_tokens=4, eos=[], return_logits=True)
         for i, prompt in enumerate(prompts):
-            tokens, logits = reference_dysco(reference, prompt, [False] * len(prompt), config, 4)
-            assert result.token_ids[i] == tokens, (warmup, i)
+            tokens, logits = reference_dysco(reference, prompt, [False] * len(prompt), config, 4, decoder.intervention_warmup)
+            assert result.token_ids[i] == tokens, (warmup, intervention, i)
             torch.testing.assert_close(result.logits[i], logits, atol=ATOL, rtol=0)
 
 
@@ -277,9 +293,10 @@ def test_prefill_state_is_reused_unchanged_across_knob_settings():
     model, tokenizer = tiny_model("qwen2")
     heads = _heads(model)
     base = Decoder(model, tokenizer, dysco=DyscoConfig(head_set=heads, context_warmup=6))
-    state = base.prefill(PROMPTS, warmup=6)
+    state = base.prefill(PROMPTS, warmup=6 + base.intervention_warmup)  # context + intervention warmup (auto: 9)
     snapshot = [(layer.keys.clone(), layer.values.clone()) for layer in state.cache.layers]
-    for knobs in (dict(strength=2.0, context_warmup=6), dict(strength=5.0, top_k=3, context_warmup=2), dict(strength=99.0, context_warmup=5)):
+    for knobs in (dict(strength=2.0, context_warmup=6), dict(strength=5.0, top_k=3, context_warmup=2),
+                  dict(strength=99.0, context_warmup=5, intervention_warmup=3)):
         decoder = Decoder(model, tokenizer, dysco=DyscoConfig(head_set=heads, **knobs))
         reused = decoder.generate_from(state, max_new_tokens=4, eos=[], return_logits=True)
         fresh = decoder.generate(PROMPTS, max_new_tokens=4, eos=[], return_logits=True)
@@ -290,7 +307,7 @@ def test_prefill_state_is_reused_unchanged_across_knob_settings():
         assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
     vanilla = Decoder(model, tokenizer, method="vanilla")
     assert vanilla.generate_from(state, max_new_tokens=3, eos=[]).token_ids == vanilla.generate(PROMPTS, max_new_tokens=3, eos=[]).token_ids
-    with pytest.raises(ValueError, match="warmup >= 10"):
+    with pytest.raises(ValueError, match="warmup >= 19"):
         Decoder(model, tokenizer, dysco=DyscoConfig(head_set=heads, context_warmup=10)).generate_from(state, max_new_tokens=2)
     with pytest.raises(ValueError, match="attention temperature"):
         Decoder(model, tokenizer, method="attnts", temperature=2.0).generate_from(state, max_new_tokens=2)
@@ -392,6 +409,7 @@ def test_smollm2_dysco_matches_the_reference_and_strength_one_matches_generate(s
     heads = [(8, 2), (15, 4), (20, 1), (21, 7)]
     config = DyscoConfig(head_set=heads, strength=2.0, top_p=0.9, top_k=64, context_warmup=6)
     decoder = Decoder(model, tokenizer, dysco=config)
+    assert decoder.intervention_warmup == 4  # auto: "<|im_start|>", "ass", "istant", "\n"
     result = decoder.generate(prompts, max_new_tokens=4, eos=[], return_logits=True)
     ids, masks = decoder.encode(prompts)
     previous = model.config._attn_implementation
@@ -403,7 +421,7 @@ def test_smollm2_dysco_matches_the_reference_and_strength_one_matches_generate(s
     model.set_attn_implementation("test_reference")
     try:
         for i in (1, 0):  # the short prompt always; the longer one too
-            tokens, logits = reference_dysco(model, ids[i], masks[i], config, 4)
+            tokens, logits = reference_dysco(model, ids[i], masks[i], config, 4, decoder.intervention_warmup)
             assert result.token_ids[i] == tokens
             torch.testing.assert_close(result.logits[i], logits, atol=5e-4, rtol=0)
     finally:
@@ -443,3 +461,46 @@ def test_decoder_from_a_registry_profile_is_checked_against_the_model():
     attnts = Profile(model=identity, head_set=[(1, 0)], knobs=Knobs(attnts_temperature=1.5))
     decoder = Decoder.from_profile(model, tokenizer, attnts)
     assert decoder.method == "attnts" and decoder.temperature == 1.5
+
+
+def _feed_log(decoder: Decoder, prompt, steps: int = 2) -> list[tuple[str, int]]:
+    """(what ran, column) for every forward of one generation: prefill / importance / probe / biased."""
+    log = []
+    forward = decoder._forward
+
+    def recording(state, cache, start, end, plan, **kwargs):
+        if plan is None or (plan.logit_bias is None and not plan.capture_heads):
+            kind = "prefill" if end - start > 1 else "plain"
+        elif plan.stop_after_layer is not None:
+            kind = "probe"
+        elif plan.logit_bias is not None:
+            kind = "biased"
+        else:
+            kind = "importance"
+        log.append((kind, start) if end - start == 1 else (kind, (start, end)))
+        return forward(state, cache, start, end, plan, **kwargs)
+
+    decoder._forward = recording
+    decoder.generate([prompt], max_new_tokens=steps, eos=[])
+    return log
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+@pytest.mark.parametrize("intervention", ["auto", 0, 2])
+def test_feed_schedule_runs_probe_and_bias_on_the_published_columns(chat_template, intervention):
+    """cw - 1 importance-only columns, then the last iw + 1 prompt columns and every generated one intervene."""
+    model, tokenizer = tiny_model("llama")
+    if not chat_template:
+        tokenizer.chat_template = None
+    config = DyscoConfig(head_set=_heads(model), context_warmup=4, intervention_warmup=intervention)
+    decoder = Decoder(model, tokenizer, dysco=config)
+    iw = {"auto": 9 if chat_template else 0}.get(intervention, intervention)  # the tiny ChatML prompt: 9 tokens
+    assert decoder.intervention_warmup == iw
+    P = 30
+    log = _feed_log(decoder, list(range(10, 10 + P)), steps=2)
+    fed = 4 + iw
+    expected = [("prefill", (0, P - fed))]
+    expected += [("importance", c) for c in range(P - fed, P - iw - 1)]  # context_warmup - 1 = 3 of them
+    for c in list(range(P - iw - 1, P)) + [P]:  # the last iw + 1 prompt columns, then the first generated token
+        expected += [("probe", c), ("biased", c)]
+    assert log == expected

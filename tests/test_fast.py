@@ -32,6 +32,11 @@ CASES = {
     "dysco": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (2, 3), (3, 1)], top_k=5, top_p=0.9, context_warmup=4)}),
     "dysco_hard": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (3, 1)], strength=100.0, top_k=6, context_warmup=5)}),
     "dysco_static": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (3, 1)], selection="static", context_warmup=0)}),
+    # Static after importance-only steps selects without a probe; intervention_warmup 2 instead of auto (9).
+    "dysco_static_warm": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (3, 1)], selection="static", top_p=0.7,
+                                                          context_warmup=6, intervention_warmup=2)}),
+    "dysco_iw0": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (2, 3)], top_k=50, top_p=0.95, context_warmup=4,
+                                                  intervention_warmup=0)}),
 }
 
 
@@ -63,10 +68,11 @@ def test_fast_matches_exact_other_architectures(arch):
     _compare(model, tok, method, kw, PROMPTS)
 
 
-def test_fast_template_positions_not_upweighted():
-    """With a template mask the fast path still matches (template columns are left out of the bias)."""
+@pytest.mark.parametrize("case", ["dysco", "dysco_hard", "dysco_static_warm"])
+def test_fast_template_rule_matches_exact(case):
+    """With a template mask the fast path still matches: soft leaves template columns out, hard keeps them."""
     model, tok = tiny_model("qwen3")
-    method, kw = CASES["dysco"]
+    method, kw = CASES[case]
     masks = [[i % 3 == 0 for i in range(len(p))] for p in PROMPTS]
     _compare(model, tok, method, kw, PROMPTS, template_mask=masks)
 
