@@ -61,6 +61,7 @@ __all__ = [
     "dysco_bias",
     "feed_schedule",
     "select_positions",
+    "selection_diagnostics",
     "update_importance",
     "upweighted_positions",
 ]
@@ -278,3 +279,36 @@ def dysco_bias(up: torch.Tensor, strength: float, *, dtype: torch.dtype = torch.
     if strength >= HARD_STRENGTH:
         return torch.zeros(up.shape, dtype=dtype, device=up.device).masked_fill(~up, float("-inf"))
     return torch.zeros(up.shape, dtype=dtype, device=up.device).masked_fill(up, math.log(strength))
+
+
+def selection_diagnostics(
+    importance: torch.Tensor, up: torch.Tensor, evidence: torch.Tensor | None = None
+) -> list[dict[str, float]]:
+    """Per row: how many positions were up-weighted and their importance mass; with an `evidence` mask
+    (bool [batch, n], the positions that hold the answer), also the selection recall.
+
+    - `evidence_recall`: share of the evidence positions that were up-weighted;
+    - `evidence_share`: share of the up-weighted importance that lies on evidence positions;
+    - `evidence_importance`: importance mass on the evidence, selected or not (do the QR heads see it?).
+    A row without evidence positions gets None for the three.
+    """
+    n = importance.shape[-1]
+    up = up[:, :n].float()  # [batch, n]
+    selected_mass = (importance * up).sum(-1)  # [batch]
+    out = {"selected": up.sum(-1), "mass": selected_mass}
+    if evidence is not None:
+        ev = evidence[:, :n].float()
+        count = ev.sum(-1)
+        out["evidence_recall"] = (up * ev).sum(-1) / count.clamp_min(1)
+        out["evidence_share"] = (importance * up * ev).sum(-1) / selected_mass.clamp_min(torch.finfo(torch.float32).tiny)
+        out["evidence_importance"] = (importance * ev).sum(-1)
+        has = (count > 0).tolist()
+    values = {name: value.tolist() for name, value in out.items()}
+    rows = []
+    for i in range(importance.shape[0]):
+        row = {"selected": int(values["selected"][i]), "mass": float(values["mass"][i])}
+        if evidence is not None:
+            for name in ("evidence_recall", "evidence_share", "evidence_importance"):
+                row[name] = float(values[name][i]) if has[i] else None
+        rows.append(row)
+    return rows

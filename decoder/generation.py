@@ -39,7 +39,8 @@ import torch
 
 from decoder.attention import AttentionPlan, attach, attention_layers, use_plan
 from decoder.dysco import (
-    DyscoConfig, dysco_bias, feed_schedule, select_positions, update_importance, upweighted_positions,
+    DyscoConfig, dysco_bias, feed_schedule, select_positions, selection_diagnostics, update_importance,
+    upweighted_positions,
 )
 from decoder.template import encode_chat, resolve_intervention_warmup
 
@@ -69,7 +70,7 @@ class StepEvent:
     step: int  # 0 for the first generated token
     rows: list[int]  # batch rows (as given) that produced a token at this step
     tokens: list[int]  # their new tokens, aligned with `rows`
-    diagnostics: list[dict] | None  # per row {"selected": n, "mass": m} for DySCO steps
+    diagnostics: list[dict] | None  # per row {"selected": n, "mass": m, evidence_* with evidence} for DySCO steps
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Generation:
     token_ids: list[list[int]]  # generated ids (EOS included when it ended the row)
     prompt_ids: list[list[int]]
     finish_reasons: list[str]  # "eos", "stop_string" or "length"
-    diagnostics: list[list[dict]] | None = None  # per row, per DySCO step: {"selected", "mass"}
+    diagnostics: list[list[dict]] | None = None  # per row, per DySCO step: `decoder.dysco.selection_diagnostics`
     logits: list[torch.Tensor] | None = None  # per row float32 [n_generated, vocab]
     timings: dict[str, float] | None = None  # the fast path's: prepare_s, prefill_s, ttft_s, decode_s_per_token
 
@@ -302,14 +303,19 @@ class Decoder:
         return_diagnostics: bool = False,
         return_logits: bool = False,
         template_mask: Sequence[Sequence[bool]] | None = None,
+        evidence: Sequence[Sequence[int]] | None = None,
     ) -> Generation:
-        """Generate for a batch of prompts; `temperature`/`top_p` here are *sampling* knobs (with `do_sample`)."""
+        """Generate for a batch of prompts; `temperature`/`top_p` here are *sampling* knobs (with `do_sample`).
+
+        `evidence` (per prompt, the token positions that hold the answer) adds the selection recall
+        to each DySCO step's diagnostics (`return_diagnostics`).
+        """
         _check_positive_int(max_new_tokens, "max_new_tokens")
         state = self.prefill(prompts, template_mask=template_mask, max_new_tokens=max_new_tokens)
         return self.generate_from(
             state, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
             seed=seed, stop_strings=stop_strings, eos=eos, callback=callback, streamer=streamer,
-            return_diagnostics=return_diagnostics, return_logits=return_logits,
+            return_diagnostics=return_diagnostics, return_logits=return_logits, evidence=evidence,
         )
 
     def generate_from(
@@ -327,6 +333,7 @@ class Decoder:
         streamer=None,
         return_diagnostics: bool = False,
         return_logits: bool = False,
+        evidence: Sequence[Sequence[int]] | None = None,
     ) -> Generation:
         """Continue a `prefill` state (left unchanged) with this decoder's method and knobs."""
         _check_positive_int(max_new_tokens, "max_new_tokens")
@@ -355,7 +362,7 @@ class Decoder:
         if do_sample and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
 
-        run = _Run(self, state, max_new_tokens, return_diagnostics)
+        run = _Run(self, state, max_new_tokens, return_diagnostics, evidence)
         logits = run.start(warmup)
         batch = len(state.prompt_ids)
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -473,7 +480,10 @@ class Decoder:
 class _Run:
     """The mutable state of one `generate_from` call: the active rows, their cache and DySCO state."""
 
-    def __init__(self, decoder: Decoder, state: PrefillState, max_new_tokens: int, diagnostics: bool) -> None:
+    def __init__(
+        self, decoder: Decoder, state: PrefillState, max_new_tokens: int, diagnostics: bool,
+        evidence: Sequence[Sequence[int]] | None = None,
+    ) -> None:
         self.decoder = decoder
         self.state = state
         self.dysco = decoder.dysco
@@ -489,6 +499,17 @@ class _Run:
         self.real[:, :width] = state.real
         self.template = torch.zeros(batch, total, dtype=torch.bool, device=device)
         self.template[:, :width] = state.template
+        self.evidence = None  # bool [batch, total]: the answer's positions (diagnostics only)
+        if evidence is not None:
+            if len(evidence) != batch:
+                raise ValueError(f"evidence has {len(evidence)} rows for a batch of {batch} prompts")
+            self.evidence = torch.zeros(batch, total, dtype=torch.bool, device=device)
+            for i, (positions, prompt) in enumerate(zip(evidence, state.prompt_ids)):
+                bad = [p for p in positions if not 0 <= int(p) < len(prompt)]
+                if bad:
+                    raise ValueError(f"evidence row {i} has position {bad[0]} outside its prompt of {len(prompt)} tokens")
+                offset = width - len(prompt)  # left padding
+                self.evidence[i, [offset + int(p) for p in positions]] = True
         self.rows = list(range(batch))
         self.column = state.prefilled  # next column to feed
         self.importance: torch.Tensor | None = None  # float32 [active, column]
@@ -580,9 +601,8 @@ class _Run:
             up[:, -1] = True
         bias = dysco_bias(up, dysco.strength)  # `up` already excludes padding (and template, when soft)
         if self.diagnostics:
-            count = up.sum(-1).tolist()
-            mass = (self.importance[:, :n] * up[:, : self.importance.shape[1]]).sum(-1).tolist()
-            self.last_diagnostics = [{"selected": int(c), "mass": float(m)} for c, m in zip(count, mass)]
+            evidence = self.evidence[:, : self.importance.shape[1]] if self.evidence is not None else None
+            self.last_diagnostics = selection_diagnostics(self.importance, up, evidence)
         plan = AttentionPlan(logit_bias=bias, kv_length=n)
         logits = self.decoder._forward(self.state, self.cache, t, n, plan, ids=self.ids, real=self.real)
         self.column += 1
@@ -599,6 +619,8 @@ class _Run:
             self.importance = self.importance[index]
         if self.static_set is not None:
             self.static_set = self.static_set[index]
+        if self.evidence is not None:
+            self.evidence = self.evidence[index]
 
 
 def cache_kwarg(model) -> str:

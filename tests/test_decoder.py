@@ -504,3 +504,26 @@ def test_feed_schedule_runs_probe_and_bias_on_the_published_columns(chat_templat
     for c in list(range(P - iw - 1, P)) + [P]:  # the last iw + 1 prompt columns, then the first generated token
         expected += [("probe", c), ("biased", c)]
     assert log == expected
+
+
+def test_selection_recall_diagnostics_follow_the_evidence_through_padding():
+    """evidence_* diagnostics: the same for a row alone and inside a left-padded batch; recall 1 when all is kept."""
+    model, tokenizer = tiny_model("llama")
+    short, long = list(range(50, 64)), list(range(10, 40))
+    config = DyscoConfig(head_set=_heads(model), top_p=0.5, top_k=6, context_warmup=4, intervention_warmup=1)
+    decoder = Decoder(model, tokenizer, dysco=config)
+    alone = decoder.generate([short], max_new_tokens=3, eos=[], return_diagnostics=True, evidence=[[2, 3, 4]])
+    batch = decoder.generate([long, short], max_new_tokens=3, eos=[], return_diagnostics=True, evidence=[[], [2, 3, 4]])
+    for a, b in zip(alone.diagnostics[0], batch.diagnostics[1]):
+        assert a.keys() == b.keys() and a["selected"] == b["selected"]
+        for key in ("mass", "evidence_recall", "evidence_share", "evidence_importance"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5)
+        assert 0.0 <= a["evidence_recall"] <= 1.0 and 0.0 <= a["evidence_share"] <= 1.0
+    assert all(step["evidence_recall"] is None for step in batch.diagnostics[0])  # no evidence given
+    everything = Decoder(model, tokenizer, dysco=config.replace(top_p=1.0, top_k=10_000))
+    kept = everything.generate([short], max_new_tokens=2, eos=[], return_diagnostics=True, evidence=[[2, 3, 4]])
+    for step in kept.diagnostics[0]:
+        assert step["evidence_recall"] == 1.0
+        assert step["evidence_share"] == pytest.approx(step["evidence_importance"] / step["mass"], rel=1e-5)
+    with pytest.raises(ValueError, match="outside its prompt"):
+        decoder.generate([short], max_new_tokens=1, evidence=[[99]])

@@ -190,3 +190,25 @@ def test_sizing_with_the_embedded_smollm2_tokenizer(name):
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         assert 0.9 * 4096 <= len(ids) <= 4096
         assert get_task(name).grade(example.answer, example) == 1.0
+
+
+@pytest.mark.parametrize("name", ["needle", "kv", "pathtrans", "mrcr"])
+def test_evidence_positions_cover_exactly_the_evidence_text(tok, name):
+    """The selection-recall diagnostic needs the answer's token positions: they decode to the evidence."""
+    from calibration.tasks import encode_prompt, evidence_positions
+
+    task = get_task(name)
+    for example in task.generate(tok, 3, 600, seed=4):
+        evidence = task.evidence(example)
+        assert evidence, f"{name} gives no evidence"
+        ids = encode_prompt(tok, example.messages)
+        positions = evidence_positions(tok, example, evidence, ids)
+        assert positions, f"{name}: evidence not found in the prompt"
+        covered = tok.decode([ids[p] for p in positions])
+        for piece in evidence:
+            assert piece in covered
+        # Contiguous runs only around the evidence: no token far outside it is counted.
+        assert len(positions) <= sum(len(tok(piece, add_special_tokens=False)["input_ids"]) + 2 for piece in evidence)
+    # Ids that are not the example's prompt give no positions rather than wrong ones.
+    assert evidence_positions(tok, example, evidence, ids[1:]) is None
+    assert evidence_positions(tok, example, ["not in the prompt at all"], ids) is None

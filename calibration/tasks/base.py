@@ -297,6 +297,10 @@ class Task:
         """Score of `response` against `example`, in [0, 1]."""
         raise NotImplementedError
 
+    def evidence(self, example: Example) -> list[str]:
+        """The pieces of the prompt that hold the answer (each found verbatim in it); [] when unknown."""
+        return []
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -386,3 +390,32 @@ def get_task(name_or_path: str | os.PathLike) -> Task:
         f"unknown dev task {key!r}: accepted names are {', '.join(TASK_NAMES)}, or a path to an existing "
         f"MRCR file ({', '.join(mrcr.FILE_SUFFIXES)}), or a Hub dataset id like 'openai/mrcr'"
     )
+
+
+def evidence_positions(tokenizer: Any, example: Example, evidence: list[str], ids: list[int]) -> list[int] | None:
+    """Token positions of `ids` (the example's prompt, `encode_prompt`'s ids) that overlap the evidence.
+
+    Each evidence string is searched in the rendered prompt (its first occurrence inside a message's
+    content, after the chat template's preamble); a token counts when any of its characters lies in
+    it. None when the evidence is unknown or not found, or when the tokenizer gives no offsets.
+    """
+    if not evidence:
+        return None
+    text = render_prompt(tokenizer, example.messages)
+    try:
+        encoding = tokenizer(text, add_special_tokens=not has_chat_template(tokenizer), return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+        return None
+    if list(encoding["input_ids"]) != list(ids):
+        return None
+    spans = []
+    for piece in evidence:
+        at = text.find(piece)
+        if not piece or at < 0:
+            return None
+        spans.append((at, at + len(piece)))
+    positions = [
+        i for i, (start, end) in enumerate(encoding["offset_mapping"])
+        if end > start and any(start < b and end > a for a, b in spans)
+    ]
+    return positions or None

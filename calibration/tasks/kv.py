@@ -90,6 +90,11 @@ class KVTask(Task):
             },
         )
 
+    def evidence(self, example: Example) -> list[str]:
+        """The asked key's line of the JSON object: `"key": "value"`."""
+        key = example.meta.get("key")
+        return [f"{json.dumps(key)}: {json.dumps(example.answer)}"] if isinstance(key, str) else []
+
     def grade(self, response: str, example: Example) -> float:
         """1.0 when the response is the key's value (whitespace/quotes/case aside), else 0.0."""
         return 1.0 if normalise_value(response) == normalise_value(example.answer) else 0.0

@@ -483,6 +483,13 @@ class MRCRTask(Task):
         """Published-format MRCR records from a .parquet/.json/.jsonl file or a Hub dataset id."""
         return load_records(path)
 
+    def evidence(self, example: Example) -> list[str]:
+        """The assistant reply the final question asks for (`desired_msg_index`)."""
+        index = example.meta.get("desired_msg_index")
+        if isinstance(index, int) and 0 <= index < len(example.messages):
+            return [example.messages[index]["content"]]
+        return []
+
     def grade(self, response: str, example: Example) -> float:
         """The official MRCR grade of `response` (see `grade_mrcr`)."""
         return grade_mrcr(response, example.answer, example.meta["random_string_to_prepend"])

@@ -99,6 +99,11 @@ class NeedleTask(Task):
             },
         )
 
+    def evidence(self, example: Example) -> list[str]:
+        """The needle sentence."""
+        needle = example.meta.get("needle")
+        return [needle] if isinstance(needle, str) else []
+
     def grade(self, response: str, example: Example) -> float:
         """1.0 when the first number in `response` is the needle's number, else 0.0."""
         return 1.0 if first_number(response) == example.answer else 0.0

@@ -159,6 +159,13 @@ class PathTransTask(Task):
             },
         )
 
+    def evidence(self, example: Example) -> list[str]:
+        """The context lines of the route's hops."""
+        route = example.meta.get("route")
+        if not isinstance(route, list):
+            return []
+        return [city_line(a, b, mode) for a, mode, b in route]
+
     def grade(self, response: str, example: Example) -> float:
         """Partial accuracy (correct-prefix share of the gold route); see `grade_exact` for exact."""
         return grade_partial(response, example)
