@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Any
 
+from calibration.space import INTERVENTION_WARMUPS
 from calibration.study import (
     ATTNTS_TEMPERATURES,
     DEFAULT_STORAGE,
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The `calibrate` argument parser."""
     p = argparse.ArgumentParser(
         prog="calibrate",
-        description="Tune DySCO's knobs (strength, top_k, top_p, decay, number of heads) for a model "
+        description="Tune DySCO's knobs (strength, top_k, top_p, decay, number of heads, intervention warmup) for a model "
         "with an Optuna study on a dev task, compare with vanilla and AttnTS decoding on held-out "
         "test examples, and register the tuned profile as a new version.",
         epilog=_EPILOG,
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--attnts-temperatures", type=_temperatures, default=ATTNTS_TEMPERATURES,
                        metavar="T,…", help="AttnTS baseline grid; the best on dev is kept "
                        f"(default: {','.join(map(str, ATTNTS_TEMPERATURES))})")
+    study.add_argument("--intervention-warmup", metavar="auto|N", default=None,
+                       help="fix DySCO's intervention warmup instead of searching it: auto = the chat template's "
+                       "generation-prompt length, published default; an integer otherwise (default: searched over "
+                       f"{', '.join(map(str, INTERVENTION_WARMUPS))})")
     study.add_argument("--threads", type=_at_least(1), metavar="N",
                        help="torch threads per worker (default: CPU cores / workers)")
     out = p.add_argument_group("tracking and output")
@@ -144,6 +149,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         tracking_uri=args.tracking_uri, tracking=not args.no_tracking, registry=args.registry,
         register=not args.no_register, seed=args.seed, speed_objective=args.speed_objective,
         attnts_temperatures=args.attnts_temperatures, threads=args.threads,
+        intervention_warmup=args.intervention_warmup,
     )
 
 
@@ -157,6 +163,14 @@ def _fail(message: str, as_json: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `calibrate` console script."""
     args = build_parser().parse_args(argv)
+    if args.intervention_warmup is not None:  # a usage error, before any model load
+        from registry import ProfileValidationError, parse_intervention_warmup
+
+        try:
+            args.intervention_warmup = parse_intervention_warmup(args.intervention_warmup, "--intervention-warmup")
+        except ProfileValidationError as err:
+            print(f"calibrate: error: {err}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.WARNING, format="calibrate: %(levelname)s: %(message)s")
     import optuna
 

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from calibration.stats import BOOTSTRAP_RESAMPLES, bootstrap_interval, paired_comparison, sign_test, seed_for as _seed_for
 from calibration.tasks import TASK_NAMES, Example, Task, encode_prompt, get_task
 
 __all__ = [
@@ -68,7 +69,6 @@ BASELINE = "vanilla"
 # Middle of the calibration study's AttnTS grid (0.7, 0.8, 0.9): used when neither the command line
 # nor the DySCO profile (its `metrics.attnts_temperature`, the tuned one) says otherwise.
 DEFAULT_ATTNTS_TEMPERATURE = 0.8
-BOOTSTRAP_RESAMPLES = 10_000
 # When --max-new-tokens is not given each example may generate its answer's length plus this much:
 # room for a preamble such as "The secret number of Brexstintrir is" (12 SmolLM2 tokens, and
 # digits are one token each) without paying for long rambles.
@@ -177,39 +177,6 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- statistics
 
 
-def _seed_for(seed: int, *parts: Any) -> np.random.SeedSequence:
-    """A seed stream per (seed, parts): stable across runs and processes (no Python hash())."""
-    digest = hashlib.sha256(json.dumps([seed, *parts], default=str).encode()).digest()
-    return np.random.SeedSequence(int.from_bytes(digest[:8], "little"))
-
-
-def bootstrap_interval(
-    scores: Sequence[float], seed: int | np.random.SeedSequence, resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the mean of `scores` (seeded; one score gives a point)."""
-    x = np.asarray(scores, dtype=np.float64)
-    if x.size == 0:
-        raise EvalError("cannot bootstrap an empty list of scores")
-    if x.size == 1 or np.all(x == x[0]):
-        return float(x[0]), float(x[0])
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
-
-
-def sign_test(differences: Sequence[float]) -> float:
-    """Exact two-sided sign-test p-value of paired differences (zeros dropped; 1.0 when all tie)."""
-    from scipy.stats import binomtest
-
-    d = np.asarray(differences, dtype=np.float64)
-    wins, losses = int((d > 0).sum()), int((d < 0).sum())
-    if wins + losses == 0:
-        return 1.0
-    return float(binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue)
-
-
 @dataclass
 class CellResult:
     """One task × length × method: mean score and its 95% bootstrap interval."""
@@ -240,29 +207,6 @@ class PairedResult:
     ties: int
     p_value: float  # exact two-sided sign test (ties dropped)
     test: str = "paired bootstrap 95% CI of the mean difference; exact two-sided sign test"
-
-
-def paired_comparison(
-    method_scores: Sequence[float], baseline_scores: Sequence[float], seed: int | np.random.SeedSequence,
-    resamples: int = BOOTSTRAP_RESAMPLES,
-) -> dict[str, float | int]:
-    """Mean difference, its paired-bootstrap interval, wins/losses/ties and the sign-test p-value."""
-    a = np.asarray(method_scores, dtype=np.float64)
-    b = np.asarray(baseline_scores, dtype=np.float64)
-    if a.shape != b.shape or a.size == 0:
-        raise EvalError(f"paired scores must be two non-empty lists of the same length, got {a.size} and {b.size}")
-    d = a - b
-    low, high = bootstrap_interval(d, seed, resamples)  # resampling the pairs keeps them paired
-    return {
-        "n": int(d.size),
-        "mean_difference": float(d.mean()),
-        "low": low,
-        "high": high,
-        "wins": int((d > 0).sum()),
-        "losses": int((d < 0).sum()),
-        "ties": int((d == 0).sum()),
-        "p_value": sign_test(d),
-    }
 
 
 # --------------------------------------------------------------------------- running methods
@@ -381,19 +325,22 @@ def shared_prefill(
 ) -> tuple[Any, float]:
     """One plain prefill of `batch` that vanilla and DySCO both continue from, and its seconds.
 
-    It stops before DySCO's warmup (the only part of the prompt DySCO treats differently), so the
-    prompt, the costly part of a long-context example, is read once for both. None when fewer than
-    two of the methods can share it (AttnTS changes the prefill itself).
+    It stops before DySCO's warmup (its context plus intervention warmup: the only part of the prompt
+    DySCO treats differently; each decoder's `_warmup` of the batch's width, the largest of those that
+    continue from it), so the prompt, the costly part of a long-context example, is read once for
+    both. None when fewer than two of the methods can share it (AttnTS changes the prefill itself).
     """
-    if not {"vanilla", "dysco"} <= decoders.keys() or not hasattr(decoders["vanilla"], "prefill"):
+    sharing = [decoders[m] for m in ("vanilla", "dysco") if m in decoders]
+    if len(sharing) < 2 or not all(hasattr(d, "prefill") and hasattr(d, "_warmup") for d in sharing):
         return None, 0.0  # the fast path (no `prefill`) prefills inside its own generate
     plain = decoders["vanilla"]
     encoded = [_prompt_ids(plain.tokenizer, example) for example in batch]
     budget = max(example_budget(example, max_new_tokens) for example in batch)
+    width = max(len(ids) for ids, _ in encoded)
     began = time.perf_counter()
     state = plain.prefill(
         [ids for ids, _ in encoded], template_mask=[mask for _, mask in encoded],
-        warmup=decoders["dysco"].dysco.context_warmup, max_new_tokens=budget,
+        warmup=max(d._warmup(width) for d in sharing), max_new_tokens=budget,
     )
     if state.input_ids.is_cuda:  # kernels run asynchronously: stop the clock when they are done
         import torch
@@ -603,17 +550,22 @@ def resolve_dysco(
     heads: Sequence[Sequence[int]] | None = None,
     registry: str | Path | None = None,
     force: bool = False,
+    intervention_warmup: int | str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The DyscoConfig for `model` from heads, a profile (ref or object), or the registry's `name@latest`.
 
     Returns (config, info) where info says where it came from (and the profile's tuned AttnTS
-    temperature when it has one).
+    temperature when it has one). `intervention_warmup` ("auto" or a token count) overrides the
+    profile's (heads: the published "auto"); None keeps it.
     """
     from decoder.dysco import DyscoConfig
     from decoder.generation import model_shape
 
     if profile is not None and heads is not None:
         raise EvalError("give either a profile or a head list (--heads), not both")
+    overrides: dict[str, Any] = {}
+    if intervention_warmup is not None:
+        overrides["intervention_warmup"] = _intervention_warmup(intervention_warmup)
     if heads is not None:
         layers, per_layer = model_shape(model)
         pairs = [tuple(int(v) for v in pair) for pair in heads]
@@ -624,7 +576,7 @@ def resolve_dysco(
                 f"layers 0–{layers - 1}, heads 0–{per_layer - 1})"
             )
         try:
-            return DyscoConfig(head_set=pairs), {"source": "heads", "head_set": [list(p) for p in pairs]}
+            return DyscoConfig(head_set=pairs, **overrides), {"source": "heads", "head_set": [list(p) for p in pairs]}
         except ValueError as err:
             raise EvalError(f"bad head list: {err}") from None
 
@@ -659,7 +611,8 @@ def resolve_dysco(
     config = DyscoConfig(
         head_set=[tuple(pair) for pair in loaded.head_set], strength=knobs.strength, top_p=knobs.top_p,
         top_k=knobs.top_k, decay=knobs.decay, context_warmup=knobs.context_warmup, selection=knobs.selection,
-    )
+        intervention_warmup=knobs.intervention_warmup,
+    ).replace(**overrides)
     info = {"source": "profile", "profile": ref or loaded.model.name, "match": basis}
     tuned = (loaded.metrics or {}).get("attnts_temperature")
     if isinstance(tuned, (int, float)) and not isinstance(tuned, bool) and tuned > 0:
@@ -667,12 +620,26 @@ def resolve_dysco(
     return config, info
 
 
-def _dysco_dict(config: Any) -> dict[str, Any]:
-    return {
+def _intervention_warmup(value: Any) -> int | str:
+    """`intervention_warmup` checked: "auto" or an integer >= 0 (EvalError otherwise)."""
+    from registry import ProfileValidationError, parse_intervention_warmup
+
+    try:
+        return parse_intervention_warmup(value, "--intervention-warmup")
+    except ProfileValidationError as err:
+        raise EvalError(str(err)) from None
+
+
+def _dysco_dict(config: Any, decoder: Any = None) -> dict[str, Any]:
+    """DySCO's settings for the report; with its decoder, also the intervention warmup in tokens."""
+    out = {
         "head_set": [list(p) for p in config.head_set], "strength": config.strength, "top_p": config.top_p,
         "top_k": config.top_k, "decay": config.decay, "context_warmup": config.context_warmup,
-        "selection": config.selection,
+        "selection": config.selection, "intervention_warmup": config.intervention_warmup,
     }
+    if decoder is not None:
+        out["intervention_warmup_tokens"] = decoder.intervention_warmup  # "auto" resolved against the tokenizer
+    return out
 
 
 # --------------------------------------------------------------------------- resuming
@@ -890,7 +857,7 @@ def evaluate(
         saved = Checkpoint(checkpoint, _run_fingerprint(model, {
             "seed": seed, "n": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "fast": fast,
             "attnts_temperature": float(attnts_temperature) if "attnts" in methods else None,
-            "dysco": _dysco_dict(dysco) if "dysco" in methods else None,
+            "dysco": _dysco_dict(dysco, decoders["dysco"]) if "dysco" in methods else None,
         }))
     runs: dict[tuple[str, int, str], MethodRun] = {}
     try:
@@ -982,7 +949,7 @@ def evaluate(
         "resumed_batches": saved.resumed if saved is not None else 0,
         "attnts_temperature": float(attnts_temperature) if "attnts" in methods else None,
         "attnts_temperature_source": temperature_source if "attnts" in methods else None,
-        "dysco": _dysco_dict(dysco) if "dysco" in methods else None,
+        "dysco": _dysco_dict(dysco, decoders["dysco"]) if "dysco" in methods else None,
         "dysco_source": dysco_info or None,
         "bootstrap_resamples": bootstrap_resamples,
         "paired_test": PairedResult.test,
@@ -1115,6 +1082,10 @@ def register_cli(subparsers: Any) -> None:
     heads = p.add_mutually_exclusive_group()
     heads.add_argument("--profile", metavar="REF", help="registry profile for dysco (NAME@latest, NAME@3, a hash); default: MODEL@latest")
     heads.add_argument("--heads", type=_arg(parse_heads), metavar="L:H,…", help="head set for dysco with the published knobs, e.g. 14:2,17:5")
+    p.add_argument("--intervention-warmup", metavar="auto|N", default=None,
+                   help="DySCO's intervention warmup: auto = the chat template's generation-prompt length, published "
+                   "default; an integer otherwise (prompt tokens before the last one that already get a DySCO step). "
+                   "Default: the profile's (auto with --heads)")
     p.add_argument("--tasks", type=_arg(_task_list), default=["needle", "kv"],
                    help=f"comma-separated: {', '.join(TASK_NAMES)}, or an MRCR file / Hub id (default: needle,kv)")
     p.add_argument("--lengths", type=_arg(parse_lengths), default=[2048], help="context lengths, e.g. 2k,4k,8k or 4096 (k = 1024; default: 2k)")
@@ -1161,6 +1132,8 @@ def _run_cli(args: argparse.Namespace) -> int:
 
     # Cheap checks first: a typo must not cost a model load.
     tasks = _resolve_tasks(args.tasks)
+    if args.intervention_warmup is not None:
+        args.intervention_warmup = _intervention_warmup(args.intervention_warmup)
     if args.threads:
         torch.set_num_threads(args.threads)
     name = model_name(args.model)
@@ -1171,7 +1144,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     dysco = None
     extra: dict[str, Any] = {"model_spec": args.model}
     if "dysco" in args.methods:
-        dysco, info = resolve_dysco(model, name, profile=args.profile, heads=args.heads, registry=args.registry, force=args.force)
+        dysco, info = resolve_dysco(model, name, profile=args.profile, heads=args.heads, registry=args.registry,
+                                    force=args.force, intervention_warmup=args.intervention_warmup)
         extra["dysco_resolved"] = info
         if args.attnts_temperature is None and "attnts_temperature" in info:
             args.attnts_temperature = info["attnts_temperature"]

@@ -1,11 +1,15 @@
 """Score one decoding method on a fixed list of examples, reusing each batch's prefill.
 
-DySCO's knobs only act from the context warmup on, so the prefill of every prompt up to its
-last `context_warmup` tokens is the same in every trial: it is computed once per batch of
-examples and kept, and each trial decodes from it. On CPU the prefill is most of the cost of a
-long prompt, so this is what makes a study affordable.
+DySCO's knobs only act on the last `context_warmup + intervention_warmup` prompt tokens (the
+columns it feeds one at a time, `decoder.dysco.feed_schedule`), so the plain prefill of everything
+before them is the same in every trial: it is computed once per batch of examples and kept, and each
+trial decodes from it. `warmup` is how many columns that prefill leaves out: at least the most any
+trial feeds one at a time (`dysco_warmup` of each trial's config; a study takes the maximum over its
+search space). On CPU the prefill is most of the cost of a long prompt, so this is what makes a
+study affordable.
 
-    >>> runner = ExampleRunner(model, tokenizer, task, dev_examples, max_new_tokens=48)
+    >>> runner = ExampleRunner(model, tokenizer, task, dev_examples, max_new_tokens=48,
+    ...                        warmup=max(dysco_warmup(c, tokenizer) for c in configs))
     >>> vanilla = runner.evaluate(Method.vanilla())
     >>> tuned = runner.evaluate(Method.dysco(config), on_batch=lambda done, mean: ...)
     >>> tuned.mean, tuned.tokens_per_s
@@ -19,6 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from calibration.tasks import Example, Task
+
+
+def dysco_warmup(config: Any, tokenizer: Any) -> int:
+    """Prompt columns a plain prefill must leave for DySCO `config` (a `decoder.dysco.DyscoConfig`) to
+    continue from it: `context_warmup + intervention_warmup`, "auto" resolved against `tokenizer`.
+    A prompt shorter than that is fed whole (`Decoder.prefill` and `feed_schedule` clamp alike)."""
+    from decoder.template import resolve_intervention_warmup
+
+    return config.context_warmup + resolve_intervention_warmup(config.intervention_warmup, tokenizer)
 
 
 @dataclass(frozen=True)
@@ -83,17 +96,19 @@ class ExampleRunner:
         *,
         max_new_tokens: int,
         batch_size: int = 1,
-        context_warmup: int = 8,
+        warmup: int,
     ) -> None:
         if not examples:
             raise ValueError("ExampleRunner needs at least one example")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup (prompt columns the shared prefill leaves out) must be an integer >= 0, got {warmup!r}")
         self.model, self.tokenizer, self.task = model, tokenizer, task
         self.examples = list(examples)
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size = int(batch_size)
-        self.context_warmup = int(context_warmup)
+        self.warmup = warmup
         self.batches = [
             self.examples[i : i + self.batch_size] for i in range(0, len(self.examples), self.batch_size)
         ]
@@ -106,9 +121,10 @@ class ExampleRunner:
         if index not in self._prefills:
             start = time.perf_counter()
             prompts = [example.messages for example in self.batches[index]]
-            # A plain prefill up to the warmup: what DySCO (any knobs) and vanilla both start from.
+            # A plain prefill up to the warmup: what DySCO (any knobs within `warmup`) and vanilla
+            # both start from. A DySCO config needing more refuses it in generate_from.
             self._prefills[index] = Decoder(self.model, self.tokenizer, method="vanilla").prefill(
-                prompts, warmup=self.context_warmup, max_new_tokens=self.max_new_tokens
+                prompts, warmup=self.warmup, max_new_tokens=self.max_new_tokens
             )
             self.prefill_seconds += time.perf_counter() - start
         return self._prefills[index]

@@ -1,12 +1,17 @@
 """The knobs a calibration study searches, clipped to the model it runs on.
 
 Ranges are wide enough to hold the published defaults (strength 2.0, top_k 4096, top_p 0.975,
-decay 0.75, 16 heads) and never reach past the model: top_k stops at its context length and the
-number of heads at the length of the head ranking (at most layers x heads).
+decay 0.75, 16 heads, intervention_warmup "auto") and never reach past the model: top_k stops at
+its context length and the number of heads at the length of the head ranking (at most layers x heads).
+
+`intervention_warmup` (how many prompt tokens before the last one already get a full DySCO step) is
+a categorical knob: "auto" (the chat template's generation-prompt length, resolved against the
+tokenizer by the decoder) or a few small token counts. `for_model(..., intervention_warmup=V)` fixes
+it to V (a single choice) instead of searching it.
 
     >>> space = SearchSpace.for_model(context_length=8192, ranking_length=270)
     >>> space.defaults()
-    {'strength': 2.0, 'top_k': 4096, 'top_p': 0.975, 'decay': 0.75, 'num_heads': 16}
+    {'strength': 2.0, 'top_k': 4096, 'top_p': 0.975, 'decay': 0.75, 'num_heads': 16, 'intervention_warmup': 'auto'}
     >>> params = space.suggest(trial)       # inside an Optuna objective
 """
 
@@ -17,22 +22,51 @@ from typing import Any
 
 import optuna
 
-PUBLISHED = {"strength": 2.0, "top_k": 4096, "top_p": 0.975, "decay": 0.75, "num_heads": 16}
+from registry.profile import Knobs, ProfileValidationError, parse_intervention_warmup
+
+_PUBLISHED_KNOBS = Knobs()  # the published defaults live in registry.Knobs; never re-typed here
+PUBLISHED = {
+    "strength": _PUBLISHED_KNOBS.strength,
+    "top_k": _PUBLISHED_KNOBS.top_k,
+    "top_p": _PUBLISHED_KNOBS.top_p,
+    "decay": _PUBLISHED_KNOBS.decay,
+    "num_heads": 16,
+    "intervention_warmup": _PUBLISHED_KNOBS.intervention_warmup,
+}
+# The searched intervention warmups: the published "auto" first, then token counts from none (only the
+# last prompt token gets a DySCO step, as before the knob existed) to a little past a typical template.
+INTERVENTION_WARMUPS: tuple[int | str, ...] = (_PUBLISHED_KNOBS.intervention_warmup, 0, 1, 2, 4, 8)
+CATEGORICAL = ("intervention_warmup",)  # knobs given as a tuple of choices, not (low, high) bounds
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Bounds of every searched knob; `top_k` and `num_heads` are sampled on a log scale."""
+    """Bounds of every searched knob; `top_k` and `num_heads` are sampled on a log scale;
+    `intervention_warmup` holds its choices."""
 
     strength: tuple[float, float] = (1.0, 8.0)
     top_k: tuple[int, int] = (16, 8192)
     top_p: tuple[float, float] = (0.5, 1.0)
     decay: tuple[float, float] = (0.0, 0.95)
     num_heads: tuple[int, int] = (1, 64)
+    intervention_warmup: tuple[int | str, ...] = INTERVENTION_WARMUPS
+
+    def __post_init__(self) -> None:
+        try:
+            choices = tuple(parse_intervention_warmup(c, "a searched intervention_warmup")
+                            for c in self.intervention_warmup)
+        except (TypeError, ProfileValidationError) as err:
+            raise ValueError(str(err)) from None
+        if not choices or len(set(choices)) != len(choices):
+            raise ValueError(f"intervention_warmup needs distinct choices, got {self.intervention_warmup!r}")
+        object.__setattr__(self, "intervention_warmup", choices)
 
     @classmethod
-    def for_model(cls, context_length: int, ranking_length: int) -> SearchSpace:
-        """The default space clipped to a model's context length and its head ranking's length."""
+    def for_model(
+        cls, context_length: int, ranking_length: int, intervention_warmup: int | str | None = None
+    ) -> SearchSpace:
+        """The default space clipped to a model's context length and its head ranking's length;
+        `intervention_warmup` given: that knob fixed to it instead of searched."""
         if context_length < 1 or ranking_length < 1:
             raise ValueError(
                 f"a search space needs a context length >= 1 and at least one ranked head, got "
@@ -41,9 +75,11 @@ class SearchSpace:
         base = cls()
         top_k_hi = min(base.top_k[1], context_length)
         heads_hi = min(base.num_heads[1], ranking_length)
+        fixed = {} if intervention_warmup is None else {"intervention_warmup": (intervention_warmup,)}
         return cls(
             top_k=(min(base.top_k[0], top_k_hi), top_k_hi),
             num_heads=(min(base.num_heads[0], heads_hi), heads_hi),
+            **fixed,
         )
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -55,6 +91,7 @@ class SearchSpace:
             "top_p": D.FloatDistribution(*self.top_p),
             "decay": D.FloatDistribution(*self.decay),
             "num_heads": D.IntDistribution(*self.num_heads, log=True),
+            "intervention_warmup": D.CategoricalDistribution(self.intervention_warmup),
         }
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
@@ -65,16 +102,30 @@ class SearchSpace:
             "top_p": trial.suggest_float("top_p", *self.top_p),
             "decay": trial.suggest_float("decay", *self.decay),
             "num_heads": trial.suggest_int("num_heads", *self.num_heads, log=True),
+            "intervention_warmup": trial.suggest_categorical("intervention_warmup", self.intervention_warmup),
         }
 
     def defaults(self) -> dict[str, Any]:
         """The published defaults, clipped into this space (the study's first, enqueued trial)."""
         out: dict[str, Any] = {}
         for name, value in PUBLISHED.items():
+            if name in CATEGORICAL:
+                choices = getattr(self, name)
+                out[name] = value if value in choices else choices[0]
+                continue
             lo, hi = getattr(self, name)
             out[name] = type(value)(min(max(value, lo), hi))
         return out
 
-    def to_dict(self) -> dict[str, list[float]]:
-        """The bounds as JSON (stored with the study so a resumed run can check them)."""
+    def intervention_warmup_tokens(self, tokenizer: Any) -> int:
+        """The largest intervention warmup any trial can use, in tokens ("auto" resolved against
+        `tokenizer`): a prefill shared by every trial must stop this much (plus the context warmup)
+        before the end of the prompt."""
+        from decoder.template import resolve_intervention_warmup
+
+        return max(resolve_intervention_warmup(choice, tokenizer) for choice in self.intervention_warmup)
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        """The bounds (choices, for a categorical knob) as JSON, stored with the study so a resumed
+        run can check them."""
         return {name: list(bounds) for name, bounds in asdict(self).items()}

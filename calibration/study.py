@@ -14,8 +14,10 @@ What one run does, in order:
    model, examples, head ranking and search space (checked, not assumed). The published
    defaults are enqueued as the first trial of a new study.
 3. Run trials until `trials` have finished (complete or pruned): seeded TPE over strength,
-   top_k, top_p, decay and the number of heads; a median pruner fed the running score after
-   each batch. Optional second objective: tokens/s (a Pareto front; no pruning then).
+   top_k, top_p, decay, the number of heads and intervention_warmup (unless `intervention_warmup`
+   fixes it); a median pruner fed the running score after each batch. Optional second objective:
+   tokens/s (a Pareto front; no pruning then). Every trial continues one plain prefill per batch,
+   which stops before the largest context_warmup + intervention_warmup any trial can use.
 4. Evaluate vanilla and AttnTS (a small temperature grid, best kept) once on the same dev
    examples; the scores live in the study, so a rerun never recomputes them.
 5. Re-score the best trial, vanilla and AttnTS on the held-out test examples, and register a
@@ -43,7 +45,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from calibration.runner import Evaluation, ExampleRunner, Method
+from calibration.runner import Evaluation, ExampleRunner, Method, dysco_warmup
 from calibration.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ ATTNTS_TEMPERATURES = (0.7, 0.8, 0.9)
 HEARTBEAT_INTERVAL_S = 10
 HEARTBEAT_GRACE_S = 60
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-_KNOBS = ("strength", "top_k", "top_p", "decay", "num_heads")
+_KNOBS = tuple(f.name for f in fields(SearchSpace))  # every trial's parameters
 
 
 class CalibrationError(ValueError):
@@ -95,6 +97,8 @@ class CalibrationConfig:
     speed_objective: bool = False
     attnts_temperatures: tuple[float, ...] = ATTNTS_TEMPERATURES
     threads: int | None = None  # torch threads per worker; None: cores / workers
+    # None: searched (SearchSpace's choices, "auto" first); "auto" or a token count: fixed to it.
+    intervention_warmup: int | str | None = None
 
     def validate(self) -> None:
         """Raise `CalibrationError` naming the first bad setting."""
@@ -119,6 +123,13 @@ class CalibrationConfig:
             raise CalibrationError(
                 f"AttnTS temperatures must be positive numbers, got {self.attnts_temperatures!r}"
             )
+        if self.intervention_warmup is not None:
+            from registry import ProfileValidationError, parse_intervention_warmup
+
+            try:
+                parse_intervention_warmup(self.intervention_warmup, "intervention_warmup")  # the space normalises it
+            except ProfileValidationError as err:
+                raise CalibrationError(f"{err} (or None to search it)") from None
 
     @property
     def n_test(self) -> int:
@@ -426,12 +437,16 @@ class Calibration:
                 f"need at least one dev and one test example, got {len(self.dev)} and {len(self.test)} "
                 f"from {len(examples)} examples"
             )
-        warmup = self.base_knobs.context_warmup
+        self.space = SearchSpace.for_model(
+            _context_length(self.model), len(self.ranking), intervention_warmup=cfg.intervention_warmup
+        )
+        # One plain prefill per batch serves every trial: it stops before the most columns any
+        # trial feeds one at a time (its context warmup plus the largest intervention warmup).
+        warmup = self.base_knobs.context_warmup + self.space.intervention_warmup_tokens(self.tokenizer)
         self.dev_runner = ExampleRunner(
             self.model, self.tokenizer, self.task, self.dev,
-            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, context_warmup=warmup,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, warmup=warmup,
         )
-        self.space = SearchSpace.for_model(_context_length(self.model), len(self.ranking))
         self.definition = self._definition(examples=[e.to_dict() for e in self.dev + self.test])
         if cfg.study_name is None:
             cfg.study_name = f"calibrate-{self.identity.name}-{self.task.name}-{_digest(self.definition)[:10]}"
@@ -558,6 +573,13 @@ class Calibration:
             raise CalibrationError(
                 f"study {cfg.study_name!r} in {cfg.storage} was not made by `calibrate`; pick another --study-name"
             )
+        if "intervention_warmup" not in (stored.get("space") or {}):
+            raise CalibrationError(
+                f"study {cfg.study_name!r} in {cfg.storage} was made before intervention_warmup became a "
+                "calibrated knob: its trials decoded with the older feed schedule and cannot be continued. "
+                "Start a new study: give a new --study-name (or none: the default name is derived from the "
+                "settings, so it names a new study)"
+            )
         if stored != self.definition:
             differ = sorted(k for k in set(stored) | set(self.definition) if stored.get(k) != self.definition.get(k))
             raise CalibrationError(
@@ -613,6 +635,7 @@ class Calibration:
             decay=params["decay"],
             context_warmup=self.base_knobs.context_warmup,
             selection=self.base_knobs.selection,
+            intervention_warmup=params["intervention_warmup"],
         )
 
     def _objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
@@ -714,14 +737,15 @@ class Calibration:
 
         baselines = self.run_baselines(progress=progress)
         t_star = baselines["attnts"]["temperature"]
+        best_config = self._dysco_config(best.params)
         test_runner = ExampleRunner(
             self.model, self.tokenizer, self.task, self.test, max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size, context_warmup=self.base_knobs.context_warmup,
+            batch_size=cfg.batch_size, warmup=dysco_warmup(best_config, self.tokenizer),
         )
         methods = {
             "vanilla": Method.vanilla(),
             "attnts": Method.attnts(t_star),
-            "dysco": Method.dysco(self._dysco_config(best.params)),
+            "dysco": Method.dysco(best_config),
         }
         test = {name: test_runner.evaluate(m) for name, m in _progress(methods.items(), progress, "test")}
         scores = {
@@ -773,6 +797,7 @@ class Calibration:
         knobs = Knobs(
             strength=p["strength"], top_p=p["top_p"], top_k=p["top_k"], decay=p["decay"],
             context_warmup=self.base_knobs.context_warmup, selection=self.base_knobs.selection,
+            intervention_warmup=p["intervention_warmup"],
         )
         metrics = {
             "dev_task": self.task.name,

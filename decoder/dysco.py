@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from registry.profile import AUTO, parse_intervention_warmup  # the knob's one home (no torch there)
+
 __all__ = [
     "HARD_STRENGTH",
     "DyscoConfig",
@@ -68,7 +70,6 @@ __all__ = [
 
 HARD_STRENGTH = 99.0  # strength at or above this masks out every unselected position
 SELECTIONS = ("dynamic", "static")
-AUTO = "auto"  # intervention_warmup: the chat template's generation-prompt length
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,9 @@ class DyscoConfig:
             raise ValueError(f"DySCO decay must be in [0, 1), got {self.decay}")
         if isinstance(self.context_warmup, bool) or not isinstance(self.context_warmup, int) or self.context_warmup < 0:
             raise ValueError(f"DySCO context_warmup must be an integer >= 0, got {self.context_warmup!r}")
-        object.__setattr__(self, "intervention_warmup", parse_intervention_warmup(self.intervention_warmup))
+        object.__setattr__(
+            self, "intervention_warmup", parse_intervention_warmup(self.intervention_warmup, "DySCO intervention_warmup")
+        )
         if self.selection not in SELECTIONS:
             raise ValueError(f"DySCO selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         by_layer: dict[int, list[int]] = {}
@@ -172,22 +175,6 @@ def _as_head_set(head_set) -> tuple[tuple[int, int], ...]:
     if any(l < 0 or h < 0 for l, h in pairs):
         raise ValueError(f"head_set indices must be >= 0, got {[p for p in pairs if min(p) < 0][0]}")
     return tuple(pairs)
-
-
-def parse_intervention_warmup(value) -> int | str:
-    """`"auto"` or an integer >= 0 (also from a string such as "4"); anything else is a ValueError."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == AUTO:
-            return AUTO
-        if text.isdigit():
-            return int(text)
-    elif not isinstance(value, bool) and isinstance(value, int) and value >= 0:
-        return int(value)
-    raise ValueError(
-        f"DySCO intervention_warmup must be 'auto' (the chat template's generation-prompt length) or an "
-        f"integer >= 0, got {value!r}"
-    )
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--top-k", type=int, help="most positions selected per step (published 4096)")
     p.add_argument("--top-p", type=float, help="importance mass the selection reaches (published 0.975)")
     p.add_argument("--decay", type=float, help="weight of the previous step's importance (published 0.75)")
-    p.add_argument("--warmup", type=int, help="prompt tokens fed one at a time before decoding (published 8)")
+    p.add_argument("--warmup", type=int, help="context warmup: prompt tokens fed one at a time before the intervention warmup, the first "
+                   "of them only updating importance (published 8)")
     p.add_argument("--selection", choices=("dynamic", "static"), help="re-select every step or once (default dynamic)")
+    p.add_argument("--intervention-warmup", metavar="auto|N",
+                   help="auto = the chat template's generation-prompt length, published default; an integer otherwise "
+                   "(prompt tokens before the last one that already get a DySCO step)")
     p.add_argument("--temperature", type=float, default=None, help="AttnTS attention temperature (method attnts)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     prompt = p.add_mutually_exclusive_group()
@@ -98,8 +102,20 @@ def _read_prompt(args) -> str:
 
 def _knob_overrides(args) -> dict:
     names = {"strength": "strength", "top_k": "top_k", "top_p": "top_p", "decay": "decay", "warmup": "context_warmup",
-             "selection": "selection"}
+             "selection": "selection", "intervention_warmup": "intervention_warmup"}
     return {knob: getattr(args, flag) for flag, knob in names.items() if getattr(args, flag) is not None}
+
+
+def _check_intervention_warmup(args) -> None:
+    """Normalise --intervention-warmup ("auto" or an integer >= 0) or fail as a usage error, before any model load."""
+    if args.intervention_warmup is None:
+        return
+    from registry import ProfileValidationError, parse_intervention_warmup
+
+    try:
+        args.intervention_warmup = parse_intervention_warmup(args.intervention_warmup, "--intervention-warmup")
+    except ProfileValidationError as err:
+        raise _UsageError(str(err)) from None
 
 
 def _build_decoder(args, model, tokenizer, profile, model_name):
@@ -145,6 +161,7 @@ def _cmd_generate(args) -> int:
 
 
 def _generate(args) -> int:
+    _check_intervention_warmup(args)
     text = _read_prompt(args)
     if args.max_new_tokens < 1:
         raise _UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -235,4 +252,7 @@ def _knobs(decoder) -> dict:
         return {"temperature": decoder.temperature} if decoder.method == "attnts" else {}
     d = decoder.dysco
     return {"head_set": [list(p) for p in d.head_set], "strength": d.strength, "top_p": d.top_p, "top_k": d.top_k,
-            "decay": d.decay, "context_warmup": d.context_warmup, "selection": d.selection}
+            "decay": d.decay, "context_warmup": d.context_warmup, "selection": d.selection,
+            "intervention_warmup": d.intervention_warmup,
+            # "auto" resolved against the tokenizer: the prompt tokens that actually got a DySCO step before the last
+            "intervention_warmup_tokens": decoder.intervention_warmup}

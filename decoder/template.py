@@ -143,7 +143,7 @@ def generation_prompt_length(tokenizer) -> int:
 
 def resolve_intervention_warmup(value, tokenizer) -> int:
     """DySCO's `intervention_warmup` as a number of tokens: "auto" is `generation_prompt_length(tokenizer)`."""
-    from decoder.dysco import AUTO, parse_intervention_warmup
+    from registry.profile import AUTO, parse_intervention_warmup
 
-    value = parse_intervention_warmup(value)
+    value = parse_intervention_warmup(value, "intervention_warmup")
     return generation_prompt_length(tokenizer) if value == AUTO else value

@@ -18,7 +18,14 @@ from registry.errors import (
     RegistryError,
     UnsafeArchiveError,
 )
-from registry.profile import SCHEMA_VERSION, Knobs, ModelIdentity, Profile, collect_provenance
+from registry.profile import (
+    SCHEMA_VERSION,
+    Knobs,
+    ModelIdentity,
+    Profile,
+    collect_provenance,
+    parse_intervention_warmup,
+)
 from registry.store import Registry, VersionInfo, default_root, load_seed, parse_ref, seed_names
 
 __all__ = [
@@ -39,6 +46,7 @@ __all__ = [
     "collect_provenance",
     "default_root",
     "load_seed",
+    "parse_intervention_warmup",
     "parse_ref",
     "seed_names",
 ]

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from registry.errors import ProfileValidationError
 
 SCHEMA_VERSION = 1
 SELECTIONS = ("dynamic", "static")
+AUTO = "auto"  # intervention_warmup: the chat template's generation-prompt length, resolved by the decoder
 # Model names become directory names; "@" separates a name from its version in a reference.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _SCORE_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
@@ -68,6 +69,27 @@ def _finite_float(value: object, what: str) -> float:
     if not math.isfinite(number):
         raise ProfileValidationError(f"{what} must be finite, got {number}")
     return number
+
+
+def parse_intervention_warmup(value: object, what: str = "knobs.intervention_warmup") -> int | str:
+    """DySCO's `intervention_warmup` normalised: "auto" (any case, spaces around it) or an integer >= 0,
+    also written as a string of digits ("4" -> 4). Anything else is a `ProfileValidationError`.
+
+    Accepts what `decoder.dysco.parse_intervention_warmup` accepts (and numpy integers); that one
+    raises a plain ValueError and lives beside torch, this one needs no torch.
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == AUTO:
+            return AUTO
+        if text.isascii() and text.isdigit():
+            return int(text)
+    elif not isinstance(value, bool) and isinstance(value, (int, np.integer)) and int(value) >= 0:
+        return int(value)
+    raise ProfileValidationError(
+        f"{what} must be 'auto' (the chat template's generation-prompt length, the published default) "
+        f"or an integer >= 0, got {value!r}"
+    )
 
 
 def _optional_fingerprint(value: object, what: str) -> str | None:
@@ -128,8 +150,10 @@ class ModelIdentity:
 class Knobs:
     """DySCO decoding knobs; defaults are the published ones (arXiv 2602.22175).
 
-    `strength >= 99` is the hard variant (unselected positions masked). `attnts_temperature` is
-    set only for profiles of the AttnTS baseline.
+    `strength >= 99` is the hard variant (unselected positions masked). `intervention_warmup` is
+    "auto" (the chat template's generation-prompt length, resolved against the tokenizer when a
+    decoder is built) or a number of prompt tokens. `attnts_temperature` is set only for profiles
+    of the AttnTS baseline.
     """
 
     strength: float = 2.0
@@ -139,6 +163,12 @@ class Knobs:
     context_warmup: int = 8
     selection: str = "dynamic"
     attnts_temperature: float | None = None
+    intervention_warmup: int | str = AUTO
+
+    # Knobs that came after profiles were first stored, with the value a profile without them loads
+    # with. The content hash leaves such a knob out while it holds that value, so every profile stored
+    # before the knob existed keeps its hash (and its manifest still verifies).
+    ADDED_LATER: ClassVar[dict[str, Any]] = {"intervention_warmup": AUTO}
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -167,10 +197,18 @@ class Knobs:
                     f"knobs.attnts_temperature must be > 0 or null, got {temperature}"
                 )
             set_(self, "attnts_temperature", temperature)
+        set_(self, "intervention_warmup", parse_intervention_warmup(self.intervention_warmup))
 
     def to_dict(self) -> dict[str, Any]:
-        """The knobs as a JSON-ready dict."""
+        """The knobs as a JSON-ready dict (every knob, as `profile.json` holds them)."""
         return dataclasses.asdict(self)
+
+    def hashed_dict(self) -> dict[str, Any]:
+        """`to_dict()` without the knobs of `ADDED_LATER` that hold their default: what the content hash reads."""
+        return {
+            name: value for name, value in self.to_dict().items()
+            if not (name in self.ADDED_LATER and value == self.ADDED_LATER[name])
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Knobs:
@@ -376,9 +414,13 @@ class Profile:
         return cls(**fields_, head_scores=dict(head_scores or {}))
 
     def content_hash(self) -> str:
-        """sha256 (hex) over the canonical JSON of every field and every score matrix's bytes."""
+        """sha256 (hex) over the canonical JSON of every field and every score matrix's bytes.
+
+        Knobs added after the first stored profiles are left out while they hold the value a profile
+        without them loads with (`Knobs.ADDED_LATER`), so old profiles keep their hashes.
+        """
         digest = hashlib.sha256(b"dysco-profile\0")
-        digest.update(canonical_json(self.to_dict()))
+        digest.update(canonical_json({**self.to_dict(), "knobs": self.knobs.hashed_dict()}))
         for key in sorted(self.head_scores):
             matrix = np.ascontiguousarray(self.head_scores[key], dtype="<f4")
             digest.update(b"\0" + key.encode("utf-8") + b"\0")

@@ -20,7 +20,7 @@ import numpy as np
 import optuna
 import pytest
 
-from calibration.space import PUBLISHED, SearchSpace
+from calibration.space import INTERVENTION_WARMUPS, PUBLISHED, SearchSpace
 from calibration.study import CalibrationConfig, CalibrationError, calibrate, head_ranking, parse_heads
 
 MODEL_NAME = "tiny-llama"
@@ -97,9 +97,15 @@ def _versions(work) -> list[int]:
 
 
 def test_space_holds_the_published_defaults_and_is_clipped_to_the_model():
+    from registry import Knobs
+
     space = SearchSpace.for_model(context_length=8192, ranking_length=270)
     assert space.defaults() == PUBLISHED
+    assert PUBLISHED["intervention_warmup"] == Knobs().intervention_warmup == "auto"
     for name, value in PUBLISHED.items():
+        if name == "intervention_warmup":
+            assert value in space.intervention_warmup
+            continue
         lo, hi = getattr(space, name)
         assert lo <= value <= hi, name
     small = SearchSpace.for_model(context_length=512, ranking_length=6)
@@ -107,6 +113,69 @@ def test_space_holds_the_published_defaults_and_is_clipped_to_the_model():
     assert small.defaults()["top_k"] == 512 and small.defaults()["num_heads"] == 6
     dists = space.distributions()
     assert dists["top_k"].log and dists["num_heads"].log
+    assert dists["intervention_warmup"].choices == INTERVENTION_WARMUPS and INTERVENTION_WARMUPS[0] == "auto"
+
+
+def test_space_suggests_and_enqueues_the_intervention_warmup():
+    from decoder.tiny import tiny_model
+
+    space = SearchSpace.for_model(context_length=4096, ranking_length=16)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial(space.defaults())
+    first = space.suggest(study.ask())
+    assert first["intervention_warmup"] == "auto" and first == space.defaults()
+    drawn = {space.suggest(study.ask())["intervention_warmup"] for _ in range(40)}
+    assert drawn <= set(INTERVENTION_WARMUPS) and len(drawn) > 2
+    assert space.to_dict()["intervention_warmup"] == list(INTERVENTION_WARMUPS)  # JSON, stored with the study
+    json.dumps(space.to_dict())
+
+    # Fixed (calibrate --intervention-warmup N): a single choice, which is also the default trial's.
+    fixed = SearchSpace.for_model(4096, 16, intervention_warmup="3")
+    assert fixed.intervention_warmup == (3,) and fixed.defaults()["intervention_warmup"] == 3
+    assert SearchSpace.for_model(4096, 16, intervention_warmup=" Auto ").intervention_warmup == ("auto",)
+    for bad in ("-1", "often", 2.5):
+        with pytest.raises(ValueError, match="intervention_warmup must be 'auto'"):
+            SearchSpace.for_model(4096, 16, intervention_warmup=bad)
+
+    # The shared prefill must leave out the largest warmup any trial can use: "auto" is the tiny
+    # chat template's 9-token generation prompt, more than the largest number (8).
+    _, tokenizer = tiny_model("llama")
+    assert space.intervention_warmup_tokens(tokenizer) == 9
+    assert fixed.intervention_warmup_tokens(tokenizer) == 3
+
+
+def test_one_prefill_serves_trials_with_different_intervention_warmups():
+    """Every trial decoding from the runner's shared prefill gets the tokens it gets running alone."""
+    from calibration.runner import ExampleRunner, Method, dysco_warmup
+    from calibration.tasks import get_task
+    from decoder.dysco import DyscoConfig
+    from decoder.generation import Decoder
+    from decoder.tiny import tiny_model
+
+    model, tokenizer = tiny_model("llama")
+    task = get_task("kv")
+    examples = task.generate(tokenizer, 2, 300, 0)
+    configs = [DyscoConfig(head_set=[(1, 0), (2, 3)], context_warmup=5, intervention_warmup=w)
+               for w in ("auto", 0, 4, 8)]
+    assert [dysco_warmup(c, tokenizer) for c in configs] == [14, 5, 9, 13]
+    space = SearchSpace.for_model(4096, 16)
+    warmup = 5 + space.intervention_warmup_tokens(tokenizer)
+    shared = ExampleRunner(model, tokenizer, task, examples, max_new_tokens=6, batch_size=2, warmup=warmup)
+    prompts = [example.messages for example in examples]
+    for config in configs:
+        together = shared.evaluate(Method.dysco(config)).responses
+        alone = Decoder(model, tokenizer, dysco=config).generate(prompts, max_new_tokens=6)
+        assert together == alone.texts, config.intervention_warmup
+    assert len(shared._prefills) == 1  # one prefill of the batch served every trial
+    state = shared._prefills[0]
+    assert state.input_ids.shape[1] - state.prefilled == 14  # it stopped before the largest warmup
+    assert shared.evaluate(Method.vanilla()).responses == Decoder(model, tokenizer, "vanilla").generate(
+        prompts, max_new_tokens=6).texts
+
+    # A prefill that stops too late for a trial is refused, not silently decoded differently.
+    short = ExampleRunner(model, tokenizer, task, examples, max_new_tokens=6, batch_size=2, warmup=5)
+    with pytest.raises(ValueError, match="prefill with warmup >= 14"):
+        short.evaluate(Method.dysco(configs[0]))
 
 
 def test_head_ranking_follows_qr_scores_then_head_set():
@@ -184,7 +253,9 @@ def test_calibration_registers_a_profile_and_logs_mlflow_runs(workdir):
     # The first trial is the published defaults, clipped to this model (4x4 heads, 4096 context).
     study = optuna.load_study(study_name=result.study_name, storage=config.storage)
     first = study.trials[0]
-    assert first.params == {"strength": 2.0, "top_k": 4096, "top_p": 0.975, "decay": 0.75, "num_heads": 16}
+    assert first.params == {"strength": 2.0, "top_k": 4096, "top_p": 0.975, "decay": 0.75, "num_heads": 16,
+                            "intervention_warmup": "auto"}
+    assert profile.knobs.intervention_warmup == result.best_params["intervention_warmup"]
 
     # MLflow: one parent run, one nested run per finished trial, with params and scores.
     mlflow.set_tracking_uri(tracking)
@@ -194,7 +265,7 @@ def test_calibration_registers_a_profile_and_logs_mlflow_runs(workdir):
     assert len(parent) == 1 and len(nested) == 4
     assert {int(r.data.tags["optuna.trial_number"]) for r in nested} == {0, 1, 2, 3}
     for run in nested:
-        assert set(run.data.params) >= {"strength", "top_k", "top_p", "decay", "num_heads"}
+        assert set(run.data.params) >= {"strength", "top_k", "top_p", "decay", "num_heads", "intervention_warmup"}
         assert "duration_s" in run.data.metrics
     assert parent[0].data.metrics["test_dysco"] == result.scores["test"]["dysco"]
     artifacts = {a.path for a in mlflow.MlflowClient(tracking).list_artifacts(result.mlflow["run_id"], "plots")}
@@ -222,6 +293,39 @@ def test_same_settings_draw_the_same_trials(workdir):
     a, b = trial_params("a"), trial_params("b")
     assert a == b and len(a) == 5
     assert len({json.dumps(p, sort_keys=True) for p in a}) == 5  # TPE really explored
+    # intervention_warmup is searched too (every trial continues the same shared prefill).
+    assert a[0]["intervention_warmup"] == "auto" and {p["intervention_warmup"] for p in a} <= set(INTERVENTION_WARMUPS)
+
+
+def test_a_fixed_intervention_warmup_is_used_by_every_trial_and_registered(workdir):
+    from registry import Registry
+
+    config = CalibrationConfig(
+        dev="kv", model=workdir["model"], profile=workdir["ref"], trials=2, examples=2, test_examples=1,
+        context=300, max_new_tokens=3, storage=None, tracking=False, registry=str(workdir["registry"]),
+        attnts_temperatures=(0.8,), threads=1, intervention_warmup="0",
+    )
+    result = calibrate(config)
+    assert result.best_params["intervention_warmup"] == 0
+    assert Registry(workdir["registry"]).load(result.profile_ref).knobs.intervention_warmup == 0
+    with pytest.raises(CalibrationError, match="intervention_warmup must be 'auto'.*got 'x'"):
+        CalibrationConfig(dev="kv", intervention_warmup="x").validate()
+
+
+def test_a_study_made_before_intervention_warmup_is_refused_clearly(workdir):
+    from calibration.study import open_storage
+
+    storage = f"sqlite:///{workdir['dir'] / 'old.db'}"
+    old = optuna.create_study(study_name="old", storage=open_storage(storage), direction="maximize")
+    old.set_user_attr("definition", {"space": {"strength": [1.0, 8.0], "top_k": [16, 4096], "top_p": [0.5, 1.0],
+                                               "decay": [0.0, 0.95], "num_heads": [1, 16]}})
+    config = CalibrationConfig(
+        dev="kv", model=workdir["model"], profile=workdir["ref"], trials=1, examples=2, test_examples=1,
+        context=300, max_new_tokens=3, storage=storage, study_name="old", tracking=False,
+        registry=str(workdir["registry"]), threads=1,
+    )
+    with pytest.raises(CalibrationError, match="made before intervention_warmup .* give a new --study-name"):
+        calibrate(config)
 
 
 def test_speed_objective_gives_a_pareto_front_and_a_changed_study_is_refused(workdir):
@@ -379,6 +483,22 @@ def _run_main(*argv: str):
     from calibration.cli import main
 
     return main(list(argv))
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "2.5"])
+def test_bad_intervention_warmup_is_a_usage_error_before_any_model_load(monkeypatch, capsys, tmp_path, value):
+    import decoder.loading
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded despite a bad --intervention-warmup")
+
+    monkeypatch.setattr(decoder.loading, "load_model", forbidden)
+    code = _run_main("--dev", "kv", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--no-tracking", "--quiet",
+                     "--intervention-warmup", value)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("calibrate: error: --intervention-warmup must be 'auto'") and err.count("\n") == 1
+    assert not (tmp_path / "s.db").exists()
 
 
 def test_bad_input_gives_clear_errors_and_registers_nothing(workdir, tmp_path, capsys, tiny_checkpoint):

@@ -40,7 +40,8 @@ def test_help_explains_every_flag(capsys):
     assert stop.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--model", "--method", "--heads", "--profile", "--strength", "--top-k", "--top-p", "--decay", "--warmup",
-                 "--selection", "--temperature", "--max-new-tokens", "--prompt", "--prompt-file", "--json"):
+                 "--selection", "--intervention-warmup", "--temperature", "--max-new-tokens", "--prompt", "--prompt-file",
+                 "--json"):
         assert flag in out
 
 
@@ -91,6 +92,8 @@ def test_streamed_text_equals_the_json_text(tiny_loader, capsys):
         (["--heads", "1:0", "--prompt-file", "/nonexistent/x.txt"], 2, "cannot read --prompt-file"),
         (["--profile", "no-such-model", "--prompt", "hi"], 1, "no-such-model"),
         (["--heads", "1:0", "--fast", "--sample", "--prompt", "hi"], 2, "--fast decodes greedily"),
+        (["--heads", "1:0", "--intervention-warmup", "soon", "--prompt", "hi"], 2,
+         "--intervention-warmup must be 'auto' .* or an integer >= 0, got 'soon'"),
     ],
 )
 def test_errors_are_one_clear_line(tiny_loader, capsys, args, code, message):
@@ -98,6 +101,42 @@ def test_errors_are_one_clear_line(tiny_loader, capsys, args, code, message):
     err = capsys.readouterr().err
     assert err.startswith("dysco generate: ")
     assert re.search(message, err), err
+
+
+def test_intervention_warmup_is_reported_as_given_and_in_tokens(tiny_loader, capsys):
+    args = ["generate", "--model", "tiny", "--heads", "1:0,2:3", "--max-new-tokens", "3", "--prompt", "Key 17 is 42.",
+            "--json"]
+    assert main([*args, "--intervention-warmup", "0"]) == 0
+    knobs = json.loads(capsys.readouterr().out)["knobs"]
+    assert knobs["intervention_warmup"] == 0 and knobs["intervention_warmup_tokens"] == 0
+    assert main(args) == 0  # the published default: the tiny chat template's 9-token generation prompt
+    knobs = json.loads(capsys.readouterr().out)["knobs"]
+    assert knobs["intervention_warmup"] == "auto" and knobs["intervention_warmup_tokens"] == 9
+    assert main([*args, "--intervention-warmup", "AUTO"]) == 0
+    assert json.loads(capsys.readouterr().out)["knobs"]["intervention_warmup_tokens"] == 9
+
+
+def test_intervention_warmup_comes_from_the_profile_unless_overridden(tiny_loader, capsys, tmp_path):
+    from decoder.loading import model_identity
+    from registry import Knobs, Profile, Registry
+
+    model, _ = tiny_model("llama")
+    Registry(tmp_path / "registry").register(Profile(
+        model=model_identity(model, "tiny"), head_set=[(1, 0)], knobs=Knobs(intervention_warmup=2)))
+    args = ["generate", "--profile", "tiny@1", "--max-new-tokens", "2", "--prompt", "Key 17 is 42.", "--json"]
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["knobs"]["intervention_warmup_tokens"] == 2
+    assert main([*args, "--intervention-warmup", "5"]) == 0
+    knobs = json.loads(capsys.readouterr().out)["knobs"]
+    assert knobs["intervention_warmup"] == 5 and knobs["intervention_warmup_tokens"] == 5
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "auto-ish", ""])
+def test_bad_intervention_warmup_fails_before_the_model_loads(tiny_loader, capsys, value):
+    assert main(["generate", "--heads", "1:0", "--intervention-warmup", value, "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dysco generate: --intervention-warmup must be 'auto'") and err.count("\n") == 1
+    assert tiny_loader == []  # refused before any model was loaded
 
 
 def test_fast_flag_gives_the_same_tokens(tiny_loader, capsys):

@@ -151,7 +151,7 @@ def test_feed_schedule(prompt_len, context_warmup, intervention_warmup, prefill_
 def test_intervention_warmup_values():
     assert parse_intervention_warmup("auto") == "auto" and parse_intervention_warmup(" AUTO ") == "auto"
     assert parse_intervention_warmup(3) == 3 and parse_intervention_warmup("0") == 0
-    for bad in (-1, "x", 1.5, True, None, "-2"):
+    for bad in (-1, "x", 1.5, True, None, "-2", "²"):
         with pytest.raises(ValueError, match="intervention_warmup must be 'auto'"):
             parse_intervention_warmup(bad)
     assert DyscoConfig(head_set=[(0, 0)]).intervention_warmup == "auto"

@@ -109,7 +109,7 @@ def test_paired_comparison_counts_and_interval():
     assert (stats["wins"], stats["losses"], stats["ties"]) == (2, 1, 2)
     assert stats["mean_difference"] == pytest.approx(0.3)
     assert stats["low"] <= 0.3 <= stats["high"]
-    with pytest.raises(EvalError, match="same length"):
+    with pytest.raises(ValueError, match="same length"):
         paired_comparison([1, 0], [1], seed=0)
 
 
@@ -155,6 +155,31 @@ def test_shared_prefill_gives_what_each_method_gives_alone(tiny):
         assert [e["responses"][method] for e in alone.examples] == [e["responses"][method] for e in together.examples]
 
 
+@pytest.mark.parametrize("intervention_warmup", [0, 3, "auto"])
+def test_shared_prefill_leaves_out_the_intervention_warmup_too(tiny, intervention_warmup):
+    """The shared prefill stops before DySCO's context plus intervention warmup, and DySCO from it
+    answers as it does alone, whatever the intervention warmup."""
+    from calibration.evaluate import shared_prefill
+    from calibration.tasks import get_task
+    from decoder.dysco import DyscoConfig
+    from decoder.generation import Decoder
+
+    model, tokenizer = tiny
+    config = DyscoConfig(head_set=HEADS, context_warmup=4, intervention_warmup=intervention_warmup)
+    decoders = {"vanilla": Decoder(model, tokenizer, "vanilla"), "dysco": Decoder(model, tokenizer, dysco=config)}
+    batch = get_task("needle").generate(tokenizer, 2, 512, 0)
+    state, _ = shared_prefill(decoders, batch, 4)
+    tokens = {0: 0, 3: 3, "auto": 9}[intervention_warmup]  # auto: the tiny template's generation prompt
+    assert decoders["dysco"].intervention_warmup == tokens
+    assert state.input_ids.shape[1] - state.prefilled == 4 + tokens
+    kw = dict(dysco=config, max_new_tokens=5, bootstrap_resamples=200)
+    together = evaluate(model, tokenizer, "needle", "512", "vanilla,dysco", 2, 0, **kw)
+    alone = evaluate(model, tokenizer, "needle", "512", "dysco", 2, 0, **kw)
+    assert [e["responses"]["dysco"] for e in alone.examples] == [e["responses"]["dysco"] for e in together.examples]
+    assert together.config["dysco"]["intervention_warmup"] == intervention_warmup
+    assert together.config["dysco"]["intervention_warmup_tokens"] == tokens
+
+
 def test_report_shape_and_interval_bounds(report):
     cfg = report.config
     assert cfg["tasks"] == ["needle", "kv"] and cfg["lengths"] == [512] and cfg["n"] == 3
@@ -177,6 +202,7 @@ def test_report_shape_and_interval_bounds(report):
     for s in speeds.values():
         assert s.batches == 6 and s.ttft_s > 0 and s.seconds >= s.ttft_s and s.new_tokens > 0
     assert cfg["dysco"]["head_set"] == [[1, 0], [2, 3]] and cfg["attnts_temperature"] == 0.8
+    assert cfg["dysco"]["intervention_warmup"] == "auto" and cfg["dysco"]["intervention_warmup_tokens"] == 9
 
 
 def test_same_seed_same_report_other_seed_other_examples(tiny, report):
@@ -271,7 +297,37 @@ def test_registry_fallback_and_missing_profile(tiny, tmp_path):
         resolve_dysco(other, "tiny-llama", registry=tmp_path)
 
 
+def test_resolve_dysco_carries_and_overrides_the_intervention_warmup(tiny, tmp_path):
+    from decoder.loading import model_identity
+    from registry import Knobs, Profile, Registry
+
+    model, _ = tiny
+    Registry(tmp_path).register(Profile(
+        model=model_identity(model, "tiny-llama"), head_set=[(3, 1)], knobs=Knobs(intervention_warmup=2)))
+    assert resolve_dysco(model, "tiny-llama", registry=tmp_path)[0].intervention_warmup == 2
+    config, _ = resolve_dysco(model, "tiny-llama", registry=tmp_path, intervention_warmup="auto")
+    assert config.intervention_warmup == "auto" and config.strength == Knobs().strength
+    assert resolve_dysco(model, "tiny-llama", heads=HEADS)[0].intervention_warmup == "auto"
+    assert resolve_dysco(model, "tiny-llama", heads=HEADS, intervention_warmup="7")[0].intervention_warmup == 7
+    with pytest.raises(EvalError, match="--intervention-warmup must be 'auto' .* got -1"):
+        resolve_dysco(model, "tiny-llama", heads=HEADS, intervention_warmup=-1)
+
+
 # --------------------------------------------------------------------------- the command
+
+
+@pytest.mark.parametrize("value", ["x", "-3", "1.5"])
+def test_cli_bad_intervention_warmup_is_one_line_before_any_model_load(monkeypatch, capsys, value):
+    import decoder.loading
+    from decoder.cli import main
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded despite a bad --intervention-warmup")
+
+    monkeypatch.setattr(decoder.loading, "load_model", forbidden)
+    assert main(["eval", "--heads", "1:0", "--intervention-warmup", value, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dysco eval: error: --intervention-warmup must be 'auto'") and err.count("\n") == 1
 
 
 def test_cli_end_to_end_with_mlflow(tiny, tmp_path, capsys):
@@ -288,11 +344,13 @@ def test_cli_end_to_end_with_mlflow(tiny, tmp_path, capsys):
     code = main([
         "eval", "--model", str(folder), "--heads", "1:0,2:3", "--tasks", "needle", "--lengths", "512",
         "--methods", "vanilla,dysco", "--n", "2", "--max-new-tokens", "2", "--out", str(out),
-        "--tracking-uri", uri, "--json", "--quiet",
+        "--tracking-uri", uri, "--json", "--quiet", "--intervention-warmup", "1",
     ])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["config"]["model"] == "tiny-llama" and len(printed["examples"]) == 2
+    assert printed["config"]["dysco"]["intervention_warmup"] == 1
+    assert printed["config"]["dysco"]["intervention_warmup_tokens"] == 1
     assert {p.name for p in out.iterdir()} == {"results.md", "results.json", "accuracy.png", "progress.jsonl"}
     run_id = json.loads((out / "results.json").read_text())["config"]["mlflow_run_id"]
     run = MlflowClient(uri).get_run(run_id)
@@ -301,10 +359,14 @@ def test_cli_end_to_end_with_mlflow(tiny, tmp_path, capsys):
 
     # The same command again reads every batch back; --fresh decodes them again.
     argv = ["eval", "--model", str(folder), "--heads", "1:0,2:3", "--tasks", "needle", "--lengths", "512",
-            "--methods", "vanilla,dysco", "--n", "2", "--max-new-tokens", "2", "--out", str(out), "--json"]
+            "--methods", "vanilla,dysco", "--n", "2", "--max-new-tokens", "2", "--out", str(out), "--json",
+            "--intervention-warmup", "1"]
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["config"]["resumed_batches"] == 4 and again["examples"] == printed["examples"]
+    # Another intervention warmup decides other answers: nothing is read back.
+    assert main([*argv, "--intervention-warmup", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["resumed_batches"] == 0
     assert main([*argv, "--fresh"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["resumed_batches"] == 0
 

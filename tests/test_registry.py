@@ -123,6 +123,12 @@ def test_profile_normalises_numpy_input_and_hash_tracks_content():
         (dict(knobs=dict(context_warmup=-1)), "knobs.context_warmup must be an integer >= 0"),
         (dict(knobs=dict(selection="greedy")), "knobs.selection must be one of dynamic, static"),
         (dict(knobs=dict(attnts_temperature=0)), "knobs.attnts_temperature must be > 0"),
+        (dict(knobs=dict(intervention_warmup=-1)), "knobs.intervention_warmup must be 'auto'"),
+        (dict(knobs=dict(intervention_warmup="sometimes")), "or an integer >= 0, got 'sometimes'"),
+        (dict(knobs=dict(intervention_warmup="-2")), "knobs.intervention_warmup must be 'auto'"),
+        (dict(knobs=dict(intervention_warmup=1.5)), "knobs.intervention_warmup must be 'auto'"),
+        (dict(knobs=dict(intervention_warmup=True)), "knobs.intervention_warmup must be 'auto'"),
+        (dict(knobs=dict(intervention_warmup=None)), "knobs.intervention_warmup must be 'auto'"),
         (dict(knobs=dict(temperature=1.0)), "unknown knobs field(s) 'temperature'"),
         (dict(head_set=[(4, 0)]), "(4, 0) is outside the model's shape: layers must be in 0..3"),
         (dict(head_set=[(0, 6)]), "heads in 0..5"),
@@ -159,6 +165,93 @@ def test_from_dict_names_missing_and_unknown_fields():
     del model["num_layers"]
     with pytest.raises(ProfileValidationError, match="model is missing field"):
         ModelIdentity.from_dict(model)
+
+
+# --- intervention_warmup: a knob added after profiles were first stored ---------------------------
+
+
+def _hash_before_intervention_warmup(data: dict, head_scores: dict) -> str:
+    """The content hash as it was computed before the knob existed, spelled out (it must not move)."""
+    import hashlib
+
+    from registry.profile import canonical_json
+
+    digest = hashlib.sha256(b"dysco-profile\0")
+    digest.update(canonical_json(data))
+    for key in sorted(head_scores):
+        matrix = np.ascontiguousarray(head_scores[key], dtype="<f4")
+        digest.update(b"\0" + key.encode("utf-8") + b"\0")
+        digest.update(canonical_json(list(matrix.shape)))
+        digest.update(matrix.tobytes())
+    return digest.hexdigest()
+
+
+def _write_version_without_intervention_warmup(root: Path, profile: Profile) -> dict:
+    """Store `profile` as version 1 the way the registry wrote it before the knob existed."""
+    from registry.files import PROFILE_FILE, profile_to_files, sha256
+    from registry.store import FORMAT, MANIFEST_FILE, _manifest_checksum
+
+    data = profile.to_dict()
+    del data["knobs"]["intervention_warmup"]
+    files = profile_to_files(profile)
+    files[PROFILE_FILE] = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    folder = root / profile.model.name / "1"
+    folder.mkdir(parents=True)
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    manifest = {
+        "format": FORMAT, "name": profile.model.name, "registered_at": "2026-01-01T00:00:00Z",
+        "content_hash": _hash_before_intervention_warmup(data, profile.head_scores),
+        "files": {name: sha256(content) for name, content in files.items()},
+    }
+    manifest["manifest_sha256"] = _manifest_checksum(manifest)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def test_intervention_warmup_defaults_to_auto_and_normalises():
+    assert Knobs().intervention_warmup == "auto"
+    assert Knobs.from_dict({}).intervention_warmup == "auto"
+    assert Knobs(intervention_warmup=" AUTO ").intervention_warmup == "auto"
+    assert Knobs(intervention_warmup="4").intervention_warmup == 4
+    assert Knobs(intervention_warmup=np.int64(3)).intervention_warmup == 3
+    assert Knobs(intervention_warmup=0).intervention_warmup == 0
+    assert Knobs().to_dict()["intervention_warmup"] == "auto"  # profile.json names it explicitly
+
+
+def test_a_profile_stored_before_intervention_warmup_loads_with_auto_and_still_verifies(tmp_path):
+    profile = make_profile(0)
+    manifest = _write_version_without_intervention_warmup(tmp_path, profile)
+    reg = Registry(tmp_path)
+    loaded = reg.load("tiny-llama@1")  # verifies file checksums and the content hash
+    assert loaded.knobs.intervention_warmup == "auto"
+    assert loaded == profile and loaded.content_hash() == manifest["content_hash"] == profile.content_hash()
+    assert [(row.version, row.status) for row in reg.list("tiny-llama")] == [(1, "ok")]
+    assert reg.resolve(f"tiny-llama@{manifest['content_hash'][:8]}") == ("tiny-llama", 1)
+    # The same profile registered now is recognised as that version (import does not duplicate it).
+    archive = tmp_path / "old.tar.gz"
+    reg.export("tiny-llama@1", archive)
+    assert reg.import_archive(archive) == ["tiny-llama@1"]
+    # The shipped seeds (no intervention_warmup in their JSON) keep the hashes they always had.
+    assert load_seed("qwen3-8b").content_hash() == (
+        "b8a424003419fbdcb2b8200e217183e1ad928601576ad939847d687967517526")
+    assert load_seed("llama-3.1-8b-instruct").content_hash() == (
+        "175a394b93f2536244e3b8a23cd1b772b813a07e455ece773dd4eef5ff6d8503")
+
+
+def test_a_set_intervention_warmup_is_part_of_the_hash_and_the_diff(tmp_path):
+    auto = make_profile(0)
+    explicit = make_profile(0, knobs=dataclasses.replace(auto.knobs, intervention_warmup="auto"))
+    zero = make_profile(0, knobs=dataclasses.replace(auto.knobs, intervention_warmup=0))
+    four = make_profile(0, knobs=dataclasses.replace(auto.knobs, intervention_warmup="4"))
+    assert explicit.content_hash() == auto.content_hash()
+    assert len({auto.content_hash(), zero.content_hash(), four.content_hash()}) == 3
+    reg = Registry(tmp_path)
+    reg.register(auto)
+    reg.register(zero)
+    assert reg.load("tiny-llama@2").knobs.intervention_warmup == 0
+    report = reg.diff("tiny-llama@1", "tiny-llama@2")
+    assert report["knobs"] == {"intervention_warmup": {"a": "auto", "b": 0}} and not report["identical"]
 
 
 # --- store: errors, nothing written ---------------------------------------------------------------
@@ -474,6 +567,7 @@ def random_profiles(draw) -> Profile:
         top_k=draw(st.integers(1, 10**6)), decay=draw(st.floats(0.0, 0.999)),
         context_warmup=draw(st.integers(0, 64)),
         selection=draw(st.sampled_from(["dynamic", "static"])),
+        intervention_warmup=draw(st.sampled_from(["auto"]) | st.integers(0, 64)),
     )
     metrics = draw(st.dictionaries(st.text(max_size=8), st.one_of(
         st.floats(allow_nan=False, allow_infinity=False), st.integers(), st.text(max_size=10)),

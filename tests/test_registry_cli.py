@@ -91,3 +91,20 @@ def test_errors_are_one_line_on_stderr_with_status_1(capsys, store):
 def test_registry_env_var_is_the_default(capsys, store, monkeypatch):
     monkeypatch.setenv("DYSCO_REGISTRY", store)
     assert run_json(capsys, "show", "tiny-llama@1")["ref"] == "tiny-llama@1"
+
+
+def test_show_and_diff_name_the_intervention_warmup(capsys, tmp_path):
+    import dataclasses
+
+    reg = Registry(tmp_path / "reg")
+    auto = make_profile(0)
+    reg.register(auto)
+    reg.register(make_profile(0, knobs=dataclasses.replace(auto.knobs, intervention_warmup=3)))
+    root = str(reg.root)
+    assert main(["registry", "show", "tiny-llama@1", "--registry", root]) == 0
+    assert "intervention_warmup=auto" in capsys.readouterr().out
+    assert run_json(capsys, "show", "tiny-llama@2", "--registry", root)["knobs"]["intervention_warmup"] == 3
+    report = run_json(capsys, "diff", "tiny-llama@1", "tiny-llama@2", "--registry", root)
+    assert report["knobs"] == {"intervention_warmup": {"a": "auto", "b": 3}}
+    assert main(["registry", "diff", "tiny-llama@1", "tiny-llama@2", "--registry", root]) == 0
+    assert 'knobs.intervention_warmup  "auto"  ->  3' in capsys.readouterr().out
