@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fix DySCO's intervention warmup instead of searching it: auto = the chat template's "
                        "generation-prompt length, published default; an integer otherwise (default: searched over "
                        f"{', '.join(map(str, INTERVENTION_WARMUPS))})")
+    study.add_argument("--device", default="cpu", metavar="DEV",
+                       help="where the model runs: cpu (default), cuda, cuda:N")
+    study.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                       help="model dtype (default: the checkpoint's own; bfloat16 is the usual choice on a GPU)")
     study.add_argument("--threads", type=_at_least(1), metavar="N",
                        help="torch threads per worker (default: CPU cores / workers)")
     out = p.add_argument_group("tracking and output")
@@ -149,7 +153,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         tracking_uri=args.tracking_uri, tracking=not args.no_tracking, registry=args.registry,
         register=not args.no_register, seed=args.seed, speed_objective=args.speed_objective,
         attnts_temperatures=args.attnts_temperatures, threads=args.threads,
-        intervention_warmup=args.intervention_warmup,
+        intervention_warmup=args.intervention_warmup, device=args.device, dtype=args.dtype,
     )
 
 

@@ -79,6 +79,25 @@ class Evaluation:
         """Generated tokens per second of decoding (prefill excluded: it is shared by all trials)."""
         return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
+    def selection_summary(self) -> dict[str, float] | None:
+        """Means over examples of DySCO's per-example selection diagnostics (None: no evidence known)."""
+        rows = [row for row in self.extra.get("selection", []) if row is not None]
+        if not rows:
+            return None
+        return {name: sum(row[name] for row in rows) / len(rows) for name in SELECTION_FIELDS} | {"examples": len(rows)}
+
+
+SELECTION_FIELDS = ("evidence_recall", "evidence_share", "evidence_importance", "selected")
+
+
+def mean_selection(steps: Sequence[dict[str, Any]] | None) -> dict[str, float] | None:
+    """One example's DySCO diagnostics (`decoder.dysco.selection_diagnostics`, per step) averaged over
+    its steps; None when it has none or its evidence is unknown."""
+    steps = [step for step in steps or [] if step.get("evidence_recall") is not None]
+    if not steps:
+        return None
+    return {name: sum(float(step[name]) for step in steps) / len(steps) for name in SELECTION_FIELDS}
+
 
 OnBatch = Callable[[int, float], None]
 """Called after each batch with (examples done, running mean score); may raise to stop."""
@@ -113,6 +132,7 @@ class ExampleRunner:
             self.examples[i : i + self.batch_size] for i in range(0, len(self.examples), self.batch_size)
         ]
         self._prefills: dict[int, Any] = {}
+        self._evidence: dict[int, list[list[int]] | None] = {}
         self.prefill_seconds = 0.0
 
     def _prefill(self, index: int) -> Any:
@@ -129,9 +149,22 @@ class ExampleRunner:
             self.prefill_seconds += time.perf_counter() - start
         return self._prefills[index]
 
-    def _decode(self, index: int, method: Method) -> tuple[list[str], int]:
+    def _evidence_of(self, index: int, state: Any) -> list[list[int]] | None:
+        """Per example of batch `index`, the prompt positions of its evidence ([] unknown); None: none known."""
+        from calibration.tasks import evidence_positions
+
+        if index not in self._evidence:
+            rows = []
+            for example, ids in zip(self.batches[index], state.prompt_ids):
+                found = evidence_positions(self.tokenizer, example, self.task.evidence(example), list(ids))
+                rows.append(found or [])
+            self._evidence[index] = rows if any(rows) else None
+        return self._evidence[index]
+
+    def _decode(self, index: int, method: Method) -> tuple[list[str], int, list[dict[str, float] | None]]:
         from decoder.generation import Decoder
 
+        selection: list[dict[str, float] | None] = [None] * len(self.batches[index])
         if method.name == "attnts":
             # AttnTS changes the prefill too, so nothing cached applies: a full run.
             decoder = Decoder(self.model, self.tokenizer, method="attnts", temperature=method.temperature)
@@ -139,8 +172,14 @@ class ExampleRunner:
             out = decoder.generate(prompts, max_new_tokens=self.max_new_tokens)
         else:
             decoder = Decoder(self.model, self.tokenizer, method=method.name, dysco=method.dysco)
-            out = decoder.generate_from(self._prefill(index), max_new_tokens=self.max_new_tokens)
-        return list(out.texts), sum(len(ids) for ids in out.token_ids)
+            state = self._prefill(index)
+            evidence = self._evidence_of(index, state) if method.name == "dysco" else None
+            out = decoder.generate_from(
+                state, max_new_tokens=self.max_new_tokens, return_diagnostics=evidence is not None, evidence=evidence
+            )
+            if out.diagnostics is not None:
+                selection = [mean_selection(steps) for steps in out.diagnostics]
+        return list(out.texts), sum(len(ids) for ids in out.token_ids), selection
 
     def evaluate(self, method: Method, on_batch: OnBatch | None = None) -> Evaluation:
         """Decode every example with `method`, grade it, and report after each batch."""
@@ -149,9 +188,10 @@ class ExampleRunner:
             if method.name != "attnts":
                 self._prefill(index)  # kept out of the decode timing on purpose
             start = time.perf_counter()
-            texts, new_tokens = self._decode(index, method)
+            texts, new_tokens, selection = self._decode(index, method)
             result.decode_seconds += time.perf_counter() - start
             result.new_tokens += new_tokens
+            result.extra.setdefault("selection", []).extend(selection)
             for example, text in zip(batch, texts, strict=True):
                 result.responses.append(text)
                 result.scores.append(float(self.task.grade(text, example)))

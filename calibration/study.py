@@ -55,6 +55,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from calibration.runner import Evaluation, ExampleRunner, Method, dysco_warmup
+from calibration.stats import paired_comparison, seed_for
 from calibration.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ HEARTBEAT_INTERVAL_S = 10
 HEARTBEAT_GRACE_S = 60
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _KNOBS = tuple(f.name for f in fields(SearchSpace))  # every trial's parameters
+
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class CalibrationError(ValueError):
@@ -99,6 +103,8 @@ class CalibrationConfig:
     threads: int | None = None  # torch threads per worker; None: cores / workers
     # None: searched (SearchSpace's choices, "auto" first); "auto" or a token count: fixed to it.
     intervention_warmup: int | str | None = None
+    device: str = "cpu"  # where the model runs: "cpu", "cuda", "cuda:1", …
+    dtype: str | None = None  # None: the checkpoint's own (catalogue models: float32); "bfloat16" on a GPU
 
     def validate(self) -> None:
         """Raise `CalibrationError` naming the first bad setting."""
@@ -123,6 +129,10 @@ class CalibrationConfig:
             raise CalibrationError(
                 f"AttnTS temperatures must be positive numbers, got {self.attnts_temperatures!r}"
             )
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise CalibrationError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.device, str) or not self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"):
+            raise CalibrationError(f"device must be cpu, cuda or cuda:N (or mps, xpu), got {self.device!r}")
         if self.intervention_warmup is not None:
             from registry import ProfileValidationError, parse_intervention_warmup
 
@@ -154,6 +164,10 @@ class CalibrationResult:
     parent_ref: str | None
     mlflow: dict[str, str | None]
     pareto_front: list[dict[str, Any]] = field(default_factory=list)
+    # "<method>-<baseline>" on the test examples: paired bootstrap CI and sign test (calibration.stats)
+    paired_test: dict[str, dict[str, Any]] = field(default_factory=dict)
+    flat_objective: dict[str, Any] | None = None  # set when the dev objective could not tell knobs apart
+    selection: dict[str, Any] = field(default_factory=dict)  # DySCO's selection recall (dev best, test)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what `calibrate --json` prints)."""
@@ -164,6 +178,7 @@ class CalibrationResult:
         rows = [
             ("vanilla", "vanilla"),
             (f"AttnTS (T={self.attnts_temperature:g})", "attnts"),
+            ("DySCO published knobs", "dysco_published"),
             (f"DySCO tuned (trial {self.best_trial})", "dysco"),
         ]
         width = max(len(label) for label, _ in rows)
@@ -176,6 +191,16 @@ class CalibrationResult:
                 f"{label:<{width}}  {_fmt(dev):>6}  {_fmt(test):>6}  "
                 f"{'-' if speed is None else f'{speed:.1f}':>8}"
             )
+        for name, label in (("dysco-vanilla", "tuned − vanilla"), ("dysco_published-vanilla", "published − vanilla"),
+                            ("dysco-dysco_published", "tuned − published")):
+            row = self.paired_test.get(name)
+            if row:
+                lines.append(
+                    f"test {label}: {row['mean_difference']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}], "
+                    f"{row['wins']}W/{row['losses']}L/{row['ties']}T, sign test p = {row['p_value']:.3g}"
+                )
+        if self.flat_objective:
+            lines.append(f"WARNING: {self.flat_objective['message']}")
         return "\n".join(lines)
 
 
@@ -411,7 +436,7 @@ class Calibration:
         from decoder.loading import load_model, model_identity
         from registry import ModelIdentity
 
-        self.model, self.tokenizer = load_model(cfg.model, progress=progress)
+        self.model, self.tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=progress)
         if cfg.threads is not None:
             import torch
 
@@ -520,6 +545,7 @@ class Calibration:
             "objectives": self.objectives,
             "attnts_temperatures": list(cfg.attnts_temperatures),
             "seed": cfg.seed,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
         }
 
     @property
@@ -742,20 +768,42 @@ class Calibration:
             self.model, self.tokenizer, self.task, self.test, max_new_tokens=cfg.max_new_tokens,
             batch_size=cfg.batch_size, warmup=dysco_warmup(best_config, self.tokenizer),
         )
+        published = self.space.defaults()
         methods = {
             "vanilla": Method.vanilla(),
             "attnts": Method.attnts(t_star),
             "dysco": Method.dysco(best_config),
         }
+        if dict(best.params) != published:  # does tuning beat the published knobs on held-out data?
+            published_config = self._dysco_config(published)
+            methods["dysco_published"] = Method.dysco(published_config)
+            test_runner.warmup = max(test_runner.warmup, dysco_warmup(published_config, self.tokenizer))
         test = {name: test_runner.evaluate(m) for name, m in _progress(methods.items(), progress, "test")}
+        if "dysco_published" not in test:
+            test["dysco_published"] = test["dysco"]
+        published_dev = next(
+            (t.values[0] for t in trials if t.user_attrs.get("published_defaults") and t.state == TrialState.COMPLETE),
+            None,
+        )
         scores = {
             "dev": {
                 "vanilla": baselines["vanilla"]["score"],
                 "attnts": baselines["attnts"]["score"],
                 "dysco": float(best.values[0]),
+                "dysco_published": None if published_dev is None else float(published_dev),
             },
             "test": {name: ev.mean for name, ev in test.items()},
         }
+        paired = {
+            f"{a}-{b}": paired_comparison(test[a].scores, test[b].scores, seed_for(cfg.seed, "calibrate-test", a, b))
+            for a, b in (("dysco", "vanilla"), ("dysco_published", "vanilla"), ("dysco", "dysco_published"),
+                         ("attnts", "vanilla"))
+        }
+        selection = {
+            "dev_best": best.user_attrs.get("selection"),
+            "test": {name: test[name].selection_summary() for name in ("dysco", "dysco_published")},
+        }
+        flat = flat_objective(baselines, trials, len(self.dev), self.task.name, cfg.context, self.identity.name)
         speeds = {
             "vanilla": baselines["vanilla"]["tokens_per_s"],
             "attnts": baselines["attnts"]["tokens_per_s"],
@@ -771,25 +819,32 @@ class Calibration:
             "tracking_uri": self.tracker.tracking_uri if self.tracker else None,
             "run_id": self.tracker.parent_run_id if self.tracker else None,
         }
-        profile = self._profile(best, scores, speeds, baselines, counts, tracking)
+        profile = self._profile(best, scores, speeds, baselines, counts, tracking, paired, flat)
         ref = self.registry.register(profile) if cfg.register else None
         result = CalibrationResult(
             study_name=study.study_name, storage=cfg.storage, trials=counts, best_trial=best.number,
             best_params=dict(best.params), head_set=[list(h) for h in profile.head_set],
             scores=scores, tokens_per_s=speeds, attnts_temperature=t_star, profile_ref=ref,
-            parent_ref=self.parent_ref, mlflow=tracking, pareto_front=pareto,
+            parent_ref=self.parent_ref, mlflow=tracking, pareto_front=pareto, paired_test=paired,
+            flat_objective=flat, selection=selection,
         )
         study.set_user_attr("result", result.to_dict())
         if self.tracker is not None:
-            flat = {f"{split}_{name}": v for split, row in scores.items() for name, v in row.items()}
+            flat_scores = {f"{split}_{name}": v for split, row in scores.items() for name, v in row.items()}
             speed = {f"tokens_per_s_{name}": v for name, v in speeds.items()}
-            self.tracker.log_metrics({**flat, **speed, "best_trial": best.number, "attnts_temperature": t_star})
+            flat_scores = {k: v for k, v in flat_scores.items() if v is not None}
+            p_values = {f"test_p_{name}": row["p_value"] for name, row in paired.items()}
+            self.tracker.log_metrics({**flat_scores, **speed, **p_values, "best_trial": best.number,
+                                      "attnts_temperature": t_star})
+            self.tracker.set_tags({"dysco.flat_objective": "yes" if flat else "no"})
+            if flat:
+                self.tracker.set_tags({"dysco.flat_objective_message": flat["message"][:5000]})
             if ref:
                 self.tracker.set_tags({"dysco.profile_ref": ref})
             self.tracker.log_json({**profile.to_dict(), "ref": ref}, "profile.json", "profile")
         return result
 
-    def _profile(self, best, scores, speeds, baselines, counts, tracking):
+    def _profile(self, best, scores, speeds, baselines, counts, tracking, paired, flat):
         from registry import Knobs, Profile
 
         cfg = self.config
@@ -811,6 +866,8 @@ class Calibration:
             "tokens_per_s": speeds,
             "attnts_temperature": baselines["attnts"]["temperature"],
             "attnts_grid_dev": baselines["attnts"]["grid"],
+            "test_paired": paired,
+            "flat_objective": flat,
         }
         if cfg.needles is not None:
             metrics["needles"] = cfg.needles
@@ -844,6 +901,37 @@ def _summary(evaluation: Evaluation) -> dict[str, Any]:
         "tokens_per_s": evaluation.tokens_per_s,
         "new_tokens": evaluation.new_tokens,
         "decode_seconds": evaluation.decode_seconds,
+        "selection": evaluation.selection_summary(),
+    }
+
+
+def flat_objective(
+    baselines: dict[str, Any], trials: Sequence[FrozenTrial], n_dev: int, task: str, context: int, model: str
+) -> dict[str, Any] | None:
+    """A plain report when the dev objective cannot tell anything apart, else None.
+
+    Flat means: vanilla, every AttnTS temperature and every complete trial scored within one
+    example's worth (1 / n_dev) of each other, so no knob setting was distinguishable on this dev set.
+    """
+    values = [float(baselines["vanilla"]["score"])] + [float(v) for v in baselines["attnts"]["grid"].values()]
+    values += [float(t.values[0]) for t in trials if t.state == TrialState.COMPLETE and t.values]
+    low, high = min(values), max(values)
+    if high - low >= 1.0 / n_dev - 1e-9:
+        return None
+    if high <= 1e-9:
+        why, change = (f"every method scored 0 on {task} at {context} tokens: the model cannot do the task there",
+                       f"use a shorter context, an easier task (needle, kv) or a stronger model than {model}")
+    elif low >= 1 - 1e-9:
+        why, change = (f"every method scored 1 on {task} at {context} tokens: nothing is left to improve",
+                       "use a longer context (DySCO acts from about 8K tokens) or a harder task (kv, pathtrans, mrcr)")
+    else:
+        why, change = (f"every method and trial scored within one example ({1 / n_dev:.3f}) of {low:.3f}",
+                       "use more dev examples (--examples) or a task and length where the model is between "
+                       "its floor and its ceiling")
+    return {
+        "low": low, "high": high, "values": len(values), "n_dev": n_dev,
+        "message": f"the objective is flat, so the study could not tell any knobs apart: {why}. The registered "
+                   f"knobs are not tuned; {change}.",
     }
 
 

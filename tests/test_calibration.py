@@ -236,7 +236,20 @@ def test_calibration_registers_a_profile_and_logs_mlflow_runs(workdir):
     result = calibrate(config)
 
     assert result.trials["finished"] == 4
-    assert set(result.scores["dev"]) == set(result.scores["test"]) == {"vanilla", "attnts", "dysco"}
+    assert set(result.scores["dev"]) == set(result.scores["test"]) == {"vanilla", "attnts", "dysco", "dysco_published"}
+    # Held-out comparisons, each paired on the same test examples.
+    assert set(result.paired_test) == {"dysco-vanilla", "dysco_published-vanilla", "dysco-dysco_published",
+                                       "attnts-vanilla"}
+    for row in result.paired_test.values():
+        assert row["n"] == 1 and 0.0 <= row["p_value"] <= 1.0
+    # A random tiny model scores 0 everywhere: the study says so instead of pretending to have tuned.
+    dev_values = [v for v in result.scores["dev"].values() if v is not None]
+    if max(dev_values) == 0.0:
+        assert result.flat_objective is not None and "flat" in result.flat_objective["message"]
+        assert "WARNING: the objective is flat" in result.table()
+    # Selection recall of the best trial on dev (kv names its evidence: the asked pair).
+    recall = result.selection["dev_best"]
+    assert recall is not None and 0.0 <= recall["evidence_recall"] <= 1.0 and recall["examples"] == 2
     assert result.attnts_temperature in (0.8, 0.9)
     assert result.profile_ref == f"{MODEL_NAME}@2" and result.parent_ref == workdir["ref"]
     profile = Registry(workdir["registry"]).load(result.profile_ref)
@@ -268,6 +281,8 @@ def test_calibration_registers_a_profile_and_logs_mlflow_runs(workdir):
         assert set(run.data.params) >= {"strength", "top_k", "top_p", "decay", "num_heads", "intervention_warmup"}
         assert "duration_s" in run.data.metrics
     assert parent[0].data.metrics["test_dysco"] == result.scores["test"]["dysco"]
+    assert "test_p_dysco-vanilla" in parent[0].data.metrics
+    assert parent[0].data.tags["dysco.flat_objective"] == ("yes" if result.flat_objective else "no")
     artifacts = {a.path for a in mlflow.MlflowClient(tracking).list_artifacts(result.mlflow["run_id"], "plots")}
     assert "plots/optimization_history.png" in artifacts
 
@@ -552,3 +567,23 @@ def test_bad_input_gives_clear_errors_and_registers_nothing(workdir, tmp_path, c
     assert _versions(workdir) == [1]
     bad_db = tmp_path / "bad.db"
     assert not bad_db.exists() or optuna.get_all_study_summaries(f"sqlite:///{bad_db}") == []
+
+
+def test_flat_objective_is_reported_with_what_to_change():
+    from optuna.trial import create_trial
+
+    from calibration.study import flat_objective
+
+    def trials(*values):
+        return [create_trial(value=v, params={}, distributions={}) for v in values]
+
+    zeros = {"vanilla": {"score": 0.0}, "attnts": {"grid": {"0.8": 0.0, "0.9": 0.0}}}
+    flat = flat_objective(zeros, trials(0.0, 0.0), 8, "mrcr", 1024, "smollm2-135m")
+    assert flat is not None and "every method scored 0 on mrcr at 1024 tokens" in flat["message"]
+    assert "stronger model than smollm2-135m" in flat["message"]
+    ones = {"vanilla": {"score": 1.0}, "attnts": {"grid": {"0.8": 1.0}}}
+    assert "nothing is left to improve" in flat_objective(ones, trials(1.0), 8, "needle", 2048, "m")["message"]
+    # Within one example's worth (1/8) of each other: still flat; one example apart: not flat.
+    near = {"vanilla": {"score": 0.5}, "attnts": {"grid": {"0.8": 0.5}}}
+    assert flat_objective(near, trials(0.5, 0.5), 8, "kv", 8192, "m") is not None
+    assert flat_objective(near, trials(0.5, 0.625), 8, "kv", 8192, "m") is None
