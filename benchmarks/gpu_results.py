@@ -220,6 +220,7 @@ def merge_reports(reports: list[Any]):
         speed=speed,
         examples=[e for r in reports for e in r.examples],
         seconds=sum(r.seconds for r in reports),
+        selection=[s for r in reports for s in r.selection],
     )
 
 

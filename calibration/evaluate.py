@@ -9,7 +9,11 @@ context length — greedily, so the comparison is paired. The report holds:
   difference with a seeded 95% paired-bootstrap interval, and the exact two-sided **sign test**
   p-value (pairs that tie are dropped; with 0/1 grades this is the exact McNemar test);
 - speed per method × length: time to first token (prefill + warmup + first token, per batch) and
-  decode tokens/s (tokens after the first one over the time after the first one).
+  decode tokens/s (tokens after the first one over the time after the first one);
+- DySCO's **selection recall** per task × length (exact path only): how much of the prompt span
+  that holds the answer (`Task.evidence`) DySCO up-weighted, the share of its selection lying there
+  and the QR heads' importance on it, overall and split by outcome (right / wrong, win / loss
+  against vanilla) — see `SelectionResult` and `SELECTION_HELP`.
 
 Vanilla and DySCO continue from one shared prefill of each batch (DySCO only changes the steps from
 its warmup on), so a three-method eval reads each long prompt twice, not three times; each method's
@@ -50,6 +54,7 @@ __all__ = [
     "EvalError",
     "EvalReport",
     "PairedResult",
+    "SelectionResult",
     "SpeedResult",
     "bootstrap_interval",
     "evaluate",
@@ -61,7 +66,9 @@ __all__ = [
     "resolve_dysco",
     "Checkpoint",
     "run_batch",
+    "selection_results",
     "shared_prefill",
+    "summarize_selection",
 ]
 
 METHODS = ("vanilla", "attnts", "dysco")
@@ -224,19 +231,66 @@ class BatchTiming:
 
 @dataclass
 class MethodRun:
-    """One method over a list of examples: per-example scores and responses, and the batch timings."""
+    """One method over a list of examples: per-example scores and responses, and the batch timings.
+
+    `selection`: per example, DySCO's selection diagnostics averaged over its generated tokens
+    (`summarize_selection`), None where they were not measured (other methods, the fast path, batches
+    read back from a progress file written before they existed).
+    """
 
     scores: list[float]
     responses: list[str]
     new_tokens: list[int]
     timings: list[BatchTiming]
+    selection: list[dict[str, Any] | None] = field(default_factory=list)
 
     def extend(self, other: MethodRun) -> None:
         """Append another run's examples and batches (the next batch of the same method)."""
+        self.selection = self.selection_per_example() + other.selection_per_example()
         self.scores += other.scores
         self.responses += other.responses
         self.new_tokens += other.new_tokens
         self.timings += other.timings
+
+    def selection_per_example(self) -> list[dict[str, Any] | None]:
+        """`selection` aligned with `scores` (None for every example when it is missing or misaligned)."""
+        return list(self.selection) if len(self.selection) == len(self.scores) else [None] * len(self.scores)
+
+
+# Per-step fields of `decoder.dysco.selection_diagnostics` that the evidence decides.
+EVIDENCE_FIELDS = ("evidence_recall", "evidence_share", "evidence_importance")
+# An example counts as "right" for the selection table's outcome split when its score is at least
+# this (0/1 grades: correct; MRCR's similarity and pathtrans's partial credit: more right than wrong).
+RIGHT_SCORE = 0.5
+
+
+def summarize_selection(steps: Sequence[Mapping[str, Any]], evidence_tokens: int) -> dict[str, Any]:
+    """One example's DySCO selection diagnostics: the mean over its generated tokens of each field.
+
+    `steps`: `Generation.diagnostics` of its row (one dict per kept token); `evidence_tokens`: how many
+    prompt positions hold its evidence (0 when unknown). The evidence fields are None when the evidence
+    is unknown (or no step was measured); `selected` and `mass` are None only without steps.
+    """
+    def mean(name: str) -> float | None:
+        values = [s[name] for s in steps if s.get(name) is not None]
+        return float(np.mean(values)) if values and len(values) == len(steps) else None
+
+    out: dict[str, Any] = {"steps": len(steps), "evidence_tokens": int(evidence_tokens),
+                           "selected": mean("selected"), "mass": mean("mass")}
+    for name in EVIDENCE_FIELDS:
+        out[name] = mean(name) if evidence_tokens else None
+    return out
+
+
+def _evidence(tokenizer: Any, task: Task, example: Example, ids: Sequence[int]) -> list[int]:
+    """The prompt positions (of `ids`, unpadded) holding `example`'s evidence; [] when unknown or not found."""
+    from calibration.tasks import evidence_positions
+
+    try:
+        pieces = task.evidence(example)
+    except (KeyError, TypeError, ValueError, IndexError):  # a task that cannot name its evidence
+        return []
+    return list(evidence_positions(tokenizer, example, pieces, list(ids)) or [])
 
 
 def _prompt_ids(tokenizer: Any, example: Example) -> tuple[list[int], list[bool]]:
@@ -273,6 +327,7 @@ def run_batch(
     max_new_tokens: int | None = None,
     prefilled: Any = None,
     prefill_seconds: float = 0.0,
+    diagnostics: bool = True,
 ) -> MethodRun:
     """Decode one batch greedily with `decoder` (a `decoder.generation.Decoder`) and grade it.
 
@@ -280,6 +335,8 @@ def run_batch(
     one); its `prefill_seconds` are counted in this batch's time, so each method's time is what it
     would cost alone. Each row keeps only its own budget of tokens (`example_budget`), so a row's
     result does not depend on which batch it shared; a batch runs to its largest budget.
+    `diagnostics`: for DySCO on the exact path, also measure the selection recall of each example's
+    evidence (`MethodRun.selection`); the fast path and the other methods have none (None per example).
     """
     tokenizer = decoder.tokenizer
     budgets = [example_budget(example, max_new_tokens) for example in batch]
@@ -289,28 +346,39 @@ def run_batch(
         if event.step == 0 and not first:
             first.append(time.perf_counter())
 
+    exact = hasattr(decoder, "generate_from")
+    encoded = [_prompt_ids(tokenizer, example) for example in batch] if not exact or prefilled is None else None
+    measure: dict[str, Any] = {}
+    evidence: list[list[int]] = []
+    if diagnostics and exact and getattr(decoder, "method", None) == "dysco":
+        # Found before the clock starts: the tokenizer pass that maps the evidence is no decoding time.
+        prompts = [ids for ids, _ in encoded] if encoded is not None else prefilled.prompt_ids
+        evidence = [_evidence(tokenizer, task, example, ids) for example, ids in zip(batch, prompts)]
+        measure = {"return_diagnostics": True, "evidence": evidence}
     began = time.perf_counter()
-    if not hasattr(decoder, "generate_from"):  # the fast path (decoder.fast.FastDecoder): greedy, timed inside
-        encoded = [_prompt_ids(tokenizer, example) for example in batch]
+    if not exact:  # the fast path (decoder.fast.FastDecoder): greedy, timed inside
         out = decoder.generate([ids for ids, _ in encoded], template_mask=[mask for _, mask in encoded],
                                max_new_tokens=max(budgets))
         timed = out.timings or {}
         first.append(began + timed.get("prepare_s", 0.0) + timed.get("ttft_s", time.perf_counter() - began))
     elif prefilled is None:
-        encoded = [_prompt_ids(tokenizer, example) for example in batch]
         out = decoder.generate(
             [ids for ids, _ in encoded], template_mask=[mask for _, mask in encoded],
-            max_new_tokens=max(budgets), do_sample=False, callback=on_step,
+            max_new_tokens=max(budgets), do_sample=False, callback=on_step, **measure,
         )
     else:
-        out = decoder.generate_from(prefilled, max_new_tokens=max(budgets), do_sample=False, callback=on_step)
+        out = decoder.generate_from(prefilled, max_new_tokens=max(budgets), do_sample=False, callback=on_step,
+                                    **measure)
     ended = time.perf_counter()
     run = MethodRun(scores=[], responses=[], new_tokens=[], timings=[BatchTiming(
         rows=len(batch), new_tokens=sum(len(ids) for ids in out.token_ids),
         seconds=prefill_seconds + ended - began, ttft_s=prefill_seconds + (first[0] if first else ended) - began,
     )])
-    for example, ids, reason, budget in zip(batch, out.token_ids, out.finish_reasons, budgets):
+    steps = getattr(out, "diagnostics", None) if measure else None
+    for row, (example, ids, reason, budget) in enumerate(zip(batch, out.token_ids, out.finish_reasons, budgets)):
         kept = ids[:budget]
+        # The row's own steps only (its EOS step included), so the means do not depend on the batch.
+        run.selection.append(summarize_selection(steps[row][: len(kept)], len(evidence[row])) if steps else None)
         if reason == "eos" and len(kept) == len(ids):
             kept = kept[:-1]  # the EOS token itself is not part of the answer
         text = tokenizer.decode(kept, skip_special_tokens=True)
@@ -366,6 +434,78 @@ class SpeedResult:
     tokens_per_s: float  # all generated tokens over the whole time (prefill included)
 
 
+# The outcome groups of the selection table: every example, those DySCO got right / wrong (score >=
+# RIGHT_SCORE or not), and those it won / lost against vanilla on the same example (where vanilla ran).
+OUTCOMES = ("all", "right", "wrong", "win", "loss")
+_OUTCOME_TEXT = {"all": "all", "right": f"right (score ≥ {RIGHT_SCORE:g})", "wrong": "wrong",
+                 "win": f"win vs {BASELINE}", "loss": f"loss vs {BASELINE}"}
+
+
+@dataclass
+class SelectionResult:
+    """DySCO's selection of the evidence in one task × length, over the examples of one outcome group.
+
+    Each value is the mean over examples of the example's mean over its generated tokens (see
+    `decoder.dysco.selection_diagnostics`); None when no example of the group was measured.
+    """
+
+    task: str
+    length: int
+    outcome: str  # one of OUTCOMES
+    examples: int  # examples in the group
+    n: int  # of them, those measured with their evidence located in the prompt
+    evidence_recall: float | None  # share of the evidence positions DySCO up-weighted
+    evidence_share: float | None  # share of the up-weighted importance lying on the evidence
+    evidence_importance: float | None  # QR heads' importance mass on the evidence, selected or not
+    selected: float | None  # up-weighted positions per step
+
+
+def selection_results(
+    task: str, length: int, selection: Sequence[Mapping[str, Any] | None], scores: Sequence[float],
+    baseline: Sequence[float] | None = None,
+) -> list[SelectionResult]:
+    """One task × length's `SelectionResult`s: per example DySCO `selection` summaries (None: not
+    measured) and scores, and the baseline's scores on the same examples (None: no win/loss split)."""
+    groups = {
+        "all": [True] * len(scores),
+        "right": [s >= RIGHT_SCORE for s in scores],
+        "wrong": [s < RIGHT_SCORE for s in scores],
+    }
+    if baseline is not None:
+        groups["win"] = [s > b for s, b in zip(scores, baseline)]
+        groups["loss"] = [s < b for s, b in zip(scores, baseline)]
+    out = []
+    for outcome, member in groups.items():
+        chosen = [sel for sel, keep in zip(selection, member) if keep]
+        measured = [sel for sel in chosen if sel and all(sel.get(f) is not None for f in EVIDENCE_FIELDS)]
+
+        def mean(name: str) -> float | None:
+            values = [sel[name] for sel in measured if sel.get(name) is not None]
+            return float(np.mean(values)) if values else None
+
+        out.append(SelectionResult(
+            task=task, length=length, outcome=outcome, examples=len(chosen), n=len(measured),
+            evidence_recall=mean("evidence_recall"), evidence_share=mean("evidence_share"),
+            evidence_importance=mean("evidence_importance"), selected=mean("selected"),
+        ))
+    return out
+
+
+SELECTION_TITLE = "Selection recall (DySCO, exact path)"
+SELECTION_HELP = (
+    "For each generated token, over the prompt tokens that hold the answer (the task's evidence: the needle "
+    "sentence, the key's pair, the route's lines, the asked-for MRCR reply): **recall** = the share of them "
+    "DySCO up-weighted; **share** = the share of the up-weighted importance that lies on them; **evidence "
+    "importance** = the QR heads' importance mass on them, selected or not; **selected** = positions "
+    "up-weighted per token. Each example's mean over its generated tokens, then the mean over the examples "
+    "of the group (n = examples measured with their evidence located / examples in the group). How to read "
+    "it: low evidence importance → the QR heads do not see the evidence (wrong heads, or heads that do not "
+    "fit this model); high importance and recall but still wrong → the evidence is selected and not used "
+    "(the bias is too weak: raise strength, or tune top_k); high recall with a low share → the selection is "
+    "too broad (lower top_p or top_k)."
+)
+
+
 @dataclass
 class EvalReport:
     """Everything `evaluate` measured; `markdown()`, `to_dict()`, `plot()` and `save()` present it."""
@@ -374,8 +514,9 @@ class EvalReport:
     cells: list[CellResult]
     paired: list[PairedResult]
     speed: list[SpeedResult]
-    examples: list[dict[str, Any]]  # per example: task, length, id, scores/responses per method
+    examples: list[dict[str, Any]]  # per example: task, length, id, scores/responses per method, DySCO's selection
     seconds: float = 0.0
+    selection: list[SelectionResult] = field(default_factory=list)  # DySCO's selection recall (exact path only)
 
     @property
     def methods(self) -> list[str]:
@@ -405,20 +546,31 @@ class EvalReport:
         length = parse_length(length)
         return [e["scores"][method] for e in self.examples if e["task"] == task and e["length"] == length]
 
+    def selection_unavailable(self) -> str | None:
+        """Why the report has no selection recall (DySCO not run, or the fast path); None when it was measured."""
+        if "dysco" not in self.methods:
+            return "DySCO was not among the methods"
+        if self.config.get("path") == "fast":
+            return ("the diagnostic needs the exact path: this run decoded with --fast (FastDecoder reports no "
+                    "selection); run without --fast to measure it")
+        return None
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: config, cells, paired tests, speed and every example's scores."""
+        """A JSON-ready dict: config, cells, paired tests, speed, selection recall and every example's scores."""
         return {
             "config": self.config,
             "seconds": self.seconds,
             "cells": [asdict(c) for c in self.cells],
             "paired": [asdict(p) for p in self.paired],
             "speed": [asdict(s) for s in self.speed],
+            "selection": [asdict(s) for s in self.selection],
+            "selection_unavailable": self.selection_unavailable(),
             "examples": self.examples,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EvalReport:
-        """The inverse of `to_dict` (e.g. to re-plot a saved results.json)."""
+        """The inverse of `to_dict` (e.g. to re-plot a saved results.json); older files have no selection."""
         return cls(
             config=dict(data["config"]),
             cells=[CellResult(**c) for c in data["cells"]],
@@ -426,6 +578,7 @@ class EvalReport:
             speed=[SpeedResult(**s) for s in data["speed"]],
             examples=list(data["examples"]),
             seconds=float(data.get("seconds", 0.0)),
+            selection=[SelectionResult(**s) for s in data.get("selection") or []],
         )
 
     def to_json(self) -> str:
@@ -446,7 +599,7 @@ class EvalReport:
         )
 
     def markdown(self) -> str:
-        """The accuracy table (with intervals and paired tests) and the speed table, in markdown."""
+        """The accuracy table (with intervals and paired tests), the speed table and DySCO's selection recall, in markdown."""
         methods, cfg = self.methods, self.config
         lines = [
             f"Model `{cfg['model']}`; {self._n_text()} (seed {cfg['seed']}); greedy decoding; "
@@ -487,7 +640,34 @@ class EvalReport:
             lines.append(
                 f"| {s.method} | {format_length(s.length)} | {s.ttft_s:.2f} | {s.decode_tokens_per_s:.1f} | {s.new_tokens} |"
             )
+        lines += self._selection_lines()
         return "\n".join(lines) + "\n"
+
+    def _selection_lines(self) -> list[str]:
+        """The selection-recall section: its table, or why there is none (nothing for reports that predate it)."""
+        if "dysco" not in self.methods:
+            return []
+        missing = self.selection_unavailable()
+        if missing is not None:
+            return ["", f"{SELECTION_TITLE}: not available — {missing}."]
+        if not self.selection:
+            return []  # a report written before the diagnostic existed
+
+        def number(value: float | None) -> str:
+            return "–" if value is None else f"{value:.3f}"
+
+        lines = ["", f"{SELECTION_TITLE}. {SELECTION_HELP}", "",
+                 "| task | length | outcome | n | recall | share | evidence importance | selected |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in self.selection:
+            if r.examples == 0 and r.outcome != "all":
+                continue  # an empty group (no wins, say) has nothing to show
+            lines.append(
+                f"| {r.task} | {format_length(r.length)} | {_OUTCOME_TEXT.get(r.outcome, r.outcome)} | {r.n}/{r.examples} | "
+                f"{number(r.evidence_recall)} | {number(r.evidence_share)} | {number(r.evidence_importance)} | "
+                f"{'–' if r.selected is None else f'{r.selected:.1f}'} |"
+            )
+        return lines
 
     def plot(self, path: str | Path) -> Path:
         """Accuracy vs context length, one panel per task, one line per method with its interval."""
@@ -678,7 +858,12 @@ class Checkpoint:
             return None
         self.resumed += 1
         run = record["run"]
-        return MethodRun(run["scores"], run["responses"], run["new_tokens"], [BatchTiming(**t) for t in run["timings"]])
+        # Progress files written before the selection diagnostic have no "selection": missing, not zero.
+        selection = run.get("selection")
+        if not isinstance(selection, list) or len(selection) != len(run["scores"]):
+            selection = [None] * len(run["scores"])
+        return MethodRun(run["scores"], run["responses"], run["new_tokens"], [BatchTiming(**t) for t in run["timings"]],
+                         selection)
 
     def add(self, task: str, length: int, method: str, start: int, batch: Sequence[Example], run: MethodRun) -> None:
         """Append one finished batch (flushed and synced: a kill loses at most the batch under way)."""
@@ -686,7 +871,7 @@ class Checkpoint:
             "fingerprint": self.fingerprint, "task": task, "length": length, "method": method, "start": start,
             "ids": [example.id for example in batch],
             "run": {"scores": run.scores, "responses": run.responses, "new_tokens": run.new_tokens,
-                    "timings": [asdict(t) for t in run.timings]},
+                    "timings": [asdict(t) for t in run.timings], "selection": run.selection_per_example()},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -890,7 +1075,7 @@ def evaluate(
         if bar is not None:
             bar.close()
 
-    cells, paired, example_rows = [], [], []
+    cells, paired, example_rows, selection = [], [], [], []
     for (label, length), examples in sets.items():
         for method in methods:
             scores = runs[(label, length, method)].scores
@@ -906,6 +1091,12 @@ def evaluate(
                     bootstrap_resamples,
                 )
                 paired.append(PairedResult(task=label, length=length, method=method, baseline=BASELINE, **stats))
+        chosen = runs[(label, length, "dysco")].selection_per_example() if "dysco" in methods else None
+        if chosen is not None and not fast:
+            selection += selection_results(
+                label, length, chosen, runs[(label, length, "dysco")].scores,
+                runs[(label, length, BASELINE)].scores if BASELINE in methods else None,
+            )
         for i, example in enumerate(examples):
             example_rows.append({
                 "task": label,
@@ -917,6 +1108,9 @@ def evaluate(
                 "scores": {m: runs[(label, length, m)].scores[i] for m in methods},
                 "new_tokens": {m: runs[(label, length, m)].new_tokens[i] for m in methods},
                 "responses": {m: runs[(label, length, m)].responses[i] for m in methods},
+                # DySCO's selection of this example's evidence (means over its generated tokens); None where
+                # not measured (the fast path, batches resumed from an older progress file).
+                "selection": {"dysco": chosen[i]} if chosen is not None else {},
             })
 
     speed = []
@@ -956,7 +1150,8 @@ def evaluate(
         "library_versions": _library_versions(),
         **dict(extra_config or {}),
     }
-    return EvalReport(config, cells, paired, speed, example_rows, seconds=time.perf_counter() - started)
+    return EvalReport(config, cells, paired, speed, example_rows, seconds=time.perf_counter() - started,
+                      selection=selection)
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -1005,6 +1200,11 @@ def log_to_mlflow(report: EvalReport, tracking_uri: str, files: Mapping[str, Pat
     for s in report.speed:
         metrics += [Metric(key("ttft_s", format_length(s.length), s.method), s.ttft_s, stamp, 0),
                     Metric(key("decode_tokens_per_s", format_length(s.length), s.method), s.decode_tokens_per_s, stamp, 0)]
+    for r in report.selection:  # DySCO's selection recall: the measured groups only
+        for name in (*EVIDENCE_FIELDS, "selected"):
+            value = getattr(r, name)
+            if value is not None:
+                metrics.append(Metric(key(f"selection_{name}", r.task, format_length(r.length), r.outcome), value, stamp, 0))
     for start in range(0, len(metrics), 900):  # MLflow's batch limit is 1000 metrics
         client.log_batch(run_id, metrics=metrics[start : start + 900])
     for path in (files or {}).values():
@@ -1025,8 +1225,9 @@ examples:
 Without --profile or --heads, dysco uses the registry's NAME@latest profile (from `headfinder` or
 `calibrate`). Accuracy intervals are 95% percentile bootstraps of the mean (seeded); each method is
 compared with vanilla on the same examples by a paired bootstrap of the mean difference and an
-exact two-sided sign test. Writes results.md, results.json (per-example scores and responses) and
-accuracy.png into --out. An interrupted run resumes: the same command again reads the batches already
+exact two-sided sign test; on the exact path (not --fast) the report also says how much of each
+answer's evidence DySCO selected (selection recall). Writes results.md, results.json (per-example
+scores, responses and selection) and accuracy.png into --out. An interrupted run resumes: the same command again reads the batches already
 in --out's progress.jsonl back instead of decoding them (--fresh discards them).
 """
 

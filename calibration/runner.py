@@ -149,6 +149,14 @@ class ExampleRunner:
             self.prefill_seconds += time.perf_counter() - start
         return self._prefills[index]
 
+    def release(self) -> None:
+        """Drop the cached prefills (their KV caches hold GPU memory; a later `evaluate` prefills again)."""
+        self._prefills.clear()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def _evidence_of(self, index: int, state: Any) -> list[list[int]] | None:
         """Per example of batch `index`, the prompt positions of its evidence ([] unknown); None: none known."""
         from calibration.tasks import evidence_positions

@@ -762,6 +762,7 @@ class Calibration:
             return CalibrationResult(**previous)
 
         baselines = self.run_baselines(progress=progress)
+        self.dev_runner.release()  # the dev prefills are done with: the test's need the memory
         t_star = baselines["attnts"]["temperature"]
         best_config = self._dysco_config(best.params)
         test_runner = ExampleRunner(
@@ -779,6 +780,7 @@ class Calibration:
             methods["dysco_published"] = Method.dysco(published_config)
             test_runner.warmup = max(test_runner.warmup, dysco_warmup(published_config, self.tokenizer))
         test = {name: test_runner.evaluate(m) for name, m in _progress(methods.items(), progress, "test")}
+        test_runner.release()
         if "dysco_published" not in test:
             test["dysco_published"] = test["dysco"]
         published_dev = next(

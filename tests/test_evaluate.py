@@ -355,6 +355,7 @@ def test_cli_end_to_end_with_mlflow(tiny, tmp_path, capsys):
     run_id = json.loads((out / "results.json").read_text())["config"]["mlflow_run_id"]
     run = MlflowClient(uri).get_run(run_id)
     assert "score/needle/512/dysco" in run.data.metrics and run.data.params["n"] == "2"
+    assert 0 <= run.data.metrics["selection_evidence_recall/needle/512/all"] <= 1  # DySCO's selection recall
     assert math.isfinite(run.data.metrics["decode_tokens_per_s/512/vanilla"])
 
     # The same command again reads every batch back; --fresh decodes them again.
@@ -498,3 +499,143 @@ def test_interrupted_eval_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatc
     calls.clear()
     evaluate(model, tokenizer, "needle", "512", "vanilla", 2, 3, checkpoint=checkpoint, **kw)
     assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------- selection recall
+
+EVIDENCE_FIELDS = ("evidence_recall", "evidence_share", "evidence_importance")
+
+
+def test_selection_recall_fields_exist_and_lie_in_the_unit_interval(report):
+    """Every DySCO example carries its selection means; the cells average them, overall and by outcome."""
+    for e in report.examples:
+        sel = e["selection"]["dysco"]
+        assert set(sel) == {"steps", "evidence_tokens", "selected", "mass", *EVIDENCE_FIELDS}
+        assert sel["evidence_tokens"] > 0  # the tiny tokenizer locates every needle sentence and kv pair
+        assert e["new_tokens"]["dysco"] <= sel["steps"] <= e["new_tokens"]["dysco"] + 1  # + the EOS step
+        for name in (*EVIDENCE_FIELDS, "mass"):
+            assert 0.0 <= sel[name] <= 1.0 + 1e-6, (name, sel[name])
+        assert sel["selected"] >= 1
+    assert set(e["selection"].keys()) == {"dysco"}
+    paired = {(p.task, p.length): p for p in report.paired if p.method == "dysco"}
+    for task in ("needle", "kv"):
+        rows = {r.outcome: r for r in report.selection if r.task == task and r.length == 512}
+        assert list(rows) == ["all", "right", "wrong", "win", "loss"]
+        examples = [e for e in report.examples if e["task"] == task]
+        assert rows["all"].n == rows["all"].examples == 3
+        for name in EVIDENCE_FIELDS:
+            mean = np.mean([e["selection"]["dysco"][name] for e in examples])
+            assert getattr(rows["all"], name) == pytest.approx(mean) and 0.0 <= mean <= 1.0 + 1e-6
+        assert rows["right"].examples + rows["wrong"].examples == 3
+        assert rows["right"].examples == sum(e["scores"]["dysco"] >= 0.5 for e in examples)
+        assert (rows["win"].examples, rows["loss"].examples) == (paired[(task, 512)].wins, paired[(task, 512)].losses)
+        for r in rows.values():  # an empty group has no means, not zeros
+            assert (r.evidence_recall is None) == (r.n == 0)
+    table = report.markdown()
+    assert "Selection recall (DySCO, exact path)" in table and "selected and not used" in table
+    assert "| needle | 512 | all | 3/3 |" in table
+
+
+def test_selection_recall_is_one_when_everything_is_selected(tiny):
+    """top_p=1 and a top_k beyond the prompt up-weight every position, so every step's recall is 1; top_k=1
+    up-weights at most one prompt position (plus the current one), so at most one evidence token."""
+    from decoder.dysco import DyscoConfig
+
+    model, tokenizer = tiny
+    kw = dict(max_new_tokens=3, bootstrap_resamples=200, batch_size=2)  # batches of 2: left padding too
+    everything = evaluate(model, tokenizer, "needle,kv", "512", "dysco", 3, 0,
+                          dysco=DyscoConfig(head_set=HEADS, top_p=1.0, top_k=10**6), **kw)
+    for e in everything.examples:
+        assert e["selection"]["dysco"]["evidence_recall"] == pytest.approx(1.0, abs=1e-6)
+    assert all(r.evidence_recall == pytest.approx(1.0, abs=1e-6) for r in everything.selection if r.n)
+    assert not any(r.outcome in ("win", "loss") for r in everything.selection)  # no vanilla to win against
+
+    one = evaluate(model, tokenizer, "needle,kv", "512", "dysco", 3, 0,
+                   dysco=DyscoConfig(head_set=HEADS, top_p=1.0, top_k=1), **kw)
+    for e in one.examples:
+        sel = e["selection"]["dysco"]
+        assert sel["selected"] <= 2 and sel["evidence_recall"] * sel["evidence_tokens"] <= 1 + 1e-6
+
+
+def test_selection_recall_round_trips_through_json(report, tmp_path):
+    from calibration.evaluate import SelectionResult
+
+    paths = report.save(tmp_path / "out")
+    data = json.loads(paths["json"].read_text())
+    assert data["selection_unavailable"] is None
+    assert len(data["selection"]) == 2 * 5 and set(data["selection"][0]) == {
+        "task", "length", "outcome", "examples", "n", "selected", *EVIDENCE_FIELDS}
+    again = EvalReport.from_dict(data)
+    assert again.selection == report.selection and all(isinstance(r, SelectionResult) for r in again.selection)
+    assert [e["selection"] for e in again.examples] == [e["selection"] for e in report.examples]
+    assert again.markdown() == report.markdown()
+    # A results.json written before the diagnostic loads and renders without the section.
+    del data["selection"], data["selection_unavailable"]
+    old = EvalReport.from_dict(data)
+    assert old.selection == [] and "Selection recall" not in old.markdown()
+
+
+def test_resumed_run_keeps_the_selection_and_old_progress_files_resume_without_it(tiny, tmp_path):
+    model, tokenizer = tiny
+    checkpoint = tmp_path / "progress.jsonl"
+    kw = dict(dysco=HEADS, max_new_tokens=3, bootstrap_resamples=200, checkpoint=checkpoint)
+    first = evaluate(model, tokenizer, "needle", "512", "vanilla,dysco", 2, 5, **kw)
+    again = evaluate(model, tokenizer, "needle", "512", "vanilla,dysco", 2, 5, **kw)
+    assert again.config["resumed_batches"] == 4
+    assert again.examples == first.examples and again.selection == first.selection
+    assert all(e["selection"]["dysco"]["evidence_recall"] is not None for e in again.examples)
+
+    # A progress file from before the diagnostic: its batches resume, their selection is missing (not 0).
+    records = [json.loads(line) for line in checkpoint.read_text().splitlines()]
+    for record in records:
+        del record["run"]["selection"]
+    dysco_lines = [r for r in records if r["method"] == "dysco"]
+    kept = [r for r in records if r is not dysco_lines[1]]  # the second DySCO batch is decoded again
+    checkpoint.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    old = evaluate(model, tokenizer, "needle", "512", "vanilla,dysco", 2, 5, **kw)
+    assert old.config["resumed_batches"] == 3
+    assert [e["responses"] for e in old.examples] == [e["responses"] for e in first.examples]
+    assert old.examples[0]["selection"] == {"dysco": None}
+    assert old.examples[1]["selection"] == first.examples[1]["selection"]
+    everyone = next(r for r in old.selection if r.outcome == "all")
+    assert (everyone.n, everyone.examples) == (1, 2)
+    assert everyone.evidence_recall == pytest.approx(first.examples[1]["selection"]["dysco"]["evidence_recall"])
+    assert "| needle | 512 | all | 1/2 |" in old.markdown()
+
+
+def test_fast_path_says_the_selection_recall_needs_the_exact_path(tiny):
+    model, tokenizer = tiny
+    fast = evaluate(model, tokenizer, "needle", "512", "vanilla,dysco", 2, 7, dysco=HEADS, max_new_tokens=3,
+                    bootstrap_resamples=200, fast=True)
+    assert fast.selection == []
+    assert all(e["selection"] == {"dysco": None} for e in fast.examples)
+    data = fast.to_dict()
+    assert data["selection"] == [] and "exact path" in data["selection_unavailable"]
+    table = fast.markdown()
+    assert "Selection recall (DySCO, exact path): not available — the diagnostic needs the exact path" in table
+    assert "0.000" not in table
+    assert EvalReport.from_dict(json.loads(fast.to_json())).markdown() == table
+
+
+def test_selection_results_groups_by_outcome_and_skips_the_unmeasured():
+    from calibration.evaluate import selection_results, summarize_selection
+
+    steps = [{"selected": 4, "mass": 0.9, "evidence_recall": 1.0, "evidence_share": 0.5, "evidence_importance": 0.4},
+             {"selected": 2, "mass": 0.7, "evidence_recall": 0.5, "evidence_share": 0.25, "evidence_importance": 0.2}]
+    summary = summarize_selection(steps, 6)
+    assert summary == {"steps": 2, "evidence_tokens": 6, "selected": 3.0, "mass": pytest.approx(0.8),
+                       "evidence_recall": 0.75, "evidence_share": 0.375, "evidence_importance": pytest.approx(0.3)}
+    unknown = summarize_selection([{"selected": 3, "mass": 0.5, **dict.fromkeys(EVIDENCE_FIELDS)}], 0)
+    assert unknown["selected"] == 3.0 and all(unknown[f] is None for f in EVIDENCE_FIELDS)
+
+    low = {**summary, "evidence_recall": 0.25}
+    rows = {r.outcome: r for r in selection_results(
+        "kv", 512, [summary, low, unknown, None], scores=[1.0, 0.0, 1.0, 0.0], baseline=[0.0, 1.0, 1.0, 0.0])}
+    assert (rows["all"].examples, rows["all"].n, rows["all"].evidence_recall) == (4, 2, 0.5)
+    assert (rows["right"].n, rows["right"].evidence_recall) == (1, 0.75)
+    assert (rows["wrong"].n, rows["wrong"].evidence_recall) == (1, 0.25)
+    assert (rows["win"].examples, rows["win"].evidence_recall) == (1, 0.75)
+    assert (rows["loss"].examples, rows["loss"].evidence_recall) == (1, 0.25)
+    nothing = selection_results("kv", 512, [None, unknown], scores=[1.0, 0.0])
+    assert [r.outcome for r in nothing] == ["all", "right", "wrong"]
+    assert all(r.n == 0 and r.evidence_recall is None and r.selected is None for r in nothing)
