@@ -155,9 +155,16 @@ def _cmd_generate(args) -> int:
     except _UsageError as err:
         print(f"dysco generate: {err}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, LookupError) as err:
-        print(f"dysco generate: {err}", file=sys.stderr)
-        return 1
+    except Exception as err:
+        from decoder.catalogue import CatalogueError
+        from registry import RegistryError
+
+        # Known failures of the input (a profile for another model, a corrupted registry version, a
+        # model that cannot be loaded) are one line; anything else is a bug and keeps its traceback.
+        if isinstance(err, (ValueError, TypeError, LookupError, RegistryError, CatalogueError, OSError)):
+            print(f"dysco generate: {err}", file=sys.stderr)
+            return 1
+        raise
 
 
 def _generate(args) -> int:
@@ -170,13 +177,16 @@ def _generate(args) -> int:
     from decoder.catalogue import DEFAULT_MODEL
     from decoder.loading import load_model
 
-    profile = None
+    profile = profile_ref = None
     if args.profile is not None or (args.method == "dysco" and args.heads is None):
         from registry import ProfileNotFound, Registry
 
         ref = args.profile or args.model or DEFAULT_MODEL
         try:
-            profile = Registry().load(ref)
+            registry = Registry()
+            name, version = registry.resolve(ref)
+            profile = registry.load(f"{name}@{version}")
+            profile_ref = f"{name}@{version}"  # what was used, not what was asked (`@latest` moves)
         except ProfileNotFound:
             if args.profile is not None:
                 raise
@@ -189,8 +199,11 @@ def _generate(args) -> int:
     else:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]
 
+    used = _profile_used(decoder, profile, profile_ref, args)
+    if used and not args.json:
+        print(f"[dysco] profile {used['ref']} (content {used['content_hash'][:12]})", file=sys.stderr)
     if args.fast:
-        return _generate_fast(args, decoder, prompt, model_name)
+        return _generate_fast(args, decoder, prompt, model_name, used)
 
     streamed = []
 
@@ -222,6 +235,7 @@ def _generate(args) -> int:
             "tokens": result.token_ids[0],
             "finish_reason": result.finish_reasons[0],
             "knobs": _knobs(decoder),
+            "profile": used,
             "diagnostics": result.diagnostics[0] if result.diagnostics else [],
         }))
     else:
@@ -229,7 +243,16 @@ def _generate(args) -> int:
     return 0
 
 
-def _generate_fast(args, decoder, prompt, model_name: str) -> int:
+def _profile_used(decoder, profile, profile_ref, args) -> dict | None:
+    """The registry profile this run decodes with (resolved version and content hash), or None."""
+    if profile is None or profile_ref is None or (args.heads is not None and decoder.method == "dysco"):
+        return None
+    if decoder.method == "vanilla":
+        return None
+    return {"ref": profile_ref, "content_hash": profile.content_hash()}
+
+
+def _generate_fast(args, decoder, prompt, model_name: str, used: dict | None = None) -> int:
     """Greedy generation on `decoder.fast`, printed when done (the fast path does not stream)."""
     from decoder.fast import FastDecoder
 
@@ -240,7 +263,8 @@ def _generate_fast(args, decoder, prompt, model_name: str) -> int:
         print(json.dumps({
             "text": result.text, "model": model_name, "method": decoder.method, "path": "fast",
             "prompt_tokens": len(result.prompt_ids[0]), "tokens": result.token_ids[0],
-            "finish_reason": result.finish_reasons[0], "knobs": _knobs(decoder), "timings": result.timings,
+            "finish_reason": result.finish_reasons[0], "knobs": _knobs(decoder), "profile": used,
+            "timings": result.timings,
         }))
     else:
         print(result.text)

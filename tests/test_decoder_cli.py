@@ -160,3 +160,34 @@ def test_smollm2_generate_json(smollm2, monkeypatch, capsys, tmp_path):
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == "smollm2-135m" and len(out["tokens"]) == 6 and out["text"]
+
+
+def test_profile_failures_are_one_line_and_the_profile_used_is_reported(tiny_loader, capsys, tmp_path):
+    """A profile for another model, a corrupted version: one line, exit 1; `@latest` is reported resolved."""
+    from decoder.loading import model_identity
+    from registry import Profile, Registry
+
+    model, _ = tiny_model("llama")
+    registry = Registry(tmp_path / "registry")
+    registry.register(Profile(model=model_identity(model, "tiny"), head_set=[(1, 0)]))
+    registry.register(Profile(model=model_identity(model, "tiny"), head_set=[(2, 3)]))
+    base = ["generate", "--max-new-tokens", "2", "--prompt", "Key 17 is 42."]
+
+    assert main([*base, "--profile", "tiny@latest", "--json"]) == 0
+    used = json.loads(capsys.readouterr().out)["profile"]
+    assert used["ref"] == "tiny@2" and used["content_hash"] == registry.load("tiny@2").content_hash()
+    assert main([*base, "--profile", "tiny@1"]) == 0
+    assert "[dysco] profile tiny@1 (content " in capsys.readouterr().err
+
+    for force in ([], ["--force"]):  # the qwen3-8b seed's heads lie outside the tiny model
+        assert main([*base, "--profile", "qwen3-8b@latest", *force]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("dysco generate: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert "qwen3-8b" in err
+
+    profile_json = next((tmp_path / "registry").rglob("profile.json"))
+    profile_json.write_text(profile_json.read_text().replace('"strength"', '"strength" ', 1) + " ")  # bytes change
+    version = profile_json.parent.name
+    assert main([*base, "--profile", f"tiny@{version}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dysco generate: ") and "Traceback" not in err
