@@ -9,6 +9,7 @@ uncached paths sum in different orders).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -491,6 +492,7 @@ def test_feed_schedule_runs_probe_and_bias_on_the_published_columns(chat_templat
     """cw - 1 importance-only columns, then the last iw + 1 prompt columns and every generated one intervene."""
     model, tokenizer = tiny_model("llama")
     if not chat_template:
+        tokenizer = copy.deepcopy(tokenizer)  # tiny_tokenizer() is shared: never change it in place
         tokenizer.chat_template = None
     config = DyscoConfig(head_set=_heads(model), context_warmup=4, intervention_warmup=intervention)
     decoder = Decoder(model, tokenizer, dysco=config)
