@@ -14,6 +14,10 @@ import logging
 import sys
 from typing import Any
 
+from decoder.threads import quiet_idle_threads
+
+quiet_idle_threads()  # before anything imports torch
+
 from calibration.space import INTERVENTION_WARMUPS
 from calibration.study import (
     ATTNTS_TEMPERATURES,

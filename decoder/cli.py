@@ -10,6 +10,10 @@ import argparse
 import importlib
 import sys
 
+from decoder.threads import quiet_idle_threads
+
+quiet_idle_threads()  # before anything imports torch
+
 # (module, what it adds) — order is the order of `dysco --help`.
 _SUBCOMMAND_MODULES = (
     "decoder.catalogue",  # dysco models list|pull

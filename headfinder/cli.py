@@ -20,6 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from decoder.threads import quiet_idle_threads
+
+quiet_idle_threads()  # before anything imports torch
+
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULTS = {"probes": "both", "n_probes": 16, "context": 1024, "top": 16, "seed": 0}
 SCORE_NAMES = ("qr", "qr_ndcg", "retrieval")
@@ -235,7 +239,12 @@ def _cmd_detect(args) -> int:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY_FILE).is_file())):
         raise HeadfinderError(f"--out {out} exists and is not a previous headfinder output; choose another folder")
     if args.register:
-        import registry  # noqa: F401  (fail now, not after the scoring)
+        from registry import Registry, RegistryError
+
+        try:  # fail now, not after the scoring
+            Registry(args.registry)
+        except RegistryError as err:
+            raise HeadfinderError(f"--registry: {err}") from None
 
     import torch
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -72,7 +73,10 @@ def _run(action: Any) -> Any:
 
         try:
             return action(Registry(args.registry), args) or 0
-        except RegistryError as err:
+        except BrokenPipeError:  # `dysco registry show … | head`: the reader left; not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is quiet too
+            return 0
+        except (RegistryError, OSError) as err:
             print(f"dysco registry {args.registry_command}: error: {err}", file=sys.stderr)
             return 1
 

@@ -227,11 +227,25 @@ def load_seed(name: str) -> Profile:
 # --- the store ------------------------------------------------------------------------------------
 
 
+def _archive_target(archive_path: str | os.PathLike[str]) -> Path:
+    """The file an export writes, checked before anything is written (its temp file goes beside it)."""
+    path = Path(archive_path).expanduser()
+    if path.is_dir():
+        raise RegistryError(f"{path} is a folder; give the archive's file name, e.g. {path / 'profiles.tar.gz'}")
+    if not path.parent.is_dir():
+        raise RegistryError(f"cannot write {path}: folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise RegistryError(f"cannot write {path}: folder {path.parent} is not writable")
+    return path
+
+
 class Registry:
     """A directory of versioned profiles. See the module docstring for layout and references."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_root()
+        if self.root.exists() and not self.root.is_dir():
+            raise RegistryError(f"registry {self.root} is a file, not a folder; give a folder (it is created if missing)")
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
@@ -675,7 +689,7 @@ class Registry:
             entries.append(ArchiveEntry(profile, name, version, tuple(version_tags)))
         if not entries:
             raise ProfileCorrupted(f"nothing to export: every version of {name!r} is corrupt")
-        write_archive(Path(archive_path), entries)
+        write_archive(_archive_target(archive_path), entries)
         return [entry.ref for entry in entries]
 
     def import_archive(self, path: str | os.PathLike[str]) -> list[str]:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
+
+from decoder.threads import quiet_idle_threads
+
+quiet_idle_threads()  # before torch loads libgomp: the suite ran 50 min under load without it
+
+import torch  # noqa: E402
 
 from decoder.tiny import ARCHITECTURES, tiny_model
 

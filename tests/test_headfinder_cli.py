@@ -144,3 +144,17 @@ def test_validate_rejects_heads_outside_the_model(tiny_checkpoint, capsys):
 def test_show_rejects_what_is_neither_run_nor_profile(tmp_path, capsys):
     _expect_error(["show", str(tmp_path)], "is not a `headfinder detect` output", capsys)
     _expect_error(["show", "nobody-knows@3", "--registry", str(tmp_path / "reg")], "neither a headfinder output", capsys)
+
+
+def test_register_into_a_file_fails_before_any_scoring(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """`--register --registry FILE` used to fail only after the whole detection ran (issue 15)."""
+    import headfinder.cli
+
+    def no_load(args):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(headfinder.cli, "_load", no_load)
+    code = main(["detect", "--model", str(tiny_checkpoint), "--register", "--registry", "/etc/passwd",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "is a file, not a folder" in err and "Traceback" not in err

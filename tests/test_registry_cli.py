@@ -108,3 +108,37 @@ def test_show_and_diff_name_the_intervention_warmup(capsys, tmp_path):
     assert report["knobs"] == {"intervention_warmup": {"a": "auto", "b": 3}}
     assert main(["registry", "diff", "tiny-llama@1", "tiny-llama@2", "--registry", root]) == 0
     assert 'knobs.intervention_warmup  "auto"  ->  3' in capsys.readouterr().out
+
+
+def test_export_and_registry_paths_are_checked_before_anything_is_written(capsys, store, tmp_path):
+    """Issue 15: bad export targets and a file given as --registry are one line, exit 1, nothing written."""
+    cases = [
+        (["export", "tiny-llama@1", str(tmp_path / "no-such-dir" / "x.tar.gz"), "--registry", store], "does not exist"),
+        (["export", "tiny-llama@1", str(tmp_path), "--registry", store], "is a folder"),
+        (["import", str(tmp_path / "x.tar.gz"), "--registry", "/etc/passwd"], "is a file, not a folder"),
+        (["list", "--registry", "/etc/passwd"], "is a file, not a folder"),
+    ]
+    before = sorted(p.name for p in tmp_path.parent.iterdir())
+    for argv, message in cases:
+        assert main(["registry", *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("dysco registry ") and message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.parent.iterdir()) == before  # no temp file beside the folder
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_show_into_a_closed_pipe_exits_quietly(store):
+    """`dysco registry show … | head`: the reader has left before the output; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    script = "import sys; from decoder.cli import main; sys.exit(main(sys.argv[1:]))"
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, "registry", "show", "tiny-llama@1", "--registry", store],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    child.stdout.close()  # the reader is gone long before the child has imported anything
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 0
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
