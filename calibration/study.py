@@ -1027,6 +1027,13 @@ class _Workers:
 def calibrate(config: CalibrationConfig, *, progress: bool = False) -> CalibrationResult:
     """Run (or resume) a whole calibration and return its result; see the module docstring."""
     config.validate()
+    if config.tracking:  # before any study is created or model loaded: mlflow would retry for minutes
+        from calibration.tracking import check_reachable
+
+        try:
+            check_reachable(config.tracking_uri)
+        except ConnectionError as err:
+            raise CalibrationError(str(err)) from None
     config = replace(config)  # the study name gets filled in; the caller's object stays as given
     if config.threads is None:
         config.threads = max(1, (os.cpu_count() or 1) // config.workers)

@@ -264,6 +264,28 @@ class Tracker:
             self.client.log_artifact(self._parent(), str(path), artifact_path=artifact_path)
 
 
+def check_reachable(tracking_uri: str | None, timeout_s: float = 5.0) -> None:
+    """Raise ConnectionError, naming the URI, when an http(s) tracking server does not answer within
+    `timeout_s` (mlflow itself retries for minutes); file and database stores are not checked here."""
+    import urllib.error
+    import urllib.request
+
+    if not tracking_uri or not tracking_uri.lower().startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (with an error page): a server is there
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConnectionError(
+            f"cannot reach the MLflow tracking server at {tracking_uri} ({reason}, within {timeout_s:g} s); "
+            "start it (`mlflow server`), fix --tracking-uri, or pass --no-tracking"
+        ) from None
+
+
 def _importance_evaluator():
     # Seeded, so the same study draws the same importances; 32 trees are plenty for tens of trials.
     return optuna.importance.FanovaImportanceEvaluator(n_trees=32, seed=0)

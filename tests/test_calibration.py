@@ -587,3 +587,21 @@ def test_flat_objective_is_reported_with_what_to_change():
     near = {"vanilla": {"score": 0.5}, "attnts": {"grid": {"0.8": 0.5}}}
     assert flat_objective(near, trials(0.5, 0.5), 8, "kv", 8192, "m") is not None
     assert flat_objective(near, trials(0.5, 0.625), 8, "kv", 8192, "m") is None
+
+
+def test_an_unreachable_tracking_server_fails_at_once_creating_nothing(tmp_path):
+    """Issue 15: mlflow retried for 260 s after the study was created; now one clear error first."""
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    storage = tmp_path / "study.db"
+    config = CalibrationConfig(dev="kv", model="no-such-model-is-loaded", heads=[(1, 0)], trials=1,
+                               storage=f"sqlite:///{storage}", tracking_uri=f"http://127.0.0.1:{port}")
+    began = time.perf_counter()
+    with pytest.raises(CalibrationError, match=rf"cannot reach the MLflow tracking server at http://127.0.0.1:{port}"):
+        calibrate(config)
+    assert time.perf_counter() - began < 10
+    assert not storage.exists()  # no study, no model load (the model name would have failed first otherwise)
