@@ -18,7 +18,8 @@ from decoder.threads import quiet_idle_threads
 
 quiet_idle_threads()  # before anything imports torch
 
-from calibration.space import INTERVENTION_WARMUPS
+from calibration.space import INTERVENTION_WARMUPS  # noqa: E402
+from decoder.loading import DTYPE_NAMES  # noqa: E402
 from calibration.study import (
     ATTNTS_TEMPERATURES,
     DEFAULT_STORAGE,
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{', '.join(map(str, INTERVENTION_WARMUPS))})")
     study.add_argument("--device", default="cpu", metavar="DEV",
                        help="where the model runs: cpu (default), cuda, cuda:N")
-    study.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    study.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                        help="model dtype (default: the checkpoint's own; bfloat16 is the usual choice on a GPU)")
     study.add_argument("--threads", type=_at_least(1), metavar="N",
                        help="torch threads per worker (default: CPU cores / workers)")

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from calibration.runner import EVIDENCE_FIELDS, summarize_selection
 from calibration.stats import BOOTSTRAP_RESAMPLES, bootstrap_interval, paired_comparison, sign_test, seed_for as _seed_for
 from calibration.tasks import TASK_NAMES, Example, Task, encode_prompt, get_task
 
@@ -257,40 +258,16 @@ class MethodRun:
         return list(self.selection) if len(self.selection) == len(self.scores) else [None] * len(self.scores)
 
 
-# Per-step fields of `decoder.dysco.selection_diagnostics` that the evidence decides.
-EVIDENCE_FIELDS = ("evidence_recall", "evidence_share", "evidence_importance")
 # An example counts as "right" for the selection table's outcome split when its score is at least
 # this (0/1 grades: correct; MRCR's similarity and pathtrans's partial credit: more right than wrong).
 RIGHT_SCORE = 0.5
-
-
-def summarize_selection(steps: Sequence[Mapping[str, Any]], evidence_tokens: int) -> dict[str, Any]:
-    """One example's DySCO selection diagnostics: the mean over its generated tokens of each field.
-
-    `steps`: `Generation.diagnostics` of its row (one dict per kept token); `evidence_tokens`: how many
-    prompt positions hold its evidence (0 when unknown). The evidence fields are None when the evidence
-    is unknown (or no step was measured); `selected` and `mass` are None only without steps.
-    """
-    def mean(name: str) -> float | None:
-        values = [s[name] for s in steps if s.get(name) is not None]
-        return float(np.mean(values)) if values and len(values) == len(steps) else None
-
-    out: dict[str, Any] = {"steps": len(steps), "evidence_tokens": int(evidence_tokens),
-                           "selected": mean("selected"), "mass": mean("mass")}
-    for name in EVIDENCE_FIELDS:
-        out[name] = mean(name) if evidence_tokens else None
-    return out
 
 
 def _evidence(tokenizer: Any, task: Task, example: Example, ids: Sequence[int]) -> list[int]:
     """The prompt positions (of `ids`, unpadded) holding `example`'s evidence; [] when unknown or not found."""
     from calibration.tasks import evidence_positions
 
-    try:
-        pieces = task.evidence(example)
-    except (KeyError, TypeError, ValueError, IndexError):  # a task that cannot name its evidence
-        return []
-    return list(evidence_positions(tokenizer, example, pieces, list(ids)) or [])
+    return evidence_positions(tokenizer, example, task.evidence(example), list(ids)) or []
 
 
 def _prompt_ids(tokenizer: Any, example: Example) -> tuple[list[int], list[bool]]:

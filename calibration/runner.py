@@ -80,23 +80,34 @@ class Evaluation:
         return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     def selection_summary(self) -> dict[str, float] | None:
-        """Means over examples of DySCO's per-example selection diagnostics (None: no evidence known)."""
-        rows = [row for row in self.extra.get("selection", []) if row is not None]
+        """Means over the examples whose evidence was located of their `summarize_selection` (None: none)."""
+        rows = [row for row in self.extra.get("selection", []) if row and row["evidence_recall"] is not None]
         if not rows:
             return None
-        return {name: sum(row[name] for row in rows) / len(rows) for name in SELECTION_FIELDS} | {"examples": len(rows)}
+        fields = (*EVIDENCE_FIELDS, "selected")
+        return {name: sum(row[name] for row in rows) / len(rows) for name in fields} | {"examples": len(rows)}
 
 
-SELECTION_FIELDS = ("evidence_recall", "evidence_share", "evidence_importance", "selected")
+# Per-step fields of `decoder.dysco.selection_diagnostics` that the evidence decides.
+EVIDENCE_FIELDS = ("evidence_recall", "evidence_share", "evidence_importance")
 
 
-def mean_selection(steps: Sequence[dict[str, Any]] | None) -> dict[str, float] | None:
-    """One example's DySCO diagnostics (`decoder.dysco.selection_diagnostics`, per step) averaged over
-    its steps; None when it has none or its evidence is unknown."""
-    steps = [step for step in steps or [] if step.get("evidence_recall") is not None]
-    if not steps:
-        return None
-    return {name: sum(float(step[name]) for step in steps) / len(steps) for name in SELECTION_FIELDS}
+def summarize_selection(steps: Sequence[dict[str, Any]], evidence_tokens: int) -> dict[str, Any]:
+    """One example's DySCO selection diagnostics: the mean over its generated tokens of each field.
+
+    `steps`: `Generation.diagnostics` of its row (one dict per kept token); `evidence_tokens`: how many
+    prompt positions hold its evidence (0 when unknown). The evidence fields are None when the evidence
+    is unknown (or no step was measured); `selected` and `mass` are None only without steps.
+    """
+    def mean(name: str) -> float | None:
+        values = [float(s[name]) for s in steps if s.get(name) is not None]
+        return sum(values) / len(values) if values and len(values) == len(steps) else None
+
+    out: dict[str, Any] = {"steps": len(steps), "evidence_tokens": int(evidence_tokens),
+                           "selected": mean("selected"), "mass": mean("mass")}
+    for name in EVIDENCE_FIELDS:
+        out[name] = mean(name) if evidence_tokens else None
+    return out
 
 
 OnBatch = Callable[[int, float], None]
@@ -164,8 +175,7 @@ class ExampleRunner:
         if index not in self._evidence:
             rows = []
             for example, ids in zip(self.batches[index], state.prompt_ids):
-                found = evidence_positions(self.tokenizer, example, self.task.evidence(example), list(ids))
-                rows.append(found or [])
+                rows.append(evidence_positions(self.tokenizer, example, self.task.evidence(example), list(ids)) or [])
             self._evidence[index] = rows if any(rows) else None
         return self._evidence[index]
 
@@ -186,7 +196,7 @@ class ExampleRunner:
                 state, max_new_tokens=self.max_new_tokens, return_diagnostics=evidence is not None, evidence=evidence
             )
             if out.diagnostics is not None:
-                selection = [mean_selection(steps) for steps in out.diagnostics]
+                selection = [summarize_selection(steps, len(found)) for steps, found in zip(out.diagnostics, evidence)]
         return list(out.texts), sum(len(ids) for ids in out.token_ids), selection
 
     def evaluate(self, method: Method, on_batch: OnBatch | None = None) -> Evaluation:

@@ -68,9 +68,6 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _KNOBS = tuple(f.name for f in fields(SearchSpace))  # every trial's parameters
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-
-
 class CalibrationError(ValueError):
     """Bad input to a calibration (unknown task, wrong profile, a study made differently …)."""
 
@@ -129,10 +126,14 @@ class CalibrationConfig:
             raise CalibrationError(
                 f"AttnTS temperatures must be positive numbers, got {self.attnts_temperatures!r}"
             )
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise CalibrationError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not isinstance(self.device, str) or not self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"):
-            raise CalibrationError(f"device must be cpu, cuda or cuda:N (or mps, xpu), got {self.device!r}")
+        from decoder.loading import DTYPE_NAMES, check_device
+
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise CalibrationError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        try:
+            check_device(self.device)
+        except ValueError as err:
+            raise CalibrationError(str(err)) from None
         if self.intervention_warmup is not None:
             from registry import ProfileValidationError, parse_intervention_warmup
 
@@ -765,10 +766,6 @@ class Calibration:
         self.dev_runner.release()  # the dev prefills are done with: the test's need the memory
         t_star = baselines["attnts"]["temperature"]
         best_config = self._dysco_config(best.params)
-        test_runner = ExampleRunner(
-            self.model, self.tokenizer, self.task, self.test, max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size, warmup=dysco_warmup(best_config, self.tokenizer),
-        )
         published = self.space.defaults()
         methods = {
             "vanilla": Method.vanilla(),
@@ -776,9 +773,12 @@ class Calibration:
             "dysco": Method.dysco(best_config),
         }
         if dict(best.params) != published:  # does tuning beat the published knobs on held-out data?
-            published_config = self._dysco_config(published)
-            methods["dysco_published"] = Method.dysco(published_config)
-            test_runner.warmup = max(test_runner.warmup, dysco_warmup(published_config, self.tokenizer))
+            methods["dysco_published"] = Method.dysco(self._dysco_config(published))
+        test_runner = ExampleRunner(
+            self.model, self.tokenizer, self.task, self.test, max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            warmup=max(dysco_warmup(m.dysco, self.tokenizer) for m in methods.values() if m.name == "dysco"),
+        )
         test = {name: test_runner.evaluate(m) for name, m in _progress(methods.items(), progress, "test")}
         test_runner.release()
         if "dysco_published" not in test:

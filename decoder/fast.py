@@ -380,7 +380,7 @@ class FastDecoder:
         self.run.bias[self.device].copy_(bias)
         self._sync_devices()
 
-    def _upweighted(self, shape: _Shape, selected: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _upweighted(self, shape: _Shape, selected: torch.Tensor) -> torch.Tensor:
         """`upweighted_positions` without the current column (the static set): bool [batch, max_len]."""
         return upweighted_positions(selected, shape.template, shape.real, hard=self.dysco.hard, current=False)
 
@@ -422,7 +422,7 @@ class FastDecoder:
             # Static selects once, without a probe, from the importance of the columns before t.
             valid = shape.real & (shape.columns < t)[None, :]
             selected = select_positions(shape.importance, self.dysco.top_p, self.dysco.top_k, valid=valid)
-            shape.static_selected.copy_(self._upweighted(shape, selected, t))
+            shape.static_selected.copy_(self._upweighted(shape, selected))
             up = shape.static_selected | current
         elif kind in ("dysco", "static_probe_first"):
             self._set_bias(shape.pad_bias)
@@ -437,7 +437,7 @@ class FastDecoder:
             shape.importance.copy_(torch.where(padding_now, shape.importance, updated))
             valid = shape.real & (shape.columns <= t)[None, :]
             selected = select_positions(shape.importance, self.dysco.top_p, self.dysco.top_k, valid=valid)
-            chosen = self._upweighted(shape, selected, t)
+            chosen = self._upweighted(shape, selected)
             if kind == "static_probe_first":
                 shape.static_selected.copy_(chosen)
             up = chosen | current

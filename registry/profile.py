@@ -73,10 +73,8 @@ def _finite_float(value: object, what: str) -> float:
 
 def parse_intervention_warmup(value: object, what: str = "knobs.intervention_warmup") -> int | str:
     """DySCO's `intervention_warmup` normalised: "auto" (any case, spaces around it) or an integer >= 0,
-    also written as a string of digits ("4" -> 4). Anything else is a `ProfileValidationError`.
-
-    Accepts what `decoder.dysco.parse_intervention_warmup` accepts (and numpy integers); that one
-    raises a plain ValueError and lives beside torch, this one needs no torch.
+    also written as a string of digits ("4" -> 4). Anything else is a `ProfileValidationError` (a
+    ValueError). The knob's one parser: `DyscoConfig`, the CLIs and the search space all call it.
     """
     if isinstance(value, str):
         text = value.strip().lower()
