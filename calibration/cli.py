@@ -75,6 +75,26 @@ def _temperatures(text: str) -> tuple[float, ...]:
     return values
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _p_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a p-value in (0, 1], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `calibrate` argument parser."""
     p = argparse.ArgumentParser(
@@ -126,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--attnts-temperatures", type=_temperatures, default=ATTNTS_TEMPERATURES,
                        metavar="T,…", help="AttnTS baseline grid; the best on dev is kept "
                        f"(default: {','.join(map(str, ATTNTS_TEMPERATURES))})")
+    study.add_argument("--loss-penalty", type=_non_negative, default=1.0, metavar="X",
+                       help="objective = dev score - X x the share of dev examples vanilla gets right and the trial "
+                       "gets wrong (default: %(default)s; 0: the plain score)")
+    study.add_argument("--adopt-p", type=_p_value, default=0.05, metavar="P",
+                       help="register the best trial's knobs only if they beat the published defaults on dev with "
+                       "a paired sign-test p < P, else the published ones (default: %(default)s; 1: always the best)")
     study.add_argument("--intervention-warmup", metavar="auto|N", default=None,
                        help="fix DySCO's intervention warmup instead of searching it: auto = the chat template's "
                        "generation-prompt length, published default; an integer otherwise (default: searched over "
@@ -159,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         register=not args.no_register, seed=args.seed, speed_objective=args.speed_objective,
         attnts_temperatures=args.attnts_temperatures, threads=args.threads,
         intervention_warmup=args.intervention_warmup, device=args.device, dtype=args.dtype,
+        loss_penalty=args.loss_penalty, adopt_p=args.adopt_p,
     )
 
 
@@ -208,7 +235,7 @@ def _report(result: Any) -> str:
         f"study {result.study_name} ({result.storage}): {result.trials['finished']} trials finished "
         f"({result.trials['complete']} complete, {result.trials['pruned']} pruned, "
         f"{result.trials['failed']} failed)",
-        "best knobs: " + ", ".join(f"{k}={_short(v)}" for k, v in result.best_params.items()),
+        "registered knobs: " + ", ".join(f"{k}={_short(v)}" for k, v in result.best_params.items()),
         "",
         result.table(),
         "",

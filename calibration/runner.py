@@ -11,7 +11,7 @@ study affordable.
     >>> runner = ExampleRunner(model, tokenizer, task, dev_examples, max_new_tokens=48,
     ...                        warmup=max(dysco_warmup(c, tokenizer) for c in configs))
     >>> vanilla = runner.evaluate(Method.vanilla())
-    >>> tuned = runner.evaluate(Method.dysco(config), on_batch=lambda done, mean: ...)
+    >>> tuned = runner.evaluate(Method.dysco(config), on_batch=lambda scores: ...)
     >>> tuned.mean, tuned.tokens_per_s
 """
 
@@ -110,8 +110,8 @@ def summarize_selection(steps: Sequence[dict[str, Any]], evidence_tokens: int) -
     return out
 
 
-OnBatch = Callable[[int, float], None]
-"""Called after each batch with (examples done, running mean score); may raise to stop."""
+OnBatch = Callable[[list[float]], None]
+"""Called after each batch with the scores of the examples done so far; may raise to stop."""
 
 
 class ExampleRunner:
@@ -215,7 +215,7 @@ class ExampleRunner:
                 result.scores.append(float(self.task.grade(text, example)))
             if on_batch is not None:
                 try:
-                    on_batch(len(result.scores), result.mean)
+                    on_batch(list(result.scores))
                 except BaseException:
                     result.complete = False
                     raise

@@ -13,15 +13,22 @@ What one run does, in order:
 2. Create the study, or load it by name. A loaded study must have been made with the same
    model, examples, head ranking and search space (checked, not assumed). The published
    defaults are enqueued as the first trial of a new study.
-3. Run trials until `trials` have finished (complete or pruned): seeded TPE over strength,
+3. Evaluate vanilla and AttnTS (a small temperature grid, best kept) once on the dev examples;
+   the scores live in the study, so a rerun never recomputes them.
+4. Run trials until `trials` have finished (complete or pruned): seeded TPE over strength,
    top_k, top_p, decay, the number of heads and intervention_warmup (unless `intervention_warmup`
-   fixes it); a median pruner fed the running score after each batch. Optional second objective:
-   tokens/s (a Pareto front; no pruning then). Every trial continues one plain prefill per batch,
-   which stops before the largest context_warmup + intervention_warmup any trial can use.
-4. Evaluate vanilla and AttnTS (a small temperature grid, best kept) once on the same dev
-   examples; the scores live in the study, so a rerun never recomputes them.
-5. Re-score the best trial, vanilla and AttnTS on the held-out test examples, and register a
-   new profile version (parent: the input profile) with every score and the provenance.
+   fixes it); a median pruner fed the running objective after each batch. The objective is the
+   dev score minus `loss_penalty` times the share of dev examples vanilla gets right and the trial
+   gets wrong (`dev_objective`): a setting that trades examples with vanilla is worth less than
+   one that only adds. Optional second objective: tokens/s (a Pareto front; no pruning then).
+   Every trial continues one plain prefill per batch, which stops before the largest
+   context_warmup + intervention_warmup any trial can use.
+5. Choose the knobs to register (`adoption`): the best trial replaces the published defaults
+   (trial 0) only if it beats them on the dev examples by more than their noise, a paired sign
+   test at p < `adopt_p`; the best of a few dozen trials on a small dev set is otherwise mostly
+   the luckiest one. Re-score the chosen knobs, the published ones, vanilla and AttnTS on the
+   held-out test examples, and register a new profile version (parent: the input profile) with
+   every score and the provenance.
 
 Resuming and sharing. Every trial is written to the Optuna storage the moment it finishes, so
 a killed run loses only the trial in flight. A RUNNING trial whose process is gone (same host:
@@ -55,7 +62,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from calibration.runner import Evaluation, ExampleRunner, Method, dysco_warmup
-from calibration.stats import paired_comparison, seed_for
+from calibration.stats import paired_comparison, seed_for, sign_test
 from calibration.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -102,6 +109,8 @@ class CalibrationConfig:
     intervention_warmup: int | str | None = None
     device: str = "cpu"  # where the model runs: "cpu", "cuda", "cuda:1", …
     dtype: str | None = None  # None: the checkpoint's own (catalogue models: float32); "bfloat16" on a GPU
+    loss_penalty: float = 1.0  # extra cost of a dev example vanilla gets right and the trial wrong
+    adopt_p: float = 0.05  # the best trial replaces the published knobs only below this sign-test p
 
     def validate(self) -> None:
         """Raise `CalibrationError` naming the first bad setting."""
@@ -122,6 +131,13 @@ class CalibrationConfig:
             raise CalibrationError("the head list (--heads) is empty")
         if self.workers > 1 and self.storage is None:
             raise CalibrationError("several workers need a shared storage: pass a storage URL (--storage)")
+        if isinstance(self.loss_penalty, bool) or not isinstance(self.loss_penalty, (int, float)) \
+                or not 0 <= self.loss_penalty < float("inf"):
+            raise CalibrationError(f"loss_penalty must be a finite number >= 0, got {self.loss_penalty!r}")
+        if isinstance(self.adopt_p, bool) or not isinstance(self.adopt_p, (int, float)) or not 0 < self.adopt_p <= 1:
+            raise CalibrationError(
+                f"adopt_p must be a p-value in (0, 1] (1: always register the best trial), got {self.adopt_p!r}"
+            )
         if not self.attnts_temperatures or any(t <= 0 for t in self.attnts_temperatures):
             raise CalibrationError(
                 f"AttnTS temperatures must be positive numbers, got {self.attnts_temperatures!r}"
@@ -169,6 +185,8 @@ class CalibrationResult:
     paired_test: dict[str, dict[str, Any]] = field(default_factory=dict)
     flat_objective: dict[str, Any] | None = None  # set when the dev objective could not tell knobs apart
     selection: dict[str, Any] = field(default_factory=dict)  # DySCO's selection recall (dev best, test)
+    # Why the registered knobs are the best trial's or the published ones (`Calibration.adoption`).
+    adoption: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what `calibrate --json` prints)."""
@@ -180,7 +198,7 @@ class CalibrationResult:
             ("vanilla", "vanilla"),
             (f"AttnTS (T={self.attnts_temperature:g})", "attnts"),
             ("DySCO published knobs", "dysco_published"),
-            (f"DySCO tuned (trial {self.best_trial})", "dysco"),
+            (f"DySCO calibrated (trial {self.best_trial})", "dysco"),
         ]
         width = max(len(label) for label, _ in rows)
         lines = [f"{'method':<{width}}  {'dev':>6}  {'test':>6}  {'tokens/s':>8}"]
@@ -192,14 +210,17 @@ class CalibrationResult:
                 f"{label:<{width}}  {_fmt(dev):>6}  {_fmt(test):>6}  "
                 f"{'-' if speed is None else f'{speed:.1f}':>8}"
             )
-        for name, label in (("dysco-vanilla", "tuned − vanilla"), ("dysco_published-vanilla", "published − vanilla"),
-                            ("dysco-dysco_published", "tuned − published")):
+        for name, label in (("dysco-vanilla", "calibrated − vanilla"),
+                            ("dysco_published-vanilla", "published − vanilla"),
+                            ("dysco-dysco_published", "calibrated − published")):
             row = self.paired_test.get(name)
             if row:
                 lines.append(
                     f"test {label}: {row['mean_difference']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}], "
                     f"{row['wins']}W/{row['losses']}L/{row['ties']}T, sign test p = {row['p_value']:.3g}"
                 )
+        if self.adoption.get("message"):
+            lines.append(f"knobs: {self.adoption['message']}")
         if self.flat_objective:
             lines.append(f"WARNING: {self.flat_objective['message']}")
         return "\n".join(lines)
@@ -544,6 +565,7 @@ class Calibration:
             "selection": self.base_knobs.selection,
             "space": self.space.to_dict(),
             "objectives": self.objectives,
+            "loss_penalty": float(cfg.loss_penalty),
             "attnts_temperatures": list(cfg.attnts_temperatures),
             "seed": cfg.seed,
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
@@ -607,6 +629,7 @@ class Calibration:
                 "Start a new study: give a new --study-name (or none: the default name is derived from the "
                 "settings, so it names a new study)"
             )
+        stored = {"loss_penalty": 0.0, **stored}  # studies made before the penalty optimised the plain score
         if stored != self.definition:
             differ = sorted(k for k in set(stored) | set(self.definition) if stored.get(k) != self.definition.get(k))
             raise CalibrationError(
@@ -665,22 +688,36 @@ class Calibration:
             intervention_warmup=params["intervention_warmup"],
         )
 
+    def _vanilla_dev_scores(self) -> list[float] | None:
+        """Vanilla's per-example dev scores when the objective needs them (a loss penalty), else None."""
+        if not self.config.loss_penalty:
+            return None
+        with self._lock():  # one process computes the baselines; the others wait and read them
+            return [float(v) for v in self.run_baselines()["vanilla"]["scores"]]
+
     def _objective(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        vanilla = self._vanilla_dev_scores()
         params = self.space.suggest(trial)
         trial.set_user_attr("head_set", [list(h) for h in self.ranking[: params["num_heads"]]])
         config = self._dysco_config(params)
         multi = self.config.speed_objective
+        penalty = self.config.loss_penalty
 
-        def on_batch(done: int, mean: float) -> None:
+        def on_batch(scores: list[float]) -> None:
             if not multi:
-                trial.report(mean, done)
+                value = dev_objective(scores, vanilla, penalty)
+                trial.report(value, len(scores))
                 if trial.should_prune():
-                    raise optuna.TrialPruned(f"running score {mean:.3f} after {done} examples")
+                    raise optuna.TrialPruned(f"running objective {value:.3f} after {len(scores)} examples")
 
         evaluation = self.dev_runner.evaluate(Method.dysco(config), on_batch=on_batch)
         for key, value in _summary(evaluation).items():
             trial.set_user_attr(key, value)
-        return (evaluation.mean, evaluation.tokens_per_s) if multi else evaluation.mean
+        objective = dev_objective(evaluation.scores, vanilla, penalty)
+        if vanilla is not None:
+            d = np.asarray(evaluation.scores) - np.asarray(vanilla)
+            trial.set_user_attr("vs_vanilla", {"wins": int((d > 0).sum()), "losses": int((d < 0).sum())})
+        return (objective, evaluation.tokens_per_s) if multi else objective
 
     def _next_trial(self) -> tuple[optuna.Study, optuna.Trial | None, bool]:
         """Under the study's lock: (study, a new trial or None, whether the budget is met)."""
@@ -739,6 +776,13 @@ class Calibration:
             return study.best_trial
         return max(study.best_trials, key=lambda t: (t.values[0], t.values[1], -t.number))
 
+    def adoption(self, study: optuna.Study) -> tuple[FrozenTrial, dict[str, Any]]:
+        """The trial whose knobs get registered, and why (`choose_knobs` on this study)."""
+        published = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                          if t.user_attrs.get("published_defaults")), None)
+        return choose_knobs(self.best_trial(study), published, self._vanilla_dev_scores(),
+                            self.config.loss_penalty, self.config.adopt_p, multi=len(study.directions) > 1)
+
     def finish(self, progress: bool = False) -> CalibrationResult:
         """Score the best trial and the baselines on the test examples; register the profile."""
         # Under the lock: two commands finishing one study together register it once.
@@ -748,7 +792,7 @@ class Calibration:
     def _finish(self, progress: bool) -> CalibrationResult:
         cfg = self.config
         study = self.load_study()
-        best = self.best_trial(study)
+        best, adoption = self.adoption(study)
         trials = study.get_trials(deepcopy=False)
         counts = {
             "finished": sum(t.state in FINISHED for t in trials),
@@ -759,7 +803,8 @@ class Calibration:
         # Re-running a finished study's command returns the registered result instead of
         # registering the same knobs twice.
         previous = study.user_attrs.get("result")
-        if previous and previous["best_trial"] == best.number and previous["trials"] == counts:
+        if previous and previous["best_trial"] == best.number and previous["trials"] == counts \
+                and previous.get("adoption", {}).get("adopt_p") == adoption["adopt_p"]:
             return CalibrationResult(**previous)
 
         baselines = self.run_baselines(progress=progress)
@@ -784,14 +829,14 @@ class Calibration:
         if "dysco_published" not in test:
             test["dysco_published"] = test["dysco"]
         published_dev = next(
-            (t.values[0] for t in trials if t.user_attrs.get("published_defaults") and t.state == TrialState.COMPLETE),
+            (_dev_score(t) for t in trials if t.user_attrs.get("published_defaults") and t.state == TrialState.COMPLETE),
             None,
         )
         scores = {
             "dev": {
                 "vanilla": baselines["vanilla"]["score"],
                 "attnts": baselines["attnts"]["score"],
-                "dysco": float(best.values[0]),
+                "dysco": _dev_score(best),
                 "dysco_published": None if published_dev is None else float(published_dev),
             },
             "test": {name: ev.mean for name, ev in test.items()},
@@ -821,14 +866,14 @@ class Calibration:
             "tracking_uri": self.tracker.tracking_uri if self.tracker else None,
             "run_id": self.tracker.parent_run_id if self.tracker else None,
         }
-        profile = self._profile(best, scores, speeds, baselines, counts, tracking, paired, flat)
+        profile = self._profile(best, scores, speeds, baselines, counts, tracking, paired, flat, adoption)
         ref = self.registry.register(profile) if cfg.register else None
         result = CalibrationResult(
             study_name=study.study_name, storage=cfg.storage, trials=counts, best_trial=best.number,
             best_params=dict(best.params), head_set=[list(h) for h in profile.head_set],
             scores=scores, tokens_per_s=speeds, attnts_temperature=t_star, profile_ref=ref,
             parent_ref=self.parent_ref, mlflow=tracking, pareto_front=pareto, paired_test=paired,
-            flat_objective=flat, selection=selection,
+            flat_objective=flat, selection=selection, adoption=adoption,
         )
         study.set_user_attr("result", result.to_dict())
         if self.tracker is not None:
@@ -846,7 +891,7 @@ class Calibration:
             self.tracker.log_json({**profile.to_dict(), "ref": ref}, "profile.json", "profile")
         return result
 
-    def _profile(self, best, scores, speeds, baselines, counts, tracking, paired, flat):
+    def _profile(self, best, scores, speeds, baselines, counts, tracking, paired, flat, adoption):
         from registry import Knobs, Profile
 
         cfg = self.config
@@ -870,6 +915,8 @@ class Calibration:
             "attnts_grid_dev": baselines["attnts"]["grid"],
             "test_paired": paired,
             "flat_objective": flat,
+            "loss_penalty": float(cfg.loss_penalty),
+            "adoption": adoption,
         }
         if cfg.needles is not None:
             metrics["needles"] = cfg.needles
@@ -894,6 +941,72 @@ class Calibration:
             model=self.identity, head_set=self.ranking[: p["num_heads"]], knobs=knobs,
             head_scores=head_scores, metrics=metrics, provenance=provenance,
         )
+
+
+def objective_terms(scores: Sequence[float], vanilla: Sequence[float] | None, loss_penalty: float) -> np.ndarray:
+    """Each example's share of the dev objective: s - loss_penalty * max(0, v - s) [n].
+
+    s: the trial's score, v: vanilla's on the same example (only the first len(scores) of them are
+    used, so a pruner can score a trial's running scores); without vanilla's scores, s alone.
+    """
+    s = np.asarray(scores, dtype=float)
+    if vanilla is None or not loss_penalty:
+        return s
+    return s - loss_penalty * np.clip(np.asarray(vanilla[: len(s)], dtype=float) - s, 0.0, None)
+
+
+def dev_objective(scores: Sequence[float], vanilla: Sequence[float] | None, loss_penalty: float) -> float:
+    """The study's objective: the mean score, less `loss_penalty` x the mean shortfall against vanilla.
+
+        >>> dev_objective([1, 0, 1, 1], [1, 1, 0, 1], loss_penalty=1.0)  # one win, one loss
+        0.5
+        >>> dev_objective([1, 0, 1, 1], None, loss_penalty=1.0)
+        0.75
+    """
+    terms = objective_terms(scores, vanilla, loss_penalty)
+    return float(terms.mean()) if terms.size else 0.0
+
+
+def choose_knobs(
+    best: FrozenTrial,
+    published: FrozenTrial | None,
+    vanilla: Sequence[float] | None,
+    loss_penalty: float,
+    adopt_p: float,
+    *,
+    multi: bool = False,
+) -> tuple[FrozenTrial, dict[str, Any]]:
+    """The best trial if it beats the published defaults' trial on dev by more than noise, else theirs.
+
+    "More than noise": a two-sided sign test on the per-example objective terms of the two trials
+    (same dev examples) gives p < `adopt_p`. Without a complete published trial, or with a speed
+    objective (the most accurate Pareto trial), the best trial is kept. Returns the chosen trial
+    and a JSON-ready account (`message` says it in one line).
+    """
+    row: dict[str, Any] = {"best_trial": best.number, "adopt_p": float(adopt_p),
+                           "published_trial": None if published is None else published.number}
+    if published is None or published.number == best.number or multi:
+        why = ("the published defaults' trial did not complete" if published is None
+               else "with a speed objective the most accurate Pareto trial is kept" if multi
+               else "the published defaults are the best trial")
+        return best, {**row, "adopted": True, "chosen_trial": best.number, "message": f"trial {best.number}: {why}"}
+    d = (objective_terms(best.user_attrs["scores"], vanilla, loss_penalty)
+         - objective_terms(published.user_attrs["scores"], vanilla, loss_penalty))
+    wins, losses, p = int((d > 0).sum()), int((d < 0).sum()), sign_test(d.tolist())
+    adopted = p < adopt_p
+    chosen = best if adopted else published
+    verdict = (f"trial {best.number} replaces the published defaults" if adopted else
+               f"the published defaults (trial {published.number}) are kept: the best trial, {best.number}, "
+               "is not distinguishable from them on this dev set")
+    message = (f"{verdict} (dev objective {best.values[0]:.3f} vs {published.values[0]:.3f}, "
+               f"{wins}W/{losses}L over {len(d)} examples, sign test p = {p:.3g}, adopted below {adopt_p:g})")
+    return chosen, {**row, "adopted": adopted, "chosen_trial": chosen.number, "wins": wins, "losses": losses,
+                    "p_value": p, "message": message}
+
+
+def _dev_score(trial: FrozenTrial) -> float:
+    """A trial's plain dev score (its objective may carry a loss penalty)."""
+    return float(trial.user_attrs.get("score", trial.values[0]))
 
 
 def _summary(evaluation: Evaluation) -> dict[str, Any]:
@@ -1073,10 +1186,13 @@ def _coordinate(config: CalibrationConfig, progress: bool, workers: _Workers | N
             ) from None
         cal.tracker = tracker
     try:
-        # Trials first, baselines after (in `finish`): extra workers and other commands start on
-        # trials at once, and the baselines are computed by one process only, under the lock.
+        # Baselines are computed by one process only, under the lock: before the trials when the
+        # objective compares with vanilla (other workers wait for them), else after, in `finish`.
         if workers is not None:
             workers.wait_ready()
+        if config.loss_penalty:  # the objective compares with vanilla: its dev scores come first
+            with cal._lock():
+                cal.run_baselines(progress=progress)
         bar = _trial_bar(cal, progress)
 
         def on_trial(study: optuna.Study) -> None:

@@ -251,10 +251,14 @@ def test_calibration_registers_a_profile_and_logs_mlflow_runs(workdir):
     recall = result.selection["dev_best"]
     assert recall is not None and 0.0 <= recall["evidence_recall"] <= 1.0 and recall["examples"] == 2
     assert result.attnts_temperature in (0.8, 0.9)
+    # The registered knobs are the chosen trial's, with the reason recorded (the published ones unless beaten).
+    assert result.adoption["chosen_trial"] == result.best_trial and result.adoption["message"]
+    assert result.adoption["adopted"] == (result.best_trial == result.adoption["best_trial"])
     assert result.profile_ref == f"{MODEL_NAME}@2" and result.parent_ref == workdir["ref"]
     profile = Registry(workdir["registry"]).load(result.profile_ref)
     assert profile.metrics["test"] == result.scores["test"]
     assert profile.metrics["dev"]["vanilla"] == result.scores["dev"]["vanilla"]
+    assert profile.metrics["adoption"] == result.adoption and profile.metrics["loss_penalty"] == 1.0
     assert profile.provenance["parent"] == workdir["ref"]
     assert profile.provenance["study_name"] == result.study_name
     assert profile.provenance["mlflow_run_id"] == result.mlflow["run_id"]
@@ -605,3 +609,64 @@ def test_an_unreachable_tracking_server_fails_at_once_creating_nothing(tmp_path)
         calibrate(config)
     assert time.perf_counter() - began < 10
     assert not storage.exists()  # no study, no model load (the model name would have failed first otherwise)
+
+
+def _finished_trial(number: int, scores: list[float], vanilla: list[float] | None, penalty: float, **attrs):
+    from calibration.study import dev_objective
+
+    trial = optuna.trial.create_trial(
+        params={}, distributions={}, value=dev_objective(scores, vanilla, penalty),
+        user_attrs={"scores": scores, **attrs},
+    )
+    trial.number = number
+    return trial
+
+
+def test_the_objective_charges_losses_against_vanilla():
+    from calibration.study import dev_objective
+
+    vanilla = [1, 1, 0, 0, 1, 0]
+    adds_one = [1, 1, 1, 0, 1, 0]  # one win, no loss
+    trades = [1, 0, 1, 1, 1, 1]  # three wins, one loss: one more right answer than `adds_one`
+    assert sum(trades) > sum(adds_one)
+    assert dev_objective(trades, vanilla, 0.0) > dev_objective(adds_one, vanilla, 0.0)
+    assert dev_objective(trades, vanilla, 1.0) == pytest.approx(dev_objective(adds_one, vanilla, 1.0)) == 4 / 6
+    assert dev_objective(trades, vanilla, 2.0) < dev_objective(adds_one, vanilla, 2.0)
+    # Graded (partial) scores: only the shortfall counts, and a pruner's running scores use vanilla's prefix.
+    assert dev_objective([0.5, 1.0], [0.75, 0.0], 1.0) == pytest.approx((0.5 - 0.25 + 1.0) / 2)
+    assert dev_objective([0.0], vanilla, 1.0) == -1.0
+
+
+def test_the_best_trial_replaces_the_published_knobs_only_beyond_noise():
+    from calibration.study import choose_knobs
+
+    vanilla = [0.0] * 40
+    published = _finished_trial(0, [1.0] * 20 + [0.0] * 20, vanilla, 1.0, published_defaults=True)
+    lucky = _finished_trial(7, [1.0] * 23 + [0.0] * 17, vanilla, 1.0)  # 3 more right: 3W/0L, p = 0.25
+    chosen, why = choose_knobs(lucky, published, vanilla, 1.0, 0.05)
+    assert chosen is published and not why["adopted"] and why["chosen_trial"] == 0
+    assert (why["wins"], why["losses"]) == (3, 0) and why["p_value"] == pytest.approx(0.25)
+    assert "published defaults (trial 0) are kept" in why["message"] and "p = 0.25" in why["message"]
+
+    clear = _finished_trial(9, [1.0] * 30 + [0.0] * 10, vanilla, 1.0)  # 10W/0L, p = 0.002
+    chosen, why = choose_knobs(clear, published, vanilla, 1.0, 0.05)
+    assert chosen is clear and why["adopted"] and why["p_value"] < 0.01
+    assert "trial 9 replaces the published defaults" in why["message"]
+    # adopt_p = 1 always takes the best trial; so does a study whose published trial did not complete.
+    assert choose_knobs(lucky, published, vanilla, 1.0, 1.0)[0] is lucky
+    assert choose_knobs(lucky, None, vanilla, 1.0, 0.05)[0] is lucky
+    assert choose_knobs(published, published, vanilla, 1.0, 0.05)[1]["message"].endswith(
+        "the published defaults are the best trial")
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--loss-penalty", "-1", "expected a finite number >= 0, got '-1'"),
+    ("--loss-penalty", "nan", "expected a finite number >= 0, got 'nan'"),
+    ("--adopt-p", "0", "expected a p-value in (0, 1], got '0'"),
+    ("--adopt-p", "x", "expected a p-value in (0, 1], got 'x'"),
+])
+def test_bad_objective_options_are_usage_errors(capsys, flag, value, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main("--dev", "kv", flag, value)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
