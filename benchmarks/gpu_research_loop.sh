@@ -1,41 +1,59 @@
 #!/usr/bin/env bash
-# The research loop on one GPU machine that has no network: calibrate DySCO's knobs on dev examples,
-# then evaluate the calibrated profile, the published knobs and vanilla on held-out examples.
-# docs/results.md has the run this produced and the recipe around it (the weights arrive in <= 60 MB
-# pieces, the wheels as files):
+# The research loop on one GPU machine that has no network: detect the QR heads, calibrate DySCO's
+# knobs on dev examples, then evaluate the calibrated profile, the published knobs and vanilla on
+# held-out examples. docs/results.md has the runs this produced and the recipe around them (the
+# weights arrive in <= 60 MB pieces, the wheels as files):
 #
+#   bash benchmarks/gpu_research_loop.sh detect PARTS_DIR OUT [headfinder detect options...]
 #   bash benchmarks/gpu_research_loop.sh calibrate PARTS_DIR OUT [calibrate options...]
+#   bash benchmarks/gpu_research_loop.sh import ARCHIVE
 #   bash benchmarks/gpu_research_loop.sh eval OUT [dysco eval options...]
 #
-# `calibrate` joins PARTS_DIR/part* into the model cache as the catalogue's kept GGUF of MODEL
-# (default smollm2-135m; the checkpoint is rebuilt from it on load, exactly as `dysco models pull`
-# would), checks it against the catalogue's pinned sha256, runs `calibrate` with a sqlite study and a registry under /tmp (they
-# outlive the call while the machine stays warm), and copies into OUT the study, the result JSON and
-# the registered profile as an archive. `eval` runs `dysco eval` against that registry.
+# `detect` and `calibrate` first join PARTS_DIR/part* into the model cache as the catalogue's kept
+# GGUF of MODEL (default smollm2-135m; the checkpoint is rebuilt from it on load, exactly as `dysco
+# models pull` would) unless it is there already, and check it against the catalogue's pinned
+# sha256. `detect` registers the head scores (a new profile version). `calibrate` runs a sqlite study
+# and a registry under /tmp (they outlive the call while the machine stays warm, so a rerun of the
+# same command resumes the study), and copies into OUT the study, the result JSON and the registered
+# profile as an archive. `import` adds a profile archive to that registry; `eval` runs `dysco eval`
+# against it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DYSCO_CACHE="${DYSCO_CACHE:-/tmp/dysco-cache}" DYSCO_REGISTRY="${DYSCO_REGISTRY:-/tmp/dysco-registry}"
 MODEL="${MODEL:-smollm2-135m}"
 py() { python3 -c "import sys; from $1 import main; sys.exit(main(sys.argv[1:]))" "${@:2}"; }
 
+join() {
+  read -r gguf sha < <(python3 -c "from decoder.catalogue import get_entry, source_path as p
+print(p('$MODEL'), get_entry('$MODEL').gguf_sha256)")
+  mkdir -p "$(dirname "$gguf")"
+  [ -f "$gguf" ] || cat "$1"/part* > "$gguf"
+  echo "$sha  $gguf" | sha256sum -c -
+}
+
 case "${1:-}" in
+  detect)
+    parts="$2" out="$3"; shift 3
+    join "$parts"; mkdir -p "$out"
+    py headfinder.cli detect --model "$MODEL" --registry "$DYSCO_REGISTRY" --register --out "$out/heads" --no-progress "$@" \
+      | tee "$out/detect.txt"
+    ;;
   calibrate)
     parts="$2" out="$3"; shift 3
-    read -r gguf sha < <(python3 -c "from decoder.catalogue import get_entry, source_path as p
-print(p('$MODEL'), get_entry('$MODEL').gguf_sha256)")
-    mkdir -p "$(dirname "$gguf")" "$out"
-    cat "$parts"/part* > "$gguf"
-    echo "$sha  $gguf" | sha256sum -c -
+    join "$parts"; mkdir -p "$out"
     py calibration.cli --model "$MODEL" --storage "sqlite:////tmp/dysco-study.db" --no-tracking \
       --registry "$DYSCO_REGISTRY" --json "$@" | tee "$out/calibrate.json"
     cp /tmp/dysco-study.db "$out/study.db"
     ref=$(python3 -c "import json; print(json.load(open('$out/calibrate.json'))['profile_ref'])")
     py decoder.cli registry export --registry "$DYSCO_REGISTRY" "$ref" "$out/profile.tar.gz"
     ;;
+  import)
+    py decoder.cli registry import --registry "$DYSCO_REGISTRY" "$2"
+    ;;
   eval)
     out="$2"; shift 2
     py decoder.cli eval --model "$MODEL" --registry "$DYSCO_REGISTRY" --out "$out" "$@"
     ;;
   *)
-    sed -n 2,15p "$0"; exit 2 ;;
+    sed -n 2,21p "$0"; exit 2 ;;
 esac
