@@ -81,7 +81,7 @@ def test_streamed_text_equals_the_json_text(tiny_loader, capsys):
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["--prompt", "hi"], 2, "needs a head set"),
+        (["--model", "tiny", "--prompt", "hi"], 2, "needs a head set"),
         (["--heads", "9:0", "--prompt", "hi"], 1, "4 layers × 4 heads"),
         (["--heads", "1:0", "--strength", "0", "--prompt", "hi"], 1, "strength must be > 0"),
         (["--heads", "1:0", "--top-p", "1.5", "--prompt", "hi"], 1, r"top_p must be in \(0, 1\]"),
