@@ -1305,7 +1305,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _run_cli(args: argparse.Namespace) -> int:
     import torch
 
-    from calibration.study import model_name
+    from decoder.loading import model_name
     from decoder.loading import load_model
 
     # Cheap checks first: a typo must not cost a model load.

@@ -62,6 +62,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from calibration.runner import Evaluation, ExampleRunner, Method, dysco_warmup
+from decoder.loading import model_name
 from calibration.stats import paired_comparison, seed_for, sign_test
 from calibration.space import SearchSpace
 
@@ -259,20 +260,6 @@ def head_ranking(profile: Any) -> list[tuple[int, int]]:
     scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-scores, axis=None, kind="stable")  # ties: lower (layer, head) first
     return [tuple(int(v) for v in np.unravel_index(i, scores.shape)) for i in order]
-
-
-def model_name(spec: str) -> str:
-    """The registry name of a model spec: a catalogue name or Hub id as is, a path's last part."""
-    path = Path(spec).expanduser()
-    if path.exists() or spec.startswith((".", "/", "~")):
-        stem = path.resolve().name
-        if stem.lower().endswith(".gguf"):
-            stem = stem[: -len(".gguf")]
-        cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip("-.")
-        while "--" in cleaned or ".." in cleaned:
-            cleaned = cleaned.replace("--", "-").replace("..", ".")
-        return cleaned or "local-model"
-    return spec
 
 
 def library_versions() -> dict[str, str]:

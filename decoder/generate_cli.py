@@ -175,13 +175,13 @@ def _generate(args) -> int:
     if args.fast and args.sample:
         raise _UsageError("--fast decodes greedily; drop --sample, or drop --fast to sample")
     from decoder.catalogue import DEFAULT_MODEL
-    from decoder.loading import load_model
+    from decoder.loading import load_model, model_name
 
     profile = profile_ref = None
     if args.profile is not None or (args.method == "dysco" and args.heads is None):
         from registry import ProfileNotFound, Registry
 
-        ref = args.profile or args.model or DEFAULT_MODEL
+        ref = args.profile or model_name(args.model or DEFAULT_MODEL)
         try:
             registry = Registry()
             name, version = registry.resolve(ref)
@@ -190,9 +190,9 @@ def _generate(args) -> int:
         except ProfileNotFound:
             if args.profile is not None:
                 raise
-    model_name = args.model or (profile.model.name if profile is not None and args.profile else None) or DEFAULT_MODEL
-    model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, progress=not args.json)
-    decoder = _build_decoder(args, model, tokenizer, profile, model_name)
+    model_spec = args.model or (profile.model.name if profile is not None and args.profile else None) or DEFAULT_MODEL
+    model, tokenizer = load_model(model_spec, dtype=args.dtype, device=args.device, progress=not args.json)
+    decoder = _build_decoder(args, model, tokenizer, profile, model_name(model_spec))
 
     if args.raw or not getattr(tokenizer, "chat_template", None):
         prompt = text
@@ -203,7 +203,7 @@ def _generate(args) -> int:
     if used and not args.json:
         print(f"[dysco] profile {used['ref']} (content {used['content_hash'][:12]})", file=sys.stderr)
     if args.fast:
-        return _generate_fast(args, decoder, prompt, model_name, used)
+        return _generate_fast(args, decoder, prompt, model_spec, used)
 
     streamed = []
 
@@ -229,7 +229,7 @@ def _generate(args) -> int:
     if args.json:
         print(json.dumps({
             "text": result.text,
-            "model": model_name,
+            "model": model_spec,
             "method": decoder.method,
             "prompt_tokens": len(result.prompt_ids[0]),
             "tokens": result.token_ids[0],

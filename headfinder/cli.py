@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from decoder.loading import model_name
 from decoder.threads import quiet_idle_threads
 
 quiet_idle_threads()  # before anything imports torch
@@ -169,14 +170,6 @@ def _model_limits(model) -> tuple[int, int, int | None]:
     return n_layers, n_heads, getattr(config, "max_position_embeddings", None)
 
 
-def _model_name(spec: str) -> str:
-    """A registry-safe name for a model spec: the catalogue name, or a path's last component."""
-    import re
-
-    name = spec if "/" not in spec or not Path(spec).exists() else Path(spec.rstrip("/")).stem
-    return re.sub(r"[^A-Za-z0-9._/-]+", "-", name).strip("-/") or "model"
-
-
 def _slug(name: str) -> str:
     return name.replace("/", "--") if "--" not in name else name.replace("/", "_")
 
@@ -234,7 +227,7 @@ def _cmd_detect(args) -> int:
     runs_qr, runs_needle = args.probes in ("qr", "both"), args.probes in ("needle", "both")
     if score_name.startswith("qr") and not runs_qr or score_name == "retrieval" and not runs_needle:
         raise HeadfinderError(f"--score {score_name} needs the probes that compute it; --probes {args.probes} does not")
-    name = _model_name(args.model)
+    name = model_name(args.model)
     out = args.out or Path("headfinder-out") / f"{_slug(name)}-seed{args.seed}"
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY_FILE).is_file())):
         raise HeadfinderError(f"--out {out} exists and is not a previous headfinder output; choose another folder")
@@ -540,7 +533,7 @@ def _cmd_validate(args) -> int:
     except ValueError as err:
         raise HeadfinderError(str(err)) from err
     result = report.to_dict()
-    result.update(model=_model_name(args.model), source=source, seed=args.seed,
+    result.update(model=model_name(args.model), source=source, seed=args.seed,
                   time_s=round(time.time() - started, 2))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -158,3 +158,22 @@ def test_register_into_a_file_fails_before_any_scoring(tiny_checkpoint, tmp_path
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code != 0 and "is a file, not a folder" in err and "Traceback" not in err
+
+
+def test_a_dotted_checkpoint_folder_registers_under_the_name_calibrate_looks_up(tiny_checkpoint, tmp_path):
+    """Issue 14: `--model models/qwen2.5-0.5b --register` registered `qwen2.5-0` (Path.stem), while
+    `calibrate` and `dysco eval` looked for `qwen2.5-0.5b`. One rule now: decoder.loading.model_name."""
+    import shutil
+
+    from decoder.loading import model_name
+    from registry import Registry
+
+    folder = tmp_path / "models" / "tiny-0.5b"
+    shutil.copytree(tiny_checkpoint, folder)
+    registry_root = tmp_path / "registry"
+    result = _run_json(["detect", "--model", str(folder), "--n-probes", "1", "--context", "700", "--top", "2",
+                        "--probes", "qr", "--out", str(tmp_path / "run"), "--register", "--registry",
+                        str(registry_root), "--json", "--threads", "1"])
+    assert result["summary"]["registered"] == "tiny-0.5b@1"
+    assert model_name(str(folder)) == model_name(f"{folder}/") == "tiny-0.5b"  # what calibrate resolves
+    assert Registry(registry_root).resolve(model_name(str(folder))) == ("tiny-0.5b", 1)
