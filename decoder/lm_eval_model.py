@@ -109,13 +109,14 @@ class _ChatMasks:
     The harness renders a chat to a string and tokenises it later; the template positions are taken
     from `decoder.template.encode_chat` of the same conversation when its ids are the rendering's ids.
     Keyed by a hash of the ids: also of the ids minus their last 1-2 tokens, because the harness moves
-    a context's trailing whitespace (the generation prompt's newline) into the continuation.
+    a context's trailing whitespace (the generation prompt's newline) into the continuation. Only the
+    template positions are kept (a few dozen per chat, however long the context).
     """
 
     TRIMS = (0, 1, 2)
 
     def __init__(self) -> None:
-        self._masks: dict[bytes, np.ndarray] = {}
+        self._positions: dict[bytes, np.ndarray] = {}  # key -> int32 template positions of the full rendering
         self.recorded = 0
 
     @staticmethod
@@ -123,7 +124,7 @@ class _ChatMasks:
         return hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
 
     def add(self, tokenizer, messages: list[dict], text: str, add_generation_prompt: bool) -> bool:
-        """Remember the template mask of `messages` rendered as `text`; False when it cannot be matched."""
+        """Remember the template positions of `messages` rendered as `text`; False when they cannot be matched."""
         from decoder.template import encode_chat
 
         try:
@@ -132,21 +133,25 @@ class _ChatMasks:
             return False
         if ids != list(tokenizer(text, add_special_tokens=False)["input_ids"]):
             return False  # the harness rendered it differently (continue_final_message, chat_template_args)
-        flags = np.asarray(mask, dtype=bool)
+        positions = np.flatnonzero(np.asarray(mask, dtype=bool)).astype(np.int32)
         for trim in self.TRIMS:
             if len(ids) - trim >= 1:
-                self._masks[self._key(ids[: len(ids) - trim])] = flags[: len(ids) - trim]
+                self._positions[self._key(ids[: len(ids) - trim])] = positions
         self.recorded += 1
         return True
 
     def find(self, ids: Sequence[int]) -> list[bool] | None:
         """The template mask of a context's ids (a leading special token the tokenizer added counts as template)."""
-        if not self._masks:
+        if not self._positions:
             return None
         for offset in (0, 1):
-            flags = self._masks.get(self._key(ids[offset:])) if len(ids) > offset else None
-            if flags is not None:
-                return [True] * offset + flags.tolist()
+            positions = self._positions.get(self._key(ids[offset:])) if len(ids) > offset else None
+            if positions is not None:
+                mask = [False] * len(ids)
+                for p in positions[positions < len(ids) - offset].tolist():
+                    mask[offset + p] = True
+                mask[:offset] = [True] * offset
+                return mask
         return None
 
 
