@@ -218,26 +218,30 @@ def test_batched_scores_of_vanilla_and_attnts_are_the_decoders(method):
         assert abs(plain.totals[0] - scores.totals[0]) > 1e-3
 
 
-def test_fast_path_generates_the_exact_paths_replies(dysco_lm, registry, monkeypatch):
-    """fast=True (FastDecoder, greedy) gives the exact path's replies to the harness's generate_until requests."""
-    from lm_eval.api.instance import Instance
-
+def test_harness_generation_is_the_decoders_token_for_token_on_both_paths(dysco_lm, registry, monkeypatch):
+    """The harness's batch (its rendering, tokenisation and padding) decodes to the tokens `Decoder.generate`
+    gives the same chats (what `dysco generate` runs), on the exact path and with fast=True."""
     from decoder.lm_eval_model import DyscoLM
 
     monkeypatch.setenv("DYSCO_REGISTRY", str(registry))
     fast = DyscoLM(pretrained="smollm2-135m", profile="smollm2-135m@1", device="cpu", batch_size=4, fast=True)
-    questions = ["The secret number of Brelow is 4417302. The sky is blue. What is the secret number of Brelow?",
-                 "Alice lives in Paris. Bob lives in Rome. Where does Alice live? Answer in one word."]
-    replies = {}
-    for name, lm in (("fast", fast), ("exact", dysco_lm)):
-        requests = [Instance(request_type="generate_until", doc={}, idx=0,
-                             arguments=(lm.apply_chat_template([{"role": "user", "content": q}]),
-                                        {"until": ["\n\n"], "max_gen_toks": 16, "do_sample": False}))
-                    for q in questions]
-        replies[name] = lm.generate_until(requests, disable_tqdm=True)
+    chats = [[{"role": "user", "content": "The secret number of Brelow is 4417302. The sky is blue. What is the secret "
+                                          "number of Brelow?"}],
+             [{"role": "user", "content": "Alice lives in Paris. Bob lives in Rome. Where does Alice live?"}]]
+    context, mask = dysco_lm.tok_batch_encode([dysco_lm.apply_chat_template(chat) for chat in chats])
+    width = context.shape[1]
+    expected = dysco_lm._decoder.generate(chats, max_new_tokens=16, stop_strings=["\n\n"]).token_ids
+    for name, lm in (("exact", dysco_lm), ("fast", fast)):
+        if name == "fast":
+            fast.apply_chat_template(chats[0]), fast.apply_chat_template(chats[1])  # as the harness renders for it
+        out = lm._model_generate(context, max_length=width + 16, stop=["\n\n"], attention_mask=mask, do_sample=False,
+                                 temperature=0.0)
+        assert torch.equal(out[:, :width], context)
+        for row, tokens in zip(out.tolist(), expected):
+            assert row[width : width + len(tokens)] == tokens, name
+            assert set(row[width + len(tokens) :]) <= {dysco_lm.tokenizer.pad_token_id}, name
         assert lm.get_model_info()["dysco_path"] == name
-    assert replies["fast"] == replies["exact"]
-    assert "4417302" in replies["exact"][0]
+    assert "4417302" in dysco_lm.tokenizer.decode(expected[0])
 
 
 @pytest.mark.parametrize(
