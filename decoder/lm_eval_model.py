@@ -227,6 +227,23 @@ class DyscoLM(HFLM):
         super().__init__(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, **options)
         self.pretrained = pretrained  # HFLM keeps the model object here; the results file wants the spec
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DyscoLM:
+        """From `--model_args`; device, batch_size or max_batch_size given there win over the harness's flags."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> DyscoLM:
+        """From a dict of model_args: the harness's flags fill only what model_args leave out.
+
+        lm_eval's CLI always passes --device (default cuda:0) and --batch_size (default 1) next to
+        model_args, so without this `device=` or `batch_size=` in model_args were a duplicate-argument error.
+        """
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
     # ------------------------------------------------------------------------------------------
     # What the harness asks for
     # ------------------------------------------------------------------------------------------
@@ -253,7 +270,7 @@ class DyscoLM(HFLM):
                 f"{', '.join(_GEN_KWARGS)}, until and max_gen_toks"
             )
         temperature = float(generation_kwargs.get("temperature") or 0.0)
-        # As HFLM: temperature 0 is greedy whatever do_sample says.
+        # Temperature 0 is greedy whatever do_sample says (the harness's normalised kwargs mean it so).
         do_sample = bool(generation_kwargs.get("do_sample")) and temperature > 0
         top_p = float(generation_kwargs.get("top_p") or 1.0)
         if attention_mask is None:

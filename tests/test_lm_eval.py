@@ -305,7 +305,12 @@ def test_model_args_string_parses_as_the_harness_parses_it(monkeypatch):
     )
     assert seen == {"pretrained": "smollm2-135m", "heads": HEADS_ARG, "strength": 3, "fast": True,
                     "intervention_warmup": "auto", "batch_size": 4}
-    assert module.parse_model_heads(seen["heads"]) == HEADS
+    # The CLI always passes its --device and --batch_size: model_args' own win, no duplicate-argument error.
+    seen.clear()
+    module.DyscoLM.create_from_arg_string("method=vanilla,device=cpu,batch_size=2",
+                                          {"device": "cuda:0", "batch_size": 1, "max_batch_size": None})
+    assert seen == {"method": "vanilla", "device": "cpu", "batch_size": 2}
+    assert module.parse_model_heads(HEADS_ARG) == HEADS
     # The console script runs the same entry point as `python -m decoder.lm_eval_model`.
     from importlib.metadata import entry_points
 
