@@ -179,6 +179,14 @@ def test_dysco_loglikelihood_scores_the_continuation_as_dysco_generates_it(dysco
     # One token: the context's last DySCO step alone, i.e. DySCO's first generated token.
     first = torch.log_softmax(generated.logits[0][0], dim=-1)[tokens[0]].item()
     assert results[3] == (pytest.approx(first, abs=1e-4), True)
+    # loglikelihood_rolling: one window here, the prefix token as its context, every token teacher-forced.
+    from lm_eval.api.instance import Instance
+
+    text = "Alice lives in Paris and Bob lives in Rome."
+    [rolling] = dysco_lm.loglikelihood_rolling(
+        [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)], disable_tqdm=True)
+    direct = decoder.score([[dysco_lm.prefix_token_id]], [dysco_lm.tok_encode(text)]).totals[0]
+    assert rolling == pytest.approx(direct, abs=1e-4)
 
 
 def test_dysco_loglikelihood_uses_the_chat_template_mask(dysco_lm):
