@@ -26,14 +26,14 @@ model_args (`--model_args k=v,k=v`):
     attnts_temperature  AttnTS attention temperature (method=attnts; else the profile's)
     fast                True: generate on the fast path (`decoder.fast.FastDecoder`, greedy only)
     device, dtype       cpu | cuda | cuda:N (default cuda when there is one); float32 | bfloat16 | float16 | auto
-    batch_size          an integer (`--batch_size` of the harness also sets it)
+    batch_size          an integer (else the harness's --batch_size; device too: model_args win)
     registry, force, trust_remote_code    registry folder; use a profile made for another model; run remote code
     and HFLM's max_length, truncation, add_bos_token, prefix_token_id, think_end_token, enable_thinking,
     chat_template_args, softmax_dtype, max_batch_size.
 
 What is scaled when. Tokenisation, truncation, batching, chat templates, stop-sequence handling and the
-results are the harness's own (this class is its `hf` model, HFLM, with three methods replaced); only
-the forward passes change:
+results are the harness's own (this class is its `hf` model, HFLM, with the methods that run the model
+replaced); only the forward passes change:
 
 - `generate_until`: the harness's batch of token ids goes to `Decoder.generate` (`FastDecoder` with
   fast=True) with its `until` strings and `max_gen_toks`; so it decodes exactly as `dysco generate`:
@@ -44,8 +44,8 @@ the forward passes change:
   of every layer). With `--apply_chat_template` the chat-template positions are found as
   `decoder.template` finds them and are never up-weighted.
 - `loglikelihood` (and `loglikelihood_rolling`, whose windows the harness scores the same way), for
-  method=dysco: the context is the prompt and runs the same feed schedule; each continuation token is
-  then teacher-forced with one full DySCO step (`Decoder.score`): the log-probability of continuation
+  method=dysco: the context is the prompt and runs the same feed schedule; each continuation token but
+  the last is then teacher-forced with one full DySCO step (`Decoder.score`): the log-probability of continuation
   token j comes from the DySCO step that fed token j-1 (token 0's from the context's last step), with
   the bias chosen by the importance up to and including that step. So a continuation scores what
   DySCO gave it while generating it, and `is_greedy` says whether DySCO's greedy decoding produces it.
