@@ -99,6 +99,7 @@ def _loglikelihoods(row: dict) -> list[tuple[float, bool]]:
     return [(float(ll), str(greedy) == "True") for (ll, greedy), in row["resps"]]
 
 
+@pytest.mark.slow  # the two CLI runs (shared fixture): ~75 s on a busy 2-core machine
 def test_cli_results_have_the_metrics_and_the_settings(cli_runs):
     for method, (results, samples) in cli_runs.items():
         assert results["config"]["model"] == "dysco"
@@ -115,6 +116,7 @@ def test_cli_results_have_the_metrics_and_the_settings(cli_runs):
     assert "dysco_knobs" not in cli_runs["vanilla"][0]["config"]
 
 
+@pytest.mark.slow
 def test_vanilla_gives_the_hf_models_generations_and_scores(cli_runs, hf_run):
     ours = cli_runs["vanilla"][1]
     for doc_id, row in hf_run["dysco_needle"].items():
@@ -126,6 +128,7 @@ def test_vanilla_gives_the_hf_models_generations_and_scores(cli_runs, hf_run):
         assert [ll for ll, _ in mine] == pytest.approx([ll for ll, _ in theirs], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_dysco_generates_what_the_decoder_generates(cli_runs, smollm2, registry):
     """The harness's DySCO replies are `dysco generate`'s: the same profile, the prompt as one user message."""
     from decoder.generation import Decoder
