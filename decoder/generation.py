@@ -44,7 +44,9 @@ from decoder.dysco import (
 )
 from decoder.template import encode_chat, resolve_intervention_warmup
 
-__all__ = ["METHODS", "Decoder", "Generation", "PrefillState", "StepEvent", "cache_kwarg", "left_pad", "model_shape"]
+__all__ = [
+    "METHODS", "Decoder", "Generation", "PrefillState", "Scores", "StepEvent", "cache_kwarg", "left_pad", "model_shape",
+]
 
 METHODS = ("dysco", "vanilla", "attnts")
 
@@ -89,6 +91,25 @@ class Generation:
     def text(self) -> str:
         """The first (often only) row's text."""
         return self.texts[0]
+
+
+@dataclass
+class Scores:
+    """The result of `Decoder.score`: one entry per (prompt, continuation), in the order given."""
+
+    logprobs: list[torch.Tensor]  # per row float32 [len(continuation)]: log p(token | everything before it)
+    hits: list[torch.Tensor]  # per row bool [len(continuation)]: the token is the argmax there
+    last: list[torch.Tensor] | None = None  # with return_last: per row float32 [vocab], the log-softmax at its last token
+
+    @property
+    def totals(self) -> list[float]:
+        """Each continuation's summed log-probability."""
+        return [float(row.sum()) for row in self.logprobs]
+
+    @property
+    def greedy(self) -> list[bool]:
+        """Per row: greedy decoding would have produced exactly this continuation."""
+        return [bool(row.all()) for row in self.hits]
 
 
 def model_shape(model) -> tuple[int, int]:
@@ -421,6 +442,50 @@ class Decoder:
             diagnostics=diagnostics if return_diagnostics and self.method == "dysco" else None,
             logits=[torch.stack(x) for x in row_logits] if return_logits else None,
         )
+
+    def score(self, prompts, continuations: Sequence[Sequence[int]], *, template_mask=None, return_last: bool = False) -> Scores:
+        """Log-probabilities of given continuations (token ids), teacher-forced through this decoder's own steps.
+
+        The prompt runs exactly as in `generate` (for DySCO its feed schedule: prefill, importance-only
+        steps, DySCO steps on the generation prompt); then each continuation token but the last is fed
+        as `generate` feeds a sampled token (for DySCO one full step: probe, importance, select, biased
+        pass). So a continuation scores what this decoder gave it when it generated it. `return_last`
+        keeps each row's whole log-softmax at its last token (to score other last tokens without a rerun).
+        """
+        rows = [[int(t) for t in row] for row in continuations]
+        if len(rows) != len(_as_batch(prompts)):
+            raise ValueError(f"{len(rows)} continuations for {len(_as_batch(prompts))} prompts")
+        if not all(rows):
+            raise ValueError(f"continuation {next(i for i, row in enumerate(rows) if not row)} is empty")
+        longest = max(len(row) for row in rows)
+        # Only the tokens before each continuation's last one are fed: longest - 1 columns past the prompt.
+        state = self.prefill(prompts, template_mask=template_mask, max_new_tokens=longest - 1)
+        run = _Run(self, state, longest - 1, diagnostics=False)
+        logits = run.start(self._warmup(state.input_ids.shape[1]))
+        logprobs: list[list[torch.Tensor]] = [[] for _ in rows]
+        hits: list[list[bool]] = [[] for _ in rows]
+        last: list[torch.Tensor | None] = [None] * len(rows)
+        for j in range(longest):
+            active = list(run.rows)
+            tokens = torch.tensor([rows[r][j] for r in active], device=logits.device)
+            log_softmax = torch.log_softmax(logits, dim=-1)
+            picked = log_softmax.gather(-1, tokens[:, None])[:, 0].cpu()
+            argmax = (logits.argmax(dim=-1) == tokens).tolist()
+            finished = [i for i, r in enumerate(active) if len(rows[r]) == j + 1]
+            for i, r in enumerate(active):
+                logprobs[r].append(picked[i])
+                hits[r].append(argmax[i])
+            if return_last:
+                for i in finished:
+                    last[active[i]] = log_softmax[i].cpu()
+            if len(finished) == len(active):
+                break
+            if finished:
+                run.drop(finished)
+                tokens = tokens[[i for i in range(len(active)) if i not in finished]]
+            logits = run.step(tokens)
+        return Scores(logprobs=[torch.stack(row) for row in logprobs], hits=[torch.tensor(row) for row in hits],
+                      last=last if return_last else None)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
