@@ -213,21 +213,13 @@ def _fmt(value: float | None) -> str:
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
-    """'21:31,21:18' -> [(21, 31), (21, 18)]."""
-    heads = []
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        layer, sep, head = item.partition(":")
-        if not sep or not layer.isdigit() or not head.isdigit():
-            raise CalibrationError(f"bad head {item!r} in --heads: write LAYER:HEAD pairs, e.g. 21:31,21:18")
-        pair = (int(layer), int(head))
-        if pair in heads:
-            raise CalibrationError(f"--heads lists {item} twice")
-        heads.append(pair)
-    if not heads:
-        raise CalibrationError("--heads is empty: write LAYER:HEAD pairs, e.g. 21:31,21:18")
-    return heads
+    """'21:31,21:18' -> [(21, 31), (21, 18)] (`registry.parse_head_set`, as a CalibrationError)."""
+    from registry import ProfileValidationError, parse_head_set
+
+    try:
+        return parse_head_set(text, "--heads")
+    except ProfileValidationError as err:
+        raise CalibrationError(str(err)) from None
 
 
 def head_ranking(profile: Any) -> list[tuple[int, int]]:

@@ -190,19 +190,13 @@ def _format_heads(heads) -> str:
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
-    """Parse 'L:H,L:H,…' into (layer, head) pairs."""
-    heads = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        parts = item.split(":")
-        if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-            raise HeadfinderError(f"cannot read head {item!r}: write heads as LAYER:HEAD, comma-separated (e.g. 17:3,18:6)")
-        heads.append((int(parts[0]), int(parts[1])))
-    if not heads:
-        raise HeadfinderError("--heads is empty: give at least one LAYER:HEAD")
-    return heads
+    """Parse 'L:H,L:H,…' into (layer, head) pairs (`registry.parse_head_set`, as a HeadfinderError)."""
+    from registry import ProfileValidationError, parse_head_set
+
+    try:
+        return parse_head_set(text, "--heads")
+    except ProfileValidationError as err:
+        raise HeadfinderError(str(err)) from None
 
 
 def _read_run(folder: Path) -> tuple[dict, dict]:

@@ -527,8 +527,8 @@ def test_bad_input_gives_clear_errors_and_registers_nothing(workdir, tmp_path, c
     assert exit_info.value.code == 2
     assert "--trials: must be >= 1, got 0" in capsys.readouterr().err
 
-    # Unknown dev task.
-    assert _run_main("--dev", "nosuchtask", *base) == 1
+    # Unknown dev task: a usage error, before the model loads.
+    assert _run_main("--dev", "nosuchtask", *base) == 2
     assert "unknown dev task 'nosuchtask'" in capsys.readouterr().err
 
     # Unreadable data file, then a well-formed file of the wrong shape (a missing field).
