@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError, check_model_options, one_line_warnings
 from decoder.threads import quiet_idle_threads
 
 quiet_idle_threads()  # before anything imports torch
@@ -31,7 +32,10 @@ SCORES_FILE, HEADS_FILE, SUMMARY_FILE = "scores.safetensors", "head_set.json", "
 
 
 class HeadfinderError(Exception):
-    """A user-facing error: printed as one clear message, exit status 2."""
+    """A runtime error (what the arguments name fails or does not fit the model): one line, exit status 1.
+
+    Usage errors (the command line itself is wrong) are `decoder.cli_common.UsageError`: exit status 2.
+    """
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,7 +146,14 @@ def _output_options(p: argparse.ArgumentParser) -> None:
 
 def _check_positive(value: int, flag: str) -> None:
     if value < 1:
-        raise HeadfinderError(f"{flag} must be at least 1, got {value}")
+        raise UsageError(f"{flag} must be at least 1, got {value}")
+
+
+def _check_model_args(args) -> None:
+    """--threads, --device and --dtype checked before the model loads (a UsageError)."""
+    if args.threads is not None:
+        _check_positive(args.threads, "--threads")
+    check_model_options(args.device, args.dtype)
 
 
 def _load(args) -> tuple:
@@ -153,7 +164,6 @@ def _load(args) -> tuple:
     from decoder.loading import load_model
 
     if args.threads is not None:
-        _check_positive(args.threads, "--threads")
         torch.set_num_threads(args.threads)
     try:
         return load_model(args.model, dtype=args.dtype, device=args.device, progress=not args.no_progress)
@@ -190,13 +200,13 @@ def _format_heads(heads) -> str:
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
-    """Parse 'L:H,L:H,…' into (layer, head) pairs (`registry.parse_head_set`, as a HeadfinderError)."""
+    """Parse 'L:H,L:H,…' into (layer, head) pairs (`registry.parse_head_set`, as a UsageError)."""
     from registry import ProfileValidationError, parse_head_set
 
     try:
         return parse_head_set(text, "--heads")
     except ProfileValidationError as err:
-        raise HeadfinderError(str(err)) from None
+        raise UsageError(str(err)) from None
 
 
 def _read_run(folder: Path) -> tuple[dict, dict]:
@@ -204,6 +214,8 @@ def _read_run(folder: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
     summary_path, scores_path = folder / SUMMARY_FILE, folder / SCORES_FILE
+    if not folder.exists():
+        raise HeadfinderError(f"{folder} does not exist; give a `headfinder detect` output folder")
     if not folder.is_dir():
         raise HeadfinderError(f"{folder} is not a folder; give a `headfinder detect` output folder")
     if not summary_path.is_file() or not scores_path.is_file():
@@ -224,14 +236,15 @@ def _cmd_detect(args) -> int:
     _check_positive(args.n_probes, "--n-probes")
     _check_positive(args.top, "--top")
     _check_positive(args.context, "--context")
+    _check_model_args(args)
     score_name = args.score or ("retrieval" if args.probes == "needle" else "qr")
     runs_qr, runs_needle = args.probes in ("qr", "both"), args.probes in ("needle", "both")
     if score_name.startswith("qr") and not runs_qr or score_name == "retrieval" and not runs_needle:
-        raise HeadfinderError(f"--score {score_name} needs the probes that compute it; --probes {args.probes} does not")
+        raise UsageError(f"--score {score_name} needs the probes that compute it; --probes {args.probes} does not")
     name = _model_name(args.model)
     out = args.out or Path("headfinder-out") / f"{_slug(name)}-seed{args.seed}"
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY_FILE).is_file())):
-        raise HeadfinderError(f"--out {out} exists and is not a previous headfinder output; choose another folder")
+        raise UsageError(f"--out {out} exists and is not a previous headfinder output; choose another folder")
     if args.register:
         from registry import Registry, RegistryError
 
@@ -409,12 +422,17 @@ def _flat(files: dict):
 # show / compare
 
 
-def _load_target(target: str, registry_root: Path | None) -> dict:
-    """Heads, scores and a description of a detect folder or a registry profile."""
+def _looks_like_path(target: str) -> bool:
+    """True for what can only be a path: it exists, or starts with '/', '.', '~' or ends with a separator."""
+    return Path(target).exists() or target.startswith(("/", ".", "~")) or target.endswith(("/", os.sep))
+
+
+def _load_target(target: str, registry_root: Path | None, folder_only: bool = False) -> dict:
+    """Heads, scores and a description of a detect folder or (unless `folder_only`) a registry profile."""
     import torch
 
     path = Path(target)
-    if path.is_dir():
+    if folder_only or _looks_like_path(target):
         summary, tensors = _read_run(path)
         scores = {k: v for k, v in tensors.items() if not k.startswith("per_probe.")}
         heads = [tuple(h) for h in summary["head_set"]]
@@ -506,16 +524,18 @@ def _cmd_compare(args) -> int:
 def _cmd_validate(args) -> int:
     _check_positive(args.n_probes, "--n-probes")
     _check_positive(args.context, "--context")
+    _check_model_args(args)
     if args.draws < 1:
-        raise HeadfinderError(f"--draws must be at least 1, got {args.draws}")
+        raise UsageError(f"--draws must be at least 1, got {args.draws}")
     if args.heads:
         heads = parse_heads(args.heads)
         source = "--heads"
     else:
-        data = _load_target(str(args.from_dir) if args.from_dir else args.profile, args.registry)
+        data = _load_target(str(args.from_dir) if args.from_dir else args.profile, args.registry,
+                            folder_only=args.from_dir is not None)
         heads, source = data["heads"], data["source"]
     if args.out is not None and args.out.is_dir():
-        raise HeadfinderError(f"--out {args.out} is a folder; give a file name for the JSON report")
+        raise UsageError(f"--out {args.out} is a folder; give a file name for the JSON report")
 
     from headfinder.head_sets import validate_head_set
     from headfinder.probes import make_needle_probes
@@ -566,11 +586,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except HeadfinderError as err:
-        print(f"headfinder: error: {err}", file=sys.stderr)
-        return 2
+    with one_line_warnings("headfinder"):
+        try:
+            return int(args.func(args) or 0)
+        except UsageError as err:
+            print(f"headfinder: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except HeadfinderError as err:
+            print(f"headfinder: error: {err}", file=sys.stderr)
+            return EXIT_RUNTIME
 
 
 if __name__ == "__main__":
