@@ -388,19 +388,10 @@ def cache_size(name: str) -> int:
 @contextlib.contextmanager
 def _entry_lock(name: str) -> Iterator[None]:
     """Serialise pulls of one model across processes (a second puller waits, then finds it built)."""
-    root = entry_dir(name)
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: atomic renames still keep the cache consistent
+    from registry.locking import folder_lock
+
+    with folder_lock(entry_dir(name)):
         yield
-        return
-    with open(root / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _wheel_filename_prefix(requirement: str) -> str:

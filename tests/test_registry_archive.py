@@ -189,3 +189,40 @@ def test_non_archives_are_refused(tmp_path):
     with pytest.raises(ProfileNotFound, match="does not exist"):
         target.import_archive(tmp_path / "missing.tar.gz")
     assert not target.root.exists()
+
+
+_IMPORT_AT_ONCE = """
+import sys, time
+from registry import Registry
+root, start, archives = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+time.sleep(max(0.0, start - time.time()))  # every process begins at the same moment
+for archive in archives:
+    Registry(root).import_archive(archive)
+"""
+
+
+def test_concurrent_imports_store_each_content_once(tmp_path):
+    """Four processes importing the same and different archives at once (three rounds, issue 15: the
+    same content ended up under 2-3 versions every round): one version per distinct content."""
+    import subprocess
+    import sys
+    import time
+
+    source = Registry(tmp_path / "source")
+    for seed in range(3):
+        source.register(make_profile(seed))
+    one, other = tmp_path / "one.tar.gz", tmp_path / "other.tar.gz"
+    source.export("tiny-llama@1", one)
+    source.export("tiny-llama", other)  # versions 1-3: overlaps `one`
+    for round_ in range(3):
+        root = tmp_path / f"target-{round_}"
+        start = time.time() + 1.5  # after every interpreter has started
+        jobs = [[one], [one], [other], [one, other]]
+        processes = [subprocess.Popen([sys.executable, "-c", _IMPORT_AT_ONCE, str(root), str(start), *map(str, job)],
+                                      stderr=subprocess.PIPE, text=True) for job in jobs]
+        for process in processes:
+            _, err = process.communicate(timeout=120)
+            assert process.returncode == 0, err
+        rows = Registry(root).list("tiny-llama")
+        stored = [row.content_hash for row in rows if row.version != "seed"]
+        assert sorted(stored) == sorted(source.load(f"tiny-llama@{v}").content_hash() for v in (1, 2, 3))
