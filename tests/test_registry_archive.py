@@ -129,10 +129,13 @@ CRAFTED = {
     "pickle in an entry": (lambda tmp, good: good + [file_member("1/scores.pkl", b"\x80\x04.")],
                            UnsafeArchiveError, "unexpected file '1/scores.pkl'"),
     "unlisted entry": (lambda tmp, good: good + [file_member("9/profile.json", b"{}")],
-                       UnsafeArchiveError, "not listed in archive.json: 9/profile.json"),
+                       UnsafeArchiveError, "unexpected file '9/profile.json' not listed in archive.json"),
+    "member before the index": (lambda tmp, good: good[1:] + good[:1],
+                                UnsafeArchiveError, "'1/profile.json' comes before archive.json"),
     "duplicate member": (lambda tmp, good: good + [good[-1]], UnsafeArchiveError, "appears twice"),
     "no index": (lambda tmp, good: [m for m in good if m[0].name != "archive.json"],
-                 UnsafeArchiveError, "no archive.json"),
+                 UnsafeArchiveError, "comes before archive.json"),
+    "only folders": (lambda tmp, good: [special_member("1", tarfile.DIRTYPE)], UnsafeArchiveError, "no archive.json"),
     "listed file missing": (lambda tmp, good: [m for m in good if m[0].name != "2/profile.json"],
                             UnsafeArchiveError, "2/profile.json is listed but missing"),
 }
@@ -226,3 +229,17 @@ def test_concurrent_imports_store_each_content_once(tmp_path):
         rows = Registry(root).list("tiny-llama")
         stored = [row.content_hash for row in rows if row.version != "seed"]
         assert sorted(stored) == sorted(source.load(f"tiny-llama@{v}").content_hash() for v in (1, 2, 3))
+
+
+def test_an_unlisted_member_is_refused_from_its_header_before_its_bytes_are_read(tmp_path, exported, monkeypatch):
+    """Issue 15: up to 1 GB (1.28 GB RSS, 22 s) was read before an unlisted member was refused."""
+    _, archive = exported
+    crafted = write_archive(tmp_path / "crafted.tar.gz",
+                            _valid(archive) + [file_member("9/head_scores.safetensors", bytes(64 * 2**20))])
+    opened = []
+    extract = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: (opened.append(m.name), extract(self, m))[1])
+    target = Registry(tmp_path / "target")
+    with pytest.raises(UnsafeArchiveError, match="unexpected file '9/head_scores.safetensors' not listed"):
+        target.import_archive(crafted)
+    assert "9/head_scores.safetensors" not in opened and not target.root.exists()
