@@ -1343,17 +1343,16 @@ def register_cli(subparsers: Any) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError, one_line_warnings
+    from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError
 
-    with one_line_warnings("dysco eval"):
-        try:
-            return _run_cli(args)
-        except UsageError as err:
-            print(f"dysco eval: error: {err}", file=sys.stderr)
-            return EXIT_USAGE
-        except (EvalError, OSError, ConnectionError) as err:  # what the arguments name fails, or does not fit
-            print(f"dysco eval: error: {err}", file=sys.stderr)
-            return EXIT_RUNTIME
+    try:
+        return _run_cli(args)
+    except UsageError as err:
+        print(f"dysco eval: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (EvalError, OSError, ConnectionError) as err:  # what the arguments name fails, or does not fit
+        print(f"dysco eval: error: {err}", file=sys.stderr)
+        return EXIT_RUNTIME
 
 
 def _check_cli_arguments(args: argparse.Namespace) -> list[Task]:

@@ -530,10 +530,14 @@ def _build_checkpoint(entry: CatalogueEntry, gguf: Path, progress: bool = True) 
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
         convert_gguf(gguf, tmp, progress)
-        _write_manifest(entry, tmp)
+        # mkdtemp makes the folder private and safetensors writes its file 0600; the cache may be shared.
         umask = os.umask(0)
         os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache may be shared
+        for path in tmp.iterdir():
+            if path.is_file():
+                path.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
+        _write_manifest(entry, tmp)
         if final.exists():
             trash = root / f".trash-{os.getpid()}-{time.monotonic_ns()}"
             os.rename(final, trash)

@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from decoder.cli_common import one_line_warnings
+
+    with one_line_warnings(f"dysco {args.command}"):
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

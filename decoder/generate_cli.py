@@ -155,24 +155,21 @@ def _attnts_temperature(args, profile) -> float:
 
 
 def _cmd_generate(args) -> int:
-    from decoder.cli_common import one_line_warnings
+    try:
+        return _generate(args)
+    except UsageError as err:
+        print(f"dysco generate: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:
+        from decoder.catalogue import CatalogueError
+        from registry import RegistryError
 
-    with one_line_warnings("dysco generate"):
-        try:
-            return _generate(args)
-        except UsageError as err:
+        # Known failures of the input (a profile for another model, a corrupted registry version, a
+        # model that cannot be loaded) are one line; anything else is a bug and keeps its traceback.
+        if isinstance(err, (ValueError, TypeError, LookupError, RegistryError, CatalogueError, OSError)):
             print(f"dysco generate: {err}", file=sys.stderr)
-            return EXIT_USAGE
-        except Exception as err:
-            from decoder.catalogue import CatalogueError
-            from registry import RegistryError
-
-            # Known failures of the input (a profile for another model, a corrupted registry version, a
-            # model that cannot be loaded) are one line; anything else is a bug and keeps its traceback.
-            if isinstance(err, (ValueError, TypeError, LookupError, RegistryError, CatalogueError, OSError)):
-                print(f"dysco generate: {err}", file=sys.stderr)
-                return EXIT_RUNTIME
-            raise
+            return EXIT_RUNTIME
+        raise
 
 
 def _generate(args) -> int:

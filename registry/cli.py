@@ -1,7 +1,8 @@
 """`dysco registry list|show|diff|tag|export|import`: browse and share stored profiles.
 
 Every sub-command takes `--registry DIR` (default: $DYSCO_REGISTRY, else the user data dir);
-those that print data take `--json`. Errors print one line to stderr and exit with status 1.
+those that print data take `--json`. Errors print one line to stderr and exit with status 2 for a
+malformed reference or tag name, 1 for what fails (a missing or corrupt profile, an unsafe archive).
 """
 
 from __future__ import annotations
@@ -69,16 +70,20 @@ def _run(action: Any) -> Any:
     """Wrap an action so registry errors become one line on stderr and exit status 1."""
 
     def run(args: argparse.Namespace) -> int:
-        from registry import Registry, RegistryError
+        from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE
+        from registry import InvalidReference, ProfileValidationError, Registry, RegistryError
 
         try:
             return action(Registry(args.registry), args) or 0
         except BrokenPipeError:  # `dysco registry show … | head`: the reader left; not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is quiet too
             return 0
+        except (InvalidReference, ProfileValidationError) as err:  # the command line itself is wrong
+            print(f"dysco registry {args.registry_command}: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
         except (RegistryError, OSError) as err:
             print(f"dysco registry {args.registry_command}: error: {err}", file=sys.stderr)
-            return 1
+            return EXIT_RUNTIME
 
     return run
 

@@ -243,3 +243,20 @@ def test_an_unlisted_member_is_refused_from_its_header_before_its_bytes_are_read
     with pytest.raises(UnsafeArchiveError, match="unexpected file '9/head_scores.safetensors' not listed"):
         target.import_archive(crafted)
     assert "9/head_scores.safetensors" not in opened and not target.root.exists()
+
+
+def test_nan_scores_are_blamed_on_the_safetensors_file(tmp_path, exported):
+    """Issue 15: the NaN-scores archive was refused naming profile.json, which is fine."""
+    import numpy as np
+    from safetensors.numpy import load, save
+
+    _, archive = exported
+    members = read_members(archive)
+    scores = {key: matrix.copy() for key, matrix in load(members["2/head_scores.safetensors"]).items()}
+    next(iter(scores.values()))[1, 2] = np.nan
+    members["2/head_scores.safetensors"] = save(scores)
+    crafted = write_archive(tmp_path / "nan.tar.gz", [file_member(k, v) for k, v in _reindexed(members).items()])
+    target = Registry(tmp_path / "target")
+    with pytest.raises(ProfileCorrupted, match=r"2/head_scores\.safetensors holds an invalid profile: .*non-finite"):
+        target.import_archive(crafted)
+    assert not target.root.exists()
