@@ -25,9 +25,14 @@ _SUBCOMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The `dysco` argument parser with every available sub-command."""
+    from decoder.cli_common import examples
+
     parser = argparse.ArgumentParser(
         prog="dysco",
         description="DySCO decoding toolkit: models, generation, profiles and evaluation.",
+        **examples("dysco models pull smollm2-135m", "dysco generate --model smollm2-135m --prompt \"Where does Alice live?\"",
+                   "dysco eval --model smollm2-135m --tasks needle,kv --lengths 2k --n 8",
+                   "dysco registry list"),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _SUBCOMMAND_MODULES:

@@ -10,12 +10,13 @@ command prints one line on stderr, no traceback, and writes nothing.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["EXIT_RUNTIME", "EXIT_USAGE", "UsageError", "check_model_options", "one_line_warnings"]
+__all__ = ["EXIT_RUNTIME", "EXIT_USAGE", "UsageError", "check_model_options", "examples", "one_line_warnings"]
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -59,3 +60,18 @@ def check_model_options(device: str | None, dtype: str | None) -> None:
         check_device(device)
     except ValueError as err:
         raise UsageError(f"--device: {err}") from None
+
+
+class _ExamplesFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that an "examples:" epilog keeps its lines (one command per line)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def examples(*commands: str) -> dict:
+    """Keyword arguments for `add_parser` that end the sub-command's --help with these example commands."""
+    return {"epilog": "examples:\n" + "\n".join(f"  {command}" for command in commands),
+            "formatter_class": _ExamplesFormatter}

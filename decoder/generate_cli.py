@@ -158,7 +158,7 @@ def _cmd_generate(args) -> int:
     try:
         return _generate(args)
     except UsageError as err:
-        print(f"dysco generate: {err}", file=sys.stderr)
+        print(f"dysco generate: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as err:
         from decoder.catalogue import CatalogueError
@@ -167,7 +167,7 @@ def _cmd_generate(args) -> int:
         # Known failures of the input (a profile for another model, a corrupted registry version, a
         # model that cannot be loaded) are one line; anything else is a bug and keeps its traceback.
         if isinstance(err, (ValueError, TypeError, LookupError, RegistryError, CatalogueError, OSError)):
-            print(f"dysco generate: {err}", file=sys.stderr)
+            print(f"dysco generate: error: {err}", file=sys.stderr)
             return EXIT_RUNTIME
         raise
 

@@ -155,9 +155,14 @@ def _load_folder(folder: Path, dtype, device_map, trust_remote_code: bool):
             f"{folder} is a folder without config.json; a checkpoint folder holds config.json, the weights "
             "(*.safetensors) and the tokenizer files."
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
-    )
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
+        )
+    except SafetensorError as err:  # not a ValueError or OSError: without this, a traceback in every CLI
+        raise ModelSpecError(f"the weights in {folder} are damaged (safetensors: {err})") from None
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return model, tokenizer
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError, check_model_options, one_line_warnings
+from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError, check_model_options, examples, one_line_warnings
 from decoder.threads import quiet_idle_threads
 
 quiet_idle_threads()  # before anything imports torch
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the QR score is the question's attention to the gold documents minus the null query's. Needle probes: "
         "a needle sentence in filler text; the retrieval score counts argmax-attention hits on the token being "
         "copied. Writes scores.safetensors, head_set.json, one heatmap PNG per score and summary.json.",
+        **examples("headfinder detect --model smollm2-135m --register",
+                   "headfinder detect --model smollm2-135m --seed 1 --out headfinder-out/seed1",
+                   "headfinder detect --model ./my-checkpoint --probes needle --top 8 --json"),
     )
     _model_options(detect)
     detect.add_argument("--probes", choices=("qr", "needle", "both"), default=DEFAULTS["probes"],
@@ -84,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="print (and plot) a detection folder or a registry profile",
                           description="Print the head set and top scores of a `headfinder detect` output folder or "
-                          "of a registry profile reference (name, name@N, name@latest).")
+                          "of a registry profile reference (name, name@N, name@latest).",
+                          **examples("headfinder show headfinder-out/smollm2-135m-seed0",
+                                     "headfinder show smollm2-135m@latest --top 24 --plot plots/"))
     show.add_argument("target", metavar="DIR|PROFILE")
     show.add_argument("--top", type=int, default=None, metavar="K", help="heads to list (default: the head set's size)")
     show.add_argument("--plot", type=Path, default=None, metavar="DIR",
@@ -97,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", help="causal check: needle accuracy with the head set zeroed vs as many random heads",
         description="Measure greedy needle-retrieval accuracy with no ablation, with the head set's attention outputs "
         "zeroed, and with --draws random sets of as many heads (outside the set) zeroed; report each and the drops.",
+        **examples("headfinder validate --model smollm2-135m --from headfinder-out/smollm2-135m-seed0",
+                   "headfinder validate --model smollm2-135m --profile smollm2-135m@latest --draws 10 --json",
+                   "headfinder validate --model smollm2-135m --heads 8:2,15:4,20:1 --out validate.json"),
     )
     _model_options(validate)
     source = validate.add_mutually_exclusive_group(required=True)
@@ -117,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="stability of two detections: Spearman of the ranking, top-k overlap",
                              description="Compare two `headfinder detect` folders (e.g. two seeds): Spearman "
-                             "correlation of the full head ranking and how many of the top-k heads they share.")
+                             "correlation of the full head ranking and how many of the top-k heads they share.",
+                             **examples("headfinder compare headfinder-out/smollm2-135m-seed0 "
+                                        "headfinder-out/smollm2-135m-seed1",
+                                        "headfinder compare RUN_A RUN_B --score retrieval --top 8 --json"))
     compare.add_argument("run_a", type=Path, metavar="DIR_A")
     compare.add_argument("run_b", type=Path, metavar="DIR_B")
     compare.add_argument("--score", choices=SCORE_NAMES, default="qr", help="score to compare (default: %(default)s)")

@@ -135,7 +135,7 @@ def test_intervention_warmup_comes_from_the_profile_unless_overridden(tiny_loade
 def test_bad_intervention_warmup_fails_before_the_model_loads(tiny_loader, capsys, value):
     assert main(["generate", "--heads", "1:0", "--intervention-warmup", value, "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dysco generate: --intervention-warmup must be 'auto'") and err.count("\n") == 1
+    assert err.startswith("dysco generate: error: --intervention-warmup must be 'auto'") and err.count("\n") == 1
     assert tiny_loader == []  # refused before any model was loaded
 
 

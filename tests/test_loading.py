@@ -430,6 +430,6 @@ def test_models_list_json_reports_catalogue_and_install_state(temp_cache, capsys
 
 
 def test_models_pull_unknown_name_fails_with_listing(temp_cache, capsys):
-    assert dysco_main(["models", "pull", "gpt-17"]) == 1
+    assert dysco_main(["models", "pull", "gpt-17"]) == 2  # a usage error: one line naming the accepted names
     err = capsys.readouterr().err
-    assert "not in the model catalogue" in err and "smollm2-135m" in err
+    assert "not in the model catalogue" in err and "smollm2-135m" in err and err.count("\n") == 1
