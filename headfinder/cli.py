@@ -182,6 +182,38 @@ def _load(args) -> tuple:
         raise HeadfinderError(f"cannot load model {args.model!r}: {err}") from err
 
 
+def _check_context(args, name: str, limit: int | None) -> None:
+    if limit is not None and args.context > limit:
+        raise HeadfinderError(f"--context {args.context} is longer than {name}'s context of {limit} tokens")
+
+
+def _probes_before_loading(args, name: str, makers: dict) -> dict | None:
+    """{kind: probes} made from the checkpoint's own config and tokenizer before the model loads.
+
+    Only where they are on disk already (a local checkpoint folder, an installed catalogue model):
+    a --context beyond the model's, or too short for the probes, then fails in seconds instead of
+    after the model load. None elsewhere (a .gguf, a Hub id, a model still to pull): checked after loading.
+    """
+    from decoder.catalogue import CATALOGUE, checkpoint_dir
+
+    folder = checkpoint_dir(args.model) if args.model in CATALOGUE else Path(args.model).expanduser()
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception:  # remote code, a damaged file …: the model load reports it (or rebuilds the cache)
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    _check_context(args, name, getattr(config, "max_position_embeddings", None))
+    try:
+        return {kind: make(tokenizer, args.n_probes, args.context, args.seed) for kind, make in makers.items()}
+    except ValueError as err:
+        raise HeadfinderError(str(err)) from None
+
+
 def _model_limits(model) -> tuple[int, int, int | None]:
     from headfinder.scores import model_shape
 
@@ -272,19 +304,22 @@ def _cmd_detect(args) -> int:
     from headfinder.scores import qr_scores, retrieval_scores
 
     started = time.time()
+    makers = {"qr": make_qr_probes} if runs_qr else {}
+    makers.update({"needle": make_needle_probes} if runs_needle else {})
+    probes = _probes_before_loading(args, name, makers)
     model, tokenizer = _load(args)
     n_layers, n_heads, max_context = _model_limits(model)
-    if max_context is not None and args.context > max_context:
-        raise HeadfinderError(f"--context {args.context} is longer than {name}'s context of {max_context} tokens")
+    _check_context(args, name, max_context)
     if args.top > n_layers * n_heads:
         raise HeadfinderError(f"--top {args.top} is larger than {name}'s {n_layers * n_heads} heads "
                               f"({n_layers} layers × {n_heads} heads)")
     progress = not args.no_progress and not args.json
-    try:
-        qr_probes = make_qr_probes(tokenizer, args.n_probes, args.context, args.seed) if runs_qr else []
-        needle_probes = make_needle_probes(tokenizer, args.n_probes, args.context, args.seed) if runs_needle else []
-    except ValueError as err:
-        raise HeadfinderError(str(err)) from err
+    if probes is None:
+        try:
+            probes = {kind: make(tokenizer, args.n_probes, args.context, args.seed) for kind, make in makers.items()}
+        except ValueError as err:
+            raise HeadfinderError(str(err)) from err
+    qr_probes, needle_probes = probes.get("qr", []), probes.get("needle", [])
 
     scores: dict[str, torch.Tensor] = {}
     per_probe: dict[str, torch.Tensor] = {}
@@ -553,13 +588,13 @@ def _cmd_validate(args) -> int:
     from headfinder.validate import validate_heads
 
     started = time.time()
+    early = _probes_before_loading(args, _model_name(args.model), {"needle": make_needle_probes})
     model, tokenizer = _load(args)
     n_layers, n_heads, max_context = _model_limits(model)
-    if max_context is not None and args.context > max_context:
-        raise HeadfinderError(f"--context {args.context} is longer than the model's context of {max_context} tokens")
+    _check_context(args, _model_name(args.model), max_context)
     try:
         heads = validate_head_set(heads, n_layers, n_heads)
-        probes = make_needle_probes(tokenizer, args.n_probes, args.context, args.seed)
+        probes = early["needle"] if early else make_needle_probes(tokenizer, args.n_probes, args.context, args.seed)
         report = validate_heads(model, tokenizer, heads, probes, draws=args.draws, seed=args.seed,
                                 progress=not args.no_progress and not args.json)
     except ValueError as err:
