@@ -29,6 +29,7 @@ from calibration.study import (
     CalibrationError,
     calibrate,
     parse_heads,
+    task_options,
 )
 
 _EPILOG = """\
@@ -184,7 +185,7 @@ def check_arguments(args: argparse.Namespace) -> CalibrationConfig:
         config = config_from_args(args)
         config.validate()
         if not os.path.exists(args.dev):  # an existing file is read (before the model loads) by `calibrate`
-            get_task(args.dev)  # an unknown task name, or a path that does not exist
+            task_options(get_task(args.dev), args.needles)  # an unknown task name, a path that does not exist
     except (InvalidReference, ProfileValidationError, ValueError) as err:  # CalibrationError is a ValueError
         raise UsageError(str(err)) from None
     return config

@@ -222,6 +222,15 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
         raise CalibrationError(str(err)) from None
 
 
+def task_options(task: Any, needles: int | None) -> dict[str, Any]:
+    """The options `task.generate` gets from a config: `needles` is MRCR's only (a CalibrationError elsewhere)."""
+    if needles is None:
+        return {}
+    if "n_needles" not in task.options():
+        raise CalibrationError(f"--needles applies to the mrcr task only, not to {task.name!r}")
+    return {"n_needles": needles}
+
+
 def head_ranking(profile: Any) -> list[tuple[int, int]]:
     """Heads best first: every head by its QR score when the profile has one, else the head set."""
     scores = profile.head_scores.get("qr")
@@ -420,11 +429,7 @@ class Calibration:
             if os.path.exists(cfg.dev) and cfg.dev not in message:
                 message = f"cannot read {cfg.dev}: {message}"  # e.g. a bare UnicodeDecodeError
             raise CalibrationError(message) from None
-        opts: dict[str, Any] = {}
-        if cfg.needles is not None:
-            if "n_needles" not in self.task.options():
-                raise CalibrationError(f"--needles applies to the mrcr task only, not to {self.task.name!r}")
-            opts["n_needles"] = cfg.needles
+        opts = task_options(self.task, cfg.needles)
 
         from decoder.loading import load_model, model_identity
         from registry import ModelIdentity

@@ -554,7 +554,7 @@ def test_bad_input_gives_clear_errors_and_registers_nothing(workdir, tmp_path, c
     assert "does not match" in json.loads(out)["error"] and "does not match" in err
 
     # --needles on a task without needles; heads outside the model.
-    assert _run_main("--dev", "kv", *base, "--needles", "4") == 1
+    assert _run_main("--dev", "kv", *base, "--needles", "4") == 2  # a usage error, before the model loads
     assert "--needles applies to the mrcr task only" in capsys.readouterr().err
     assert _run_main("--dev", "kv", *base, "--heads", "9:0") == 1
     assert "outside tiny-llama (4 layers x 4 heads)" in capsys.readouterr().err

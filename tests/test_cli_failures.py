@@ -122,6 +122,7 @@ CASES = [
     ("calibrate", ["--dev", "nosuchtask", "--no-tracking"], 2, "unknown dev task 'nosuchtask'", False),
     ("calibrate", ["--dev", "kv", "--intervention-warmup", "soon", "--no-tracking"], 2, "--intervention-warmup must be",
      False),
+    ("calibrate", ["--dev", "kv", "--needles", "4", "--no-tracking"], 2, "--needles applies to the mrcr task only", False),
     ("calibrate", ["--dev", "kv", "--model", "{model}", "--profile", "tiny@2", "--no-tracking"], 1, "checksum mismatch",
      False),
     ("calibrate", ["--dev", "kv", "--model", "{model}", "--registry", "{file}", "--no-tracking"], 1, "is a file", False),
