@@ -92,7 +92,7 @@ def _read_prompt(args) -> str:
     return text
 
 
-# flag (argparse dest) -> DySCO knob it overrides, and the option that sets it (for error messages)
+# argparse dest -> the DySCO knob it overrides (the option that sets it is --dest, dashed)
 _KNOB_FLAGS = {"strength": "strength", "top_k": "top_k", "top_p": "top_p", "decay": "decay", "warmup": "context_warmup",
                "selection": "selection", "intervention_warmup": "intervention_warmup"}
 
