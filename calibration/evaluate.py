@@ -916,9 +916,19 @@ def _run_fingerprint(model: Any, settings: Mapping[str, Any]) -> str:
 
 
 def _context_limit(model: Any) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    return int(limit) if limit else None
+    from decoder.loading import context_limit
+
+    return context_limit(model.config)
+
+
+def _check_lengths(lengths: Sequence[int], limit: int | None, name: str) -> None:
+    """EvalError unless every context length fits the model's context of `limit` tokens (None: no limit known)."""
+    too_long = [length for length in lengths if limit is not None and length > limit]
+    if too_long:
+        raise EvalError(
+            f"length {format_length(too_long[0])} ({too_long[0]} tokens) is beyond {name}'s context of {limit} "
+            f"tokens; accepted: lengths up to {limit} tokens minus the new tokens"
+        )
 
 
 def _library_versions() -> dict[str, str]:
@@ -984,13 +994,7 @@ def evaluate(
     name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
 
     limit = _context_limit(model)
-    if limit is not None:
-        too_long = [length for length in lengths if length > limit]
-        if too_long:
-            raise EvalError(
-                f"length {format_length(too_long[0])} ({too_long[0]} tokens) is beyond {name}'s context of {limit} "
-                f"tokens; accepted: lengths up to {limit} tokens minus the new tokens"
-            )
+    _check_lengths(lengths, limit, name)
 
     dysco_info: dict[str, Any] = {}
     if "dysco" in methods:
@@ -1374,6 +1378,22 @@ def _check_cli_arguments(args: argparse.Namespace) -> list[Task]:
     return tasks
 
 
+def _check_lengths_on_disk(spec: str, lengths: Sequence[int], name: str) -> None:
+    """The lengths against the model's context from its config alone, when the checkpoint is on disk already."""
+    from decoder.loading import checkpoint_on_disk, context_limit
+
+    folder = checkpoint_on_disk(spec)
+    if folder is None:
+        return
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder)
+    except Exception:  # remote code, a damaged file …: the model load reports it (or rebuilds the cache)
+        return
+    _check_lengths(lengths, context_limit(config), name)
+
+
 def _run_cli(args: argparse.Namespace) -> int:
     from calibration.study import model_name
 
@@ -1387,6 +1407,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         from calibration.tracking import check_reachable
 
         check_reachable(args.tracking_uri, advice="start it (`mlflow server`) or fix --tracking-uri")
+    _check_lengths_on_disk(args.model, args.lengths, name)
 
     import torch
 

@@ -194,10 +194,10 @@ def _probes_before_loading(args, name: str, makers: dict) -> dict | None:
     a --context beyond the model's, or too short for the probes, then fails in seconds instead of
     after the model load. None elsewhere (a .gguf, a Hub id, a model still to pull): checked after loading.
     """
-    from decoder.catalogue import CATALOGUE, checkpoint_dir
+    from decoder.loading import checkpoint_on_disk, context_limit
 
-    folder = checkpoint_dir(args.model) if args.model in CATALOGUE else Path(args.model).expanduser()
-    if not (folder / "config.json").is_file():
+    folder = checkpoint_on_disk(args.model)
+    if folder is None:
         return None
     try:
         from transformers import AutoConfig, AutoTokenizer
@@ -206,8 +206,7 @@ def _probes_before_loading(args, name: str, makers: dict) -> dict | None:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception:  # remote code, a damaged file …: the model load reports it (or rebuilds the cache)
         return None
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    _check_context(args, name, getattr(config, "max_position_embeddings", None))
+    _check_context(args, name, context_limit(config))
     try:
         return {kind: make(tokenizer, args.n_probes, args.context, args.seed) for kind, make in makers.items()}
     except ValueError as err:
@@ -215,11 +214,11 @@ def _probes_before_loading(args, name: str, makers: dict) -> dict | None:
 
 
 def _model_limits(model) -> tuple[int, int, int | None]:
+    from decoder.loading import context_limit
     from headfinder.scores import model_shape
 
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n_layers, n_heads = model_shape(model)
-    return n_layers, n_heads, getattr(config, "max_position_embeddings", None)
+    return n_layers, n_heads, context_limit(model.config)
 
 
 def _model_name(spec: str) -> str:

@@ -104,6 +104,8 @@ CASES = [
     ("dysco", ["eval", "--model", "{model}", "--profile", "tiny@9"], 1, "profile 'tiny@9' not found", False),
     ("dysco", ["eval", "--model", "{model}", "--heads", "1:0", "--tracking-uri", UNREACHABLE], 1,
      "cannot reach the MLflow tracking server", False),
+    ("dysco", ["eval", "--model", "{model}", "--heads", "1:0", "--lengths", "8k"], 1,
+     r"length 8k \(8192 tokens\) is beyond tiny's context of 4096 tokens", False),
     ("dysco", ["eval", "--model", "{damaged}", "--heads", "1:0", "--quiet"], 1, "weights in .*damaged are damaged", True),
     # dysco registry
     ("dysco", ["registry", "show", "a@b@c"], 2, "more than one '@'", False),
