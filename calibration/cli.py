@@ -29,6 +29,7 @@ from calibration.study import (
     CalibrationError,
     calibrate,
     parse_heads,
+    starting_profile,
     task_options,
 )
 
@@ -191,13 +192,13 @@ def check_arguments(args: argparse.Namespace) -> CalibrationConfig:
     return config
 
 
-def _check_profile(args: argparse.Namespace) -> None:
-    """Read the registry and an explicit --profile now: a corrupt or missing one must not cost a model load."""
+def _check_profile(config: CalibrationConfig) -> None:
+    """Read the registry and the profile to start from now: a corrupt or missing one must not cost a model load."""
     from registry import Registry
 
-    registry = Registry(args.registry)
-    if args.profile is not None:
-        registry.load(args.profile)
+    registry = Registry(config.registry)
+    if config.heads is None:
+        starting_profile(config, registry)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +221,7 @@ def _main(args: argparse.Namespace) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it better
     try:
-        _check_profile(args)
+        _check_profile(config)
         result = calibrate(config, progress=not args.quiet)
     except (CalibrationError, CatalogueError, RegistryError, OSError) as err:
         return _fail(str(err), args.json)

@@ -231,6 +231,36 @@ def task_options(task: Any, needles: int | None) -> dict[str, Any]:
     return {"n_needles": needles}
 
 
+def starting_profile(config: CalibrationConfig, registry: Any) -> tuple[str, Any]:
+    """(resolved ref, Profile) a calibration without --heads starts from: `config.profile`, else the model's
+    latest profile. Needs no model, so the CLI finds a missing or corrupt one before loading it."""
+    from registry import ProfileNotFound, RegistryError
+
+    ref = config.profile or model_name(config.model)
+    try:
+        name, version = registry.resolve(ref)
+        profile = registry.load(ref)
+        if config.profile is None:
+            # The latest profile may be an earlier calibration's result, whose head set is cut
+            # to its best size: start from the head-set profile it came from instead, so the
+            # same command always starts from the same ranking (and resumes the same study).
+            for _ in range(64):
+                parent = profile.provenance.get("parent")
+                if profile.provenance.get("kind") != "calibration" or not parent:
+                    break
+                name, version = registry.resolve(parent)
+                profile = registry.load(parent)
+    except ProfileNotFound as err:
+        hint = "" if config.profile else " (no --profile given, so the model's latest profile was looked up)"
+        raise CalibrationError(
+            f"no head set to start from{hint}: {err}. Run `headfinder` on the model first, or pass "
+            "--profile REF or --heads LAYER:HEAD,…"
+        ) from None
+    except RegistryError as err:
+        raise CalibrationError(f"cannot read profile {ref!r}: {err}") from None
+    return f"{name}@{version}", profile
+
+
 def head_ranking(profile: Any) -> list[tuple[int, int]]:
     """Heads best first: every head by its QR score when the profile has one, else the head set."""
     scores = profile.head_scores.get("qr")
@@ -476,7 +506,7 @@ class Calibration:
         self._open_study(create=create)
 
     def _resolve_heads(self) -> None:
-        from registry import Knobs, ProfileNotFound, Registry, RegistryError, check_model
+        from registry import Knobs, Registry, RegistryError, check_model
 
         cfg = self.config
         self.registry = Registry(cfg.registry)
@@ -494,33 +524,12 @@ class Calibration:
             self.base_knobs = Knobs()
             return
         ref = cfg.profile or self.identity.name
-        try:
-            name, version = self.registry.resolve(ref)
-            profile = self.registry.load(ref)
-            if cfg.profile is None:
-                # The latest profile may be an earlier calibration's result, whose head set is cut
-                # to its best size: start from the head-set profile it came from instead, so the
-                # same command always starts from the same ranking (and resumes the same study).
-                for _ in range(64):
-                    parent = profile.provenance.get("parent")
-                    if profile.provenance.get("kind") != "calibration" or not parent:
-                        break
-                    name, version = self.registry.resolve(parent)
-                    profile = self.registry.load(parent)
-        except ProfileNotFound as err:
-            hint = "" if cfg.profile else " (no --profile given, so the model's latest profile was looked up)"
-            raise CalibrationError(
-                f"no head set to start from{hint}: {err}. Run `headfinder` on the model first, or pass "
-                "--profile REF or --heads LAYER:HEAD,…"
-            ) from None
-        except RegistryError as err:
-            raise CalibrationError(f"cannot read profile {ref!r}: {err}") from None
+        self.parent_ref, profile = starting_profile(cfg, self.registry)
         try:
             check_model(profile, self.identity)
         except RegistryError as err:
             raise CalibrationError(f"profile {ref!r} cannot be calibrated on {cfg.model!r}: {err}") from None
         self.parent_profile = profile
-        self.parent_ref = f"{name}@{version}"
         self.ranking = head_ranking(profile)
         self.base_knobs = profile.knobs
 

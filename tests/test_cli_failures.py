@@ -128,6 +128,8 @@ CASES = [
     ("calibrate", ["--dev", "kv", "--model", "{model}", "--profile", "tiny@2", "--no-tracking"], 1, "checksum mismatch",
      False),
     ("calibrate", ["--dev", "kv", "--model", "{model}", "--registry", "{file}", "--no-tracking"], 1, "is a file", False),
+    ("calibrate", ["--dev", "kv", "--model", "{damaged}", "--no-tracking"], 1,
+     "no head set to start from .*no profile named 'damaged'.*--heads", False),
     ("calibrate", ["--dev", "kv", "--model", "{model}", "--heads", "1:0", "--tracking-uri", UNREACHABLE], 1,
      "cannot reach the MLflow tracking server", False),
     ("calibrate", ["--dev", "kv", "--model", "{damaged}", "--heads", "1:0", "--no-tracking", "--quiet"], 1,
