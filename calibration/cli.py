@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -19,6 +20,7 @@ from decoder.threads import quiet_idle_threads
 quiet_idle_threads()  # before anything imports torch
 
 from calibration.space import INTERVENTION_WARMUPS  # noqa: E402
+from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError, one_line_warnings  # noqa: E402
 from decoder.loading import DTYPE_NAMES  # noqa: E402
 from calibration.study import (
     ATTNTS_TEMPERATURES,
@@ -27,6 +29,8 @@ from calibration.study import (
     CalibrationError,
     calibrate,
     parse_heads,
+    starting_profile,
+    task_options,
 )
 
 _EPILOG = """\
@@ -189,33 +193,63 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
     )
 
 
-def _fail(message: str, as_json: bool) -> int:
+def _fail(message: str, as_json: bool, status: int = EXIT_RUNTIME) -> int:
     if as_json:
         print(json.dumps({"error": message}))
     print(f"calibrate: error: {message}", file=sys.stderr)
-    return 1
+    return status
+
+
+def check_arguments(args: argparse.Namespace) -> CalibrationConfig:
+    """The config the arguments describe, with everything checked that needs no model (UsageError)."""
+    from calibration.tasks import get_task
+    from registry import InvalidReference, ProfileValidationError, parse_intervention_warmup, parse_ref
+
+    try:
+        if args.intervention_warmup is not None:
+            args.intervention_warmup = parse_intervention_warmup(args.intervention_warmup, "--intervention-warmup")
+        if args.profile is not None:
+            parse_ref(args.profile)
+        config = config_from_args(args)
+        config.validate()
+        if not os.path.exists(args.dev):  # an existing file is read (before the model loads) by `calibrate`
+            task_options(get_task(args.dev), args.needles)  # an unknown task name, a path that does not exist
+    except (InvalidReference, ProfileValidationError, ValueError) as err:  # CalibrationError is a ValueError
+        raise UsageError(str(err)) from None
+    return config
+
+
+def _check_profile(config: CalibrationConfig) -> None:
+    """Read the registry and the profile to start from now: a corrupt or missing one must not cost a model load."""
+    from registry import Registry
+
+    registry = Registry(config.registry)
+    if config.heads is None:
+        starting_profile(config, registry)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `calibrate` console script."""
     args = build_parser().parse_args(argv)
-    if args.intervention_warmup is not None:  # a usage error, before any model load
-        from registry import ProfileValidationError, parse_intervention_warmup
+    with one_line_warnings("calibrate"):
+        return _main(args)
 
-        try:
-            args.intervention_warmup = parse_intervention_warmup(args.intervention_warmup, "--intervention-warmup")
-        except ProfileValidationError as err:
-            print(f"calibrate: error: {err}", file=sys.stderr)
-            return 2
-    logging.basicConfig(level=logging.WARNING, format="calibrate: %(levelname)s: %(message)s")
-    import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it better
+def _main(args: argparse.Namespace) -> int:
     from decoder.catalogue import CatalogueError
     from registry import RegistryError
 
     try:
-        result = calibrate(config_from_args(args), progress=not args.quiet)
+        config = check_arguments(args)
+    except UsageError as err:
+        return _fail(str(err), args.json, EXIT_USAGE)
+    logging.basicConfig(level=logging.WARNING, format="calibrate: %(levelname)s: %(message)s")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says it better
+    try:
+        _check_profile(config)
+        result = calibrate(config, progress=not args.quiet)
     except (CalibrationError, CatalogueError, RegistryError, OSError) as err:
         return _fail(str(err), args.json)
     except ValueError as err:  # e.g. the decoder refusing a setting; its message names it

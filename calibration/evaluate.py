@@ -63,9 +63,11 @@ __all__ = [
     "paired_comparison",
     "parse_length",
     "parse_lengths",
+    "load_profile",
     "register_cli",
     "resolve_dysco",
     "Checkpoint",
+    "examples_key",
     "run_batch",
     "selection_results",
     "shared_prefill",
@@ -173,12 +175,12 @@ def _check_n(n: Any) -> int:
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
-    """'21:31,21:18' -> [(21, 31), (21, 18)] (the same syntax as `calibrate --heads`)."""
-    from calibration.study import parse_heads as _parse
+    """'21:31,21:18' -> [(21, 31), (21, 18)] (`registry.parse_head_set`, as `calibrate --heads`)."""
+    from registry import ProfileValidationError, parse_head_set
 
     try:
-        return _parse(text)
-    except ValueError as err:
+        return parse_head_set(text, "--heads")
+    except ProfileValidationError as err:
         raise EvalError(str(err)) from None
 
 
@@ -581,6 +583,7 @@ class EvalReport:
         lines = [
             f"Model `{cfg['model']}`; {self._n_text()} (seed {cfg['seed']}); greedy decoding; "
             f"scores in % with 95% bootstrap intervals ({cfg['bootstrap_resamples']} resamples).",
+            *self._dysco_lines(),
             "",
         ]
         paired = {(p.task, p.length, p.method): p for p in self.paired}
@@ -619,6 +622,15 @@ class EvalReport:
             )
         lines += self._selection_lines()
         return "\n".join(lines) + "\n"
+
+    def _dysco_lines(self) -> list[str]:
+        """Which profile DySCO decoded with: its resolved version and content hash (none for --heads)."""
+        cfg = self.config
+        source = cfg.get("dysco_resolved") or cfg.get("dysco_source") or {}
+        if "dysco" not in self.methods or not source.get("profile"):
+            return []
+        digest = source.get("content_hash")
+        return [f"DySCO profile `{source['profile']}`" + (f" (content sha256 `{digest}`)." if digest else ".")]
 
     def _selection_lines(self) -> list[str]:
         """The selection-recall section: its table, or why there is none (nothing for reports that predate it)."""
@@ -708,12 +720,14 @@ def resolve_dysco(
     registry: str | Path | None = None,
     force: bool = False,
     intervention_warmup: int | str | None = None,
+    profile_ref: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """The DyscoConfig for `model` from heads, a profile (ref or object), or the registry's `name@latest`.
 
-    Returns (config, info) where info says where it came from (and the profile's tuned AttnTS
-    temperature when it has one). `intervention_warmup` ("auto" or a token count) overrides the
-    profile's (heads: the published "auto"); None keeps it.
+    Returns (config, info) where info says where it came from: for a profile its resolved reference
+    (`name@3`, never `@latest`) and content hash, and its tuned AttnTS temperature when it has one.
+    `profile_ref` labels a profile given as an object (see `load_profile`). `intervention_warmup`
+    ("auto" or a token count) overrides the profile's (heads: the published "auto"); None keeps it.
     """
     from decoder.dysco import DyscoConfig
     from decoder.generation import model_shape
@@ -738,43 +752,64 @@ def resolve_dysco(
             raise EvalError(f"bad head list: {err}") from None
 
     from decoder.loading import model_identity
-    from registry import ProfileNotFound, Registry, RegistryError, check_model
+    from registry import RegistryError, check_model
 
-    ref = None
     if profile is None or isinstance(profile, str):
-        store = Registry(registry)
-        ref = profile or f"{name}@latest"
-        try:
-            loaded = store.load(ref)
-        except ProfileNotFound as err:
-            if profile is not None:
-                raise EvalError(f"profile {ref!r} not found: {err}") from None
-            raise EvalError(
-                f"method 'dysco' needs a head set and the registry ({store.root}) has no profile for {name!r}: "
-                f"run `headfinder detect --model {name} --register` first, or pass --profile REF or "
-                "--heads L:H,… (or leave dysco out of --methods)"
-            ) from None
-        except RegistryError as err:
-            raise EvalError(f"cannot read profile {ref!r}: {err}") from None
+        ref, loaded = load_profile(name, profile, registry)
     else:
         loaded = profile
+        ref = profile_ref
     try:
         basis = check_model(loaded, model_identity(model, name), force=force)
     except RegistryError as err:
         raise EvalError(f"profile {ref or loaded.model.name!r} does not fit {name!r}: {err}") from None
     knobs = loaded.knobs
     if knobs.attnts_temperature is not None:
-        raise EvalError(f"profile {ref!r} is an AttnTS profile (no DySCO knobs); give a DySCO profile or --heads")
+        raise EvalError(f"profile {ref or loaded.model.name!r} is an AttnTS profile (no DySCO knobs); give a DySCO "
+                        "profile or --heads")
     config = DyscoConfig(
         head_set=[tuple(pair) for pair in loaded.head_set], strength=knobs.strength, top_p=knobs.top_p,
         top_k=knobs.top_k, decay=knobs.decay, context_warmup=knobs.context_warmup, selection=knobs.selection,
         intervention_warmup=knobs.intervention_warmup,
     ).replace(**overrides)
-    info = {"source": "profile", "profile": ref or loaded.model.name, "match": basis}
+    # The resolved version and the content hash: `@latest` (or a tag) names another profile tomorrow.
+    info = {"source": "profile", "profile": ref or loaded.model.name, "content_hash": loaded.content_hash(),
+            "match": basis}
     tuned = (loaded.metrics or {}).get("attnts_temperature")
     if isinstance(tuned, (int, float)) and not isinstance(tuned, bool) and tuned > 0:
         info["attnts_temperature"] = float(tuned)
     return config, info
+
+
+def load_profile(name: str, profile: str | None = None, registry: str | Path | None = None) -> tuple[str, Any]:
+    """(resolved reference, Profile) of `profile` (a reference), or of the registry's `name@latest`.
+
+    The reference returned is the version it resolved to (`name@3`, or `name@seed`), so a report
+    says which profile it used even after `@latest` moves. Needs no model: the CLI calls it before loading.
+    """
+    from registry import InvalidReference, ProfileNotFound, Registry, RegistryError
+
+    try:
+        store = Registry(registry)
+    except RegistryError as err:
+        raise EvalError(f"--registry: {err}") from None
+    ref = profile or f"{name}@latest"
+    try:
+        found, version = store.resolve(ref)
+        resolved = f"{found}@{version}"
+        return resolved, store.load(resolved)
+    except InvalidReference as err:
+        raise EvalError(str(err)) from None
+    except ProfileNotFound as err:
+        if profile is not None:
+            raise EvalError(f"profile {ref!r} not found: {err}") from None
+        raise EvalError(
+            f"method 'dysco' needs a head set and the registry ({store.root}) has no profile for {name!r}: "
+            f"run `headfinder detect --model {name} --register` first, or pass --profile REF or "
+            "--heads L:H,… (or leave dysco out of --methods)"
+        ) from None
+    except RegistryError as err:
+        raise EvalError(f"cannot read profile {ref!r}: {err}") from None
 
 
 def _intervention_warmup(value: Any) -> int | str:
@@ -805,15 +840,18 @@ def _dysco_dict(config: Any, decoder: Any = None) -> dict[str, Any]:
 class Checkpoint:
     """Finished batches of one evaluation, one JSON line each, so that an interrupted run resumes.
 
-    A line holds the batch's results and the fingerprint of everything that decides them (model
-    config and weights, dtype, seed, n, batch size, budgets, knobs, decoding path); lines of another
-    fingerprint are ignored, so a changed command starts over in the same file. A line cut short
-    by a kill is dropped and overwritten.
+    A line holds the batch's results, the fingerprint of everything that decides them (model config
+    and weights, dtype, seed, n, batch size, budgets, knobs, decoding path) and a hash of the batch's
+    examples themselves (`examples_key`: prompts, answers, meta); a line is read back only when both
+    match, so a changed command or a changed task option (a needle depth, a distractor count) decodes
+    again in the same file. A line cut short by a kill is dropped and overwritten.
     """
 
-    def __init__(self, path: str | Path, fingerprint: str) -> None:
+    def __init__(self, path: str | Path, fingerprint: str, fresh: bool = False) -> None:
         self.path, self.fingerprint = Path(path), fingerprint
-        self.done: dict[tuple[str, int, str, int], dict[str, Any]] = {}
+        self.done: dict[tuple[str, int, str, int, str | None], dict[str, Any]] = {}
+        if fresh:
+            self.path.unlink(missing_ok=True)
         if self.path.is_file():
             text = self.path.read_text(encoding="utf-8")
             if text and not text.endswith("\n"):  # the last write was cut: drop the partial line
@@ -825,13 +863,15 @@ class Checkpoint:
                 except json.JSONDecodeError:
                     continue
                 if record.get("fingerprint") == fingerprint:
-                    self.done[(record["task"], record["length"], record["method"], record["start"])] = record
+                    key = (record["task"], record["length"], record["method"], record["start"], record.get("examples"))
+                    self.done[key] = record
         self.resumed = 0
 
     def get(self, task: str, length: int, method: str, start: int, batch: Sequence[Example]) -> MethodRun | None:
         """The stored run of this batch, if it was finished on the very same examples."""
-        record = self.done.get((task, length, method, start))
-        if record is None or record["ids"] != [example.id for example in batch]:
+        # Ids alone are not enough: the same seed and id can hold another needle depth or distractor count.
+        record = self.done.get((task, length, method, start, examples_key(batch)))
+        if record is None:
             return None
         self.resumed += 1
         run = record["run"]
@@ -846,7 +886,7 @@ class Checkpoint:
         """Append one finished batch (flushed and synced: a kill loses at most the batch under way)."""
         record = {
             "fingerprint": self.fingerprint, "task": task, "length": length, "method": method, "start": start,
-            "ids": [example.id for example in batch],
+            "ids": [example.id for example in batch], "examples": examples_key(batch),
             "run": {"scores": run.scores, "responses": run.responses, "new_tokens": run.new_tokens,
                     "timings": [asdict(t) for t in run.timings], "selection": run.selection_per_example()},
         }
@@ -855,6 +895,12 @@ class Checkpoint:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def examples_key(batch: Sequence[Example]) -> str:
+    """sha256 of a batch's examples as the model sees and grades them (ids, messages, answers, meta)."""
+    content = [example.to_dict() for example in batch]
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _run_fingerprint(model: Any, settings: Mapping[str, Any]) -> str:
@@ -870,9 +916,19 @@ def _run_fingerprint(model: Any, settings: Mapping[str, Any]) -> str:
 
 
 def _context_limit(model: Any) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    return int(limit) if limit else None
+    from decoder.loading import context_limit
+
+    return context_limit(model.config)
+
+
+def _check_lengths(lengths: Sequence[int], limit: int | None, name: str) -> None:
+    """EvalError unless every context length fits the model's context of `limit` tokens (None: no limit known)."""
+    too_long = [length for length in lengths if limit is not None and length > limit]
+    if too_long:
+        raise EvalError(
+            f"length {format_length(too_long[0])} ({too_long[0]} tokens) is beyond {name}'s context of {limit} "
+            f"tokens; accepted: lengths up to {limit} tokens minus the new tokens"
+        )
 
 
 def _library_versions() -> dict[str, str]:
@@ -906,6 +962,7 @@ def evaluate(
     extra_config: Mapping[str, Any] | None = None,
     fast: bool = False,
     checkpoint: str | Path | None = None,
+    fresh: bool = False,
 ) -> EvalReport:
     """Run every method on the same seeded examples of every task × length and report accuracy and speed.
 
@@ -915,7 +972,8 @@ def evaluate(
     `fast`: decode with `decoder.fast.FastDecoder` (static KV buffers, fused biased attention, CUDA
     graphs on one GPU; the same greedy tokens as the exact path) instead of `decoder.generation.Decoder`.
     `checkpoint`: a JSONL file that every finished batch is appended to; run the same evaluation
-    again with it and the finished batches are read back instead of decoded (see `Checkpoint`).
+    again with it and the finished batches are read back instead of decoded (see `Checkpoint`);
+    `fresh` empties it first (once every input has passed its checks, so bad input loses nothing).
     """
     from decoder.dysco import DyscoConfig
     from decoder.generation import Decoder
@@ -936,13 +994,7 @@ def evaluate(
     name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
 
     limit = _context_limit(model)
-    if limit is not None:
-        too_long = [length for length in lengths if length > limit]
-        if too_long:
-            raise EvalError(
-                f"length {format_length(too_long[0])} ({too_long[0]} tokens) is beyond {name}'s context of {limit} "
-                f"tokens; accepted: lengths up to {limit} tokens minus the new tokens"
-            )
+    _check_lengths(lengths, limit, name)
 
     dysco_info: dict[str, Any] = {}
     if "dysco" in methods:
@@ -1016,7 +1068,7 @@ def evaluate(
     # batch (`shared_prefill`), which is dropped before the next batch is read.
     saved = None
     if checkpoint is not None:
-        saved = Checkpoint(checkpoint, _run_fingerprint(model, {
+        saved = Checkpoint(checkpoint, fresh=fresh, fingerprint=_run_fingerprint(model, {
             "seed": seed, "n": n, "batch_size": batch_size, "max_new_tokens": max_new_tokens, "fast": fast,
             "attnts_temperature": float(attnts_temperature) if "attnts" in methods else None,
             "dysco": _dysco_dict(dysco, decoders["dysco"]) if "dysco" in methods else None,
@@ -1295,26 +1347,74 @@ def register_cli(subparsers: Any) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError
+
     try:
         return _run_cli(args)
-    except EvalError as err:
+    except UsageError as err:
         print(f"dysco eval: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except (EvalError, OSError, ConnectionError) as err:  # what the arguments name fails, or does not fit
+        print(f"dysco eval: error: {err}", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
+def _check_cli_arguments(args: argparse.Namespace) -> list[Task]:
+    """Every check that needs no model, as a UsageError: a typo must not cost a model load."""
+    from decoder.cli_common import UsageError, check_model_options
+    from registry import InvalidReference, parse_ref
+
+    try:
+        tasks = _resolve_tasks(args.tasks)
+        if args.intervention_warmup is not None:
+            args.intervention_warmup = _intervention_warmup(args.intervention_warmup)
+        if args.profile is not None:
+            parse_ref(args.profile)
+    except (EvalError, InvalidReference) as err:
+        raise UsageError(str(err)) from None
+    check_model_options(args.device, args.dtype)
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a folder for results.md, results.json and accuracy.png")
+    return tasks
+
+
+def _check_lengths_on_disk(spec: str, lengths: Sequence[int], name: str) -> None:
+    """The lengths against the model's context from its config alone, when the checkpoint is on disk already."""
+    from decoder.loading import checkpoint_on_disk, context_limit
+
+    folder = checkpoint_on_disk(spec)
+    if folder is None:
+        return
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder)
+    except Exception:  # remote code, a damaged file …: the model load reports it (or rebuilds the cache)
+        return
+    _check_lengths(lengths, context_limit(config), name)
 
 
 def _run_cli(args: argparse.Namespace) -> int:
+    from decoder.loading import model_name
+
+    tasks = _check_cli_arguments(args)
+    name = model_name(args.model)
+    # What the arguments name is read before the model loads too: the profile, the tracking server.
+    profile = profile_ref = None
+    if "dysco" in args.methods and args.heads is None:
+        profile_ref, profile = load_profile(name, args.profile, args.registry)
+    if args.tracking_uri:
+        from calibration.tracking import check_reachable
+
+        check_reachable(args.tracking_uri, advice="start it (`mlflow server`) or fix --tracking-uri")
+    _check_lengths_on_disk(args.model, args.lengths, name)
+
     import torch
 
-    from decoder.loading import model_name
     from decoder.loading import load_model
 
-    # Cheap checks first: a typo must not cost a model load.
-    tasks = _resolve_tasks(args.tasks)
-    if args.intervention_warmup is not None:
-        args.intervention_warmup = _intervention_warmup(args.intervention_warmup)
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = model_name(args.model)
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet)
     except (ValueError, FileNotFoundError, OSError) as err:
@@ -1322,7 +1422,7 @@ def _run_cli(args: argparse.Namespace) -> int:
     dysco = None
     extra: dict[str, Any] = {"model_spec": args.model}
     if "dysco" in args.methods:
-        dysco, info = resolve_dysco(model, name, profile=args.profile, heads=args.heads, registry=args.registry,
+        dysco, info = resolve_dysco(model, name, profile=profile, profile_ref=profile_ref, heads=args.heads,
                                     force=args.force, intervention_warmup=args.intervention_warmup)
         extra["dysco_resolved"] = info
         if args.attnts_temperature is None and "attnts_temperature" in info:
@@ -1330,13 +1430,11 @@ def _run_cli(args: argparse.Namespace) -> int:
             extra["attnts_temperature_from_profile"] = True
     out = Path(args.out) if args.out else Path(f"eval-{name}")
     checkpoint = out / CHECKPOINT_NAME
-    if args.fresh and checkpoint.exists():
-        checkpoint.unlink()
     report = evaluate(
         model, tokenizer, tasks, args.lengths, args.methods, args.n, args.seed,
         dysco=dysco, attnts_temperature=args.attnts_temperature, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, model_name=name, progress=not args.quiet, extra_config=extra, fast=args.fast,
-        checkpoint=checkpoint,
+        checkpoint=checkpoint, fresh=args.fresh,
     )
     if report.config["resumed_batches"] and not args.quiet:
         print(f"resumed: {report.config['resumed_batches']} finished batches read back from {checkpoint}", file=sys.stderr)

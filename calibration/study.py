@@ -235,21 +235,52 @@ def _fmt(value: float | None) -> str:
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
-    """'21:31,21:18' -> [(21, 31), (21, 18)]."""
-    heads = []
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        layer, sep, head = item.partition(":")
-        if not sep or not layer.isdigit() or not head.isdigit():
-            raise CalibrationError(f"bad head {item!r} in --heads: write LAYER:HEAD pairs, e.g. 21:31,21:18")
-        pair = (int(layer), int(head))
-        if pair in heads:
-            raise CalibrationError(f"--heads lists {item} twice")
-        heads.append(pair)
-    if not heads:
-        raise CalibrationError("--heads is empty: write LAYER:HEAD pairs, e.g. 21:31,21:18")
-    return heads
+    """'21:31,21:18' -> [(21, 31), (21, 18)] (`registry.parse_head_set`, as a CalibrationError)."""
+    from registry import ProfileValidationError, parse_head_set
+
+    try:
+        return parse_head_set(text, "--heads")
+    except ProfileValidationError as err:
+        raise CalibrationError(str(err)) from None
+
+
+def task_options(task: Any, needles: int | None) -> dict[str, Any]:
+    """The options `task.generate` gets from a config: `needles` is MRCR's only (a CalibrationError elsewhere)."""
+    if needles is None:
+        return {}
+    if "n_needles" not in task.options():
+        raise CalibrationError(f"--needles applies to the mrcr task only, not to {task.name!r}")
+    return {"n_needles": needles}
+
+
+def starting_profile(config: CalibrationConfig, registry: Any) -> tuple[str, Any]:
+    """(resolved ref, Profile) a calibration without --heads starts from: `config.profile`, else the model's
+    latest profile. Needs no model, so the CLI finds a missing or corrupt one before loading it."""
+    from registry import ProfileNotFound, RegistryError
+
+    ref = config.profile or model_name(config.model)
+    try:
+        name, version = registry.resolve(ref)
+        profile = registry.load(ref)
+        if config.profile is None:
+            # The latest profile may be an earlier calibration's result, whose head set is cut
+            # to its best size: start from the head-set profile it came from instead, so the
+            # same command always starts from the same ranking (and resumes the same study).
+            for _ in range(64):
+                parent = profile.provenance.get("parent")
+                if profile.provenance.get("kind") != "calibration" or not parent:
+                    break
+                name, version = registry.resolve(parent)
+                profile = registry.load(parent)
+    except ProfileNotFound as err:
+        hint = "" if config.profile else " (no --profile given, so the model's latest profile was looked up)"
+        raise CalibrationError(
+            f"no head set to start from{hint}: {err}. Run `headfinder` on the model first, or pass "
+            "--profile REF or --heads LAYER:HEAD,…"
+        ) from None
+    except RegistryError as err:
+        raise CalibrationError(f"cannot read profile {ref!r}: {err}") from None
+    return f"{name}@{version}", profile
 
 
 def head_ranking(profile: Any) -> list[tuple[int, int]]:
@@ -436,11 +467,7 @@ class Calibration:
             if os.path.exists(cfg.dev) and cfg.dev not in message:
                 message = f"cannot read {cfg.dev}: {message}"  # e.g. a bare UnicodeDecodeError
             raise CalibrationError(message) from None
-        opts: dict[str, Any] = {}
-        if cfg.needles is not None:
-            if "n_needles" not in self.task.options():
-                raise CalibrationError(f"--needles applies to the mrcr task only, not to {self.task.name!r}")
-            opts["n_needles"] = cfg.needles
+        opts = task_options(self.task, cfg.needles)
 
         from decoder.loading import load_model, model_identity
         from registry import ModelIdentity
@@ -487,7 +514,7 @@ class Calibration:
         self._open_study(create=create)
 
     def _resolve_heads(self) -> None:
-        from registry import Knobs, ProfileNotFound, Registry, RegistryError, check_model
+        from registry import Knobs, Registry, RegistryError, check_model
 
         cfg = self.config
         self.registry = Registry(cfg.registry)
@@ -505,33 +532,12 @@ class Calibration:
             self.base_knobs = Knobs()
             return
         ref = cfg.profile or self.identity.name
-        try:
-            name, version = self.registry.resolve(ref)
-            profile = self.registry.load(ref)
-            if cfg.profile is None:
-                # The latest profile may be an earlier calibration's result, whose head set is cut
-                # to its best size: start from the head-set profile it came from instead, so the
-                # same command always starts from the same ranking (and resumes the same study).
-                for _ in range(64):
-                    parent = profile.provenance.get("parent")
-                    if profile.provenance.get("kind") != "calibration" or not parent:
-                        break
-                    name, version = self.registry.resolve(parent)
-                    profile = self.registry.load(parent)
-        except ProfileNotFound as err:
-            hint = "" if cfg.profile else " (no --profile given, so the model's latest profile was looked up)"
-            raise CalibrationError(
-                f"no head set to start from{hint}: {err}. Run `headfinder` on the model first, or pass "
-                "--profile REF or --heads LAYER:HEAD,…"
-            ) from None
-        except RegistryError as err:
-            raise CalibrationError(f"cannot read profile {ref!r}: {err}") from None
+        self.parent_ref, profile = starting_profile(cfg, self.registry)
         try:
             check_model(profile, self.identity)
         except RegistryError as err:
             raise CalibrationError(f"profile {ref!r} cannot be calibrated on {cfg.model!r}: {err}") from None
         self.parent_profile = profile
-        self.parent_ref = f"{name}@{version}"
         self.ranking = head_ranking(profile)
         self.base_knobs = profile.knobs
 

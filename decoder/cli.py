@@ -25,9 +25,14 @@ _SUBCOMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The `dysco` argument parser with every available sub-command."""
+    from decoder.cli_common import examples
+
     parser = argparse.ArgumentParser(
         prog="dysco",
         description="DySCO decoding toolkit: models, generation, profiles and evaluation.",
+        **examples("dysco models pull smollm2-135m", "dysco generate --model smollm2-135m --prompt \"Where does Alice live?\"",
+                   "dysco eval --model smollm2-135m --tasks needle,kv --lengths 2k --n 8",
+                   "dysco registry list"),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _SUBCOMMAND_MODULES:
@@ -48,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from decoder.cli_common import one_line_warnings
+
+    with one_line_warnings(f"dysco {args.command}"):
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

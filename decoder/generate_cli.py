@@ -16,6 +16,8 @@ import argparse
 import json
 import sys
 
+from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError
+
 
 def register_cli(subparsers) -> None:
     """Add `dysco generate` to the umbrella CLI."""
@@ -64,22 +66,10 @@ def register_cli(subparsers) -> None:
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
-    """'21:31,21:18' -> [(21, 31), (21, 18)]."""
-    pairs = []
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        layer, sep, head = item.partition(":")
-        if not sep or not layer.isdigit() or not head.isdigit():
-            raise ValueError(f"--heads entry {item!r} is not layer:head (e.g. 21:31)")
-        pairs.append((int(layer), int(head)))
-    if not pairs:
-        raise ValueError("--heads is empty; give layer:head pairs, e.g. 21:31,21:18")
-    return pairs
+    """'21:31,21:18' -> [(21, 31), (21, 18)]; a ValueError names the bad part (`registry.parse_head_set`)."""
+    from registry import parse_head_set
 
-
-class _UsageError(Exception):
-    pass
+    return parse_head_set(text, "--heads")
 
 
 def _read_prompt(args) -> str:
@@ -90,32 +80,51 @@ def _read_prompt(args) -> str:
             with open(args.prompt_file, encoding="utf-8") as handle:
                 text = handle.read()
         except OSError as err:
-            raise _UsageError(f"cannot read --prompt-file {args.prompt_file}: {err.strerror}") from None
+            raise OSError(f"cannot read --prompt-file {args.prompt_file}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
     else:
         if sys.stdin.isatty():
-            raise _UsageError("no prompt: give --prompt TEXT, --prompt-file F, or pipe the prompt on stdin")
+            raise UsageError("no prompt: give --prompt TEXT, --prompt-file F, or pipe the prompt on stdin")
         text = sys.stdin.read()
     if not text.strip():
-        raise _UsageError("the prompt is empty")
+        raise UsageError("the prompt is empty")
     return text
 
 
+# argparse dest -> the DySCO knob it overrides (the option that sets it is --dest, dashed)
+_KNOB_FLAGS = {"strength": "strength", "top_k": "top_k", "top_p": "top_p", "decay": "decay", "warmup": "context_warmup",
+               "selection": "selection", "intervention_warmup": "intervention_warmup"}
+
+
 def _knob_overrides(args) -> dict:
-    names = {"strength": "strength", "top_k": "top_k", "top_p": "top_p", "decay": "decay", "warmup": "context_warmup",
-             "selection": "selection", "intervention_warmup": "intervention_warmup"}
-    return {knob: getattr(args, flag) for flag, knob in names.items() if getattr(args, flag) is not None}
+    return {knob: getattr(args, flag) for flag, knob in _KNOB_FLAGS.items() if getattr(args, flag) is not None}
 
 
-def _check_intervention_warmup(args) -> None:
-    """Normalise --intervention-warmup ("auto" or an integer >= 0) or fail as a usage error, before any model load."""
-    if args.intervention_warmup is None:
-        return
-    from registry import ProfileValidationError, parse_intervention_warmup
+def _check_arguments(args) -> None:
+    """Every check that needs no model (flag values, ranges, combinations): a UsageError before any load."""
+    from decoder.cli_common import check_model_options
+    from registry import InvalidReference, ProfileValidationError, check_knobs, parse_intervention_warmup, parse_ref
 
     try:
-        args.intervention_warmup = parse_intervention_warmup(args.intervention_warmup, "--intervention-warmup")
-    except ProfileValidationError as err:
-        raise _UsageError(str(err)) from None
+        if args.profile is not None:
+            parse_ref(args.profile)
+        if args.intervention_warmup is not None:
+            args.intervention_warmup = parse_intervention_warmup(args.intervention_warmup, "--intervention-warmup")
+        check_knobs(_knob_overrides(args), {knob: "--" + flag.replace("_", "-") for flag, knob in _KNOB_FLAGS.items()})
+        if args.temperature is not None:
+            check_knobs({"attnts_temperature": args.temperature}, {"attnts_temperature": "--temperature"})
+        args.head_set = parse_heads(args.heads) if args.heads is not None else None
+    except (InvalidReference, ProfileValidationError) as err:
+        raise UsageError(str(err)) from None
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_model_options(args.device, args.dtype)
+    if args.fast and args.sample:
+        raise UsageError("--fast decodes greedily; drop --sample, or drop --fast to sample")
+    if args.temperature is not None and args.method != "attnts":
+        raise UsageError("--temperature is the AttnTS attention temperature; use it with --method attnts "
+                         "(for sampling use --sample --sample-temperature)")
 
 
 def _build_decoder(args, model, tokenizer, profile, model_name):
@@ -124,37 +133,33 @@ def _build_decoder(args, model, tokenizer, profile, model_name):
 
     overrides = _knob_overrides(args)
     if args.method == "attnts":
-        temperature = args.temperature
-        if temperature is None and profile is not None:
-            temperature = profile.knobs.attnts_temperature
-        if temperature is None:
-            raise _UsageError("--method attnts needs --temperature T (the attention temperature)")
-        return Decoder(model, tokenizer, method="attnts", temperature=temperature)
-    if args.temperature is not None:
-        raise _UsageError("--temperature is the AttnTS attention temperature; use it with --method attnts "
-                          "(for sampling use --sample --sample-temperature)")
+        return Decoder(model, tokenizer, method="attnts", temperature=_attnts_temperature(args, profile))
     if args.method == "vanilla":
         return Decoder(model, tokenizer, method="vanilla")
-    if args.heads is not None:
-        config = DyscoConfig(head_set=parse_heads(args.heads), **overrides)
+    if args.head_set is not None:
+        config = DyscoConfig(head_set=args.head_set, **overrides)
         return Decoder(model, tokenizer, method="dysco", dysco=config)
-    if profile is None:
-        raise _UsageError(
-            f"--method dysco needs a head set: give --heads layer:head,… or --profile REF (the registry has no "
-            f"profile named {model_name!r}; `headfinder` makes one)"
-        )
     decoder = Decoder.from_profile(model, tokenizer, profile, force=args.force, name=model_name)
     if overrides and decoder.dysco is not None:
         decoder = Decoder(model, tokenizer, method="dysco", dysco=decoder.dysco.replace(**overrides))
     return decoder
 
 
+def _attnts_temperature(args, profile) -> float:
+    temperature = args.temperature
+    if temperature is None and profile is not None:
+        temperature = profile.knobs.attnts_temperature
+    if temperature is None:
+        raise UsageError("--method attnts needs --temperature T (the attention temperature)")
+    return temperature
+
+
 def _cmd_generate(args) -> int:
     try:
         return _generate(args)
-    except _UsageError as err:
-        print(f"dysco generate: {err}", file=sys.stderr)
-        return 2
+    except UsageError as err:
+        print(f"dysco generate: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as err:
         from decoder.catalogue import CatalogueError
         from registry import RegistryError
@@ -162,23 +167,19 @@ def _cmd_generate(args) -> int:
         # Known failures of the input (a profile for another model, a corrupted registry version, a
         # model that cannot be loaded) are one line; anything else is a bug and keeps its traceback.
         if isinstance(err, (ValueError, TypeError, LookupError, RegistryError, CatalogueError, OSError)):
-            print(f"dysco generate: {err}", file=sys.stderr)
-            return 1
+            print(f"dysco generate: error: {err}", file=sys.stderr)
+            return EXIT_RUNTIME
         raise
 
 
 def _generate(args) -> int:
-    _check_intervention_warmup(args)
+    _check_arguments(args)
     text = _read_prompt(args)
-    if args.max_new_tokens < 1:
-        raise _UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.fast and args.sample:
-        raise _UsageError("--fast decodes greedily; drop --sample, or drop --fast to sample")
     from decoder.catalogue import DEFAULT_MODEL
     from decoder.loading import load_model, model_name
 
     profile = profile_ref = None
-    if args.profile is not None or (args.method == "dysco" and args.heads is None):
+    if args.profile is not None or (args.method == "dysco" and args.head_set is None):
         from registry import ProfileNotFound, Registry
 
         ref = args.profile or model_name(args.model or DEFAULT_MODEL)
@@ -191,6 +192,15 @@ def _generate(args) -> int:
             if args.profile is not None:
                 raise
     model_spec = args.model or (profile.model.name if profile is not None and args.profile else None) or DEFAULT_MODEL
+    # What the profile decides is checked before the model loads too.
+    if args.method == "attnts":
+        _attnts_temperature(args, profile)
+    elif args.method == "dysco" and args.head_set is None:
+        if profile is None:
+            raise UsageError(
+                f"--method dysco needs a head set: give --heads layer:head,… or --profile REF (the registry has no "
+                f"profile named {model_name(model_spec)!r}; `headfinder` makes one)"
+            )
     model, tokenizer = load_model(model_spec, dtype=args.dtype, device=args.device, progress=not args.json)
     decoder = _build_decoder(args, model, tokenizer, profile, model_name(model_spec))
 

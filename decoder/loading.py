@@ -25,13 +25,15 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from decoder.catalogue import CATALOGUE, CatalogueError, catalogue_listing, ensure_checkpoint
+from decoder.catalogue import CATALOGUE, CatalogueError, catalogue_listing, checkpoint_dir, ensure_checkpoint
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "checkpoint_on_disk",
+    "context_limit",
     "load_model",
     "model_identity",
     "config_fingerprint",
@@ -177,9 +179,14 @@ def _load_folder(folder: Path, dtype, device_map, trust_remote_code: bool):
             f"{folder} is a folder without config.json; a checkpoint folder holds config.json, the weights "
             "(*.safetensors) and the tokenizer files."
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
-    )
+    from safetensors import SafetensorError
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code
+        )
+    except SafetensorError as err:  # not a ValueError or OSError: without this, a traceback in every CLI
+        raise ModelSpecError(f"the weights in {folder} are damaged (safetensors: {err})") from None
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
@@ -230,6 +237,24 @@ def _load_hub(repo_id: str, dtype, device_map, trust_remote_code: bool):
             f"{repo_id!r} looks like a Hub id, but {reason}.\n  transformers said: {first_line}\n{_catalogue_hint()}"
         ) from None
     return model, tokenizer
+
+
+def checkpoint_on_disk(spec: str) -> Path | None:
+    """The folder of `spec`'s checkpoint when it is on disk already (a local checkpoint folder, an installed
+    catalogue model), else None (a .gguf, a Hub id, a model still to pull). Its config and tokenizer can
+    then be read in a second, so the CLIs check what depends on them before the (slow) model load."""
+    if not isinstance(spec, (str, os.PathLike)) or not str(spec).strip():
+        return None
+    spec = str(spec).strip()
+    folder = checkpoint_dir(spec) if spec in CATALOGUE else Path(spec).expanduser()
+    return folder if (folder / "config.json").is_file() else None
+
+
+def context_limit(config: Any) -> int | None:
+    """The longest sequence (`max_position_embeddings`) a model config allows, or None when it says none."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None
 
 
 def load_model(

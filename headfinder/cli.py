@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError, check_model_options, examples, one_line_warnings
 from decoder.loading import model_name
 from decoder.threads import quiet_idle_threads
 
@@ -32,7 +33,10 @@ SCORES_FILE, HEADS_FILE, SUMMARY_FILE = "scores.safetensors", "head_set.json", "
 
 
 class HeadfinderError(Exception):
-    """A user-facing error: printed as one clear message, exit status 2."""
+    """A runtime error (what the arguments name fails or does not fit the model): one line, exit status 1.
+
+    Usage errors (the command line itself is wrong) are `decoder.cli_common.UsageError`: exit status 2.
+    """
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the QR score is the question's attention to the gold documents minus the null query's. Needle probes: "
         "a needle sentence in filler text; the retrieval score counts argmax-attention hits on the token being "
         "copied. Writes scores.safetensors, head_set.json, one heatmap PNG per score and summary.json.",
+        **examples("headfinder detect --model smollm2-135m --register",
+                   "headfinder detect --model smollm2-135m --seed 1 --out headfinder-out/seed1",
+                   "headfinder detect --model ./my-checkpoint --probes needle --top 8 --json"),
     )
     _model_options(detect)
     detect.add_argument("--probes", choices=("qr", "needle", "both"), default=DEFAULTS["probes"],
@@ -81,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="print (and plot) a detection folder or a registry profile",
                           description="Print the head set and top scores of a `headfinder detect` output folder or "
-                          "of a registry profile reference (name, name@N, name@latest).")
+                          "of a registry profile reference (name, name@N, name@latest).",
+                          **examples("headfinder show headfinder-out/smollm2-135m-seed0",
+                                     "headfinder show smollm2-135m@latest --top 24 --plot plots/"))
     show.add_argument("target", metavar="DIR|PROFILE")
     show.add_argument("--top", type=int, default=None, metavar="K", help="heads to list (default: the head set's size)")
     show.add_argument("--plot", type=Path, default=None, metavar="DIR",
@@ -94,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", help="causal check: needle accuracy with the head set zeroed vs as many random heads",
         description="Measure greedy needle-retrieval accuracy with no ablation, with the head set's attention outputs "
         "zeroed, and with --draws random sets of as many heads (outside the set) zeroed; report each and the drops.",
+        **examples("headfinder validate --model smollm2-135m --from headfinder-out/smollm2-135m-seed0",
+                   "headfinder validate --model smollm2-135m --profile smollm2-135m@latest --draws 10 --json",
+                   "headfinder validate --model smollm2-135m --heads 8:2,15:4,20:1 --out validate.json"),
     )
     _model_options(validate)
     source = validate.add_mutually_exclusive_group(required=True)
@@ -114,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="stability of two detections: Spearman of the ranking, top-k overlap",
                              description="Compare two `headfinder detect` folders (e.g. two seeds): Spearman "
-                             "correlation of the full head ranking and how many of the top-k heads they share.")
+                             "correlation of the full head ranking and how many of the top-k heads they share.",
+                             **examples("headfinder compare headfinder-out/smollm2-135m-seed0 "
+                                        "headfinder-out/smollm2-135m-seed1",
+                                        "headfinder compare RUN_A RUN_B --score retrieval --top 8 --json"))
     compare.add_argument("run_a", type=Path, metavar="DIR_A")
     compare.add_argument("run_b", type=Path, metavar="DIR_B")
     compare.add_argument("--score", choices=SCORE_NAMES, default="qr", help="score to compare (default: %(default)s)")
@@ -143,7 +158,14 @@ def _output_options(p: argparse.ArgumentParser) -> None:
 
 def _check_positive(value: int, flag: str) -> None:
     if value < 1:
-        raise HeadfinderError(f"{flag} must be at least 1, got {value}")
+        raise UsageError(f"{flag} must be at least 1, got {value}")
+
+
+def _check_model_args(args) -> None:
+    """--threads, --device and --dtype checked before the model loads (a UsageError)."""
+    if args.threads is not None:
+        _check_positive(args.threads, "--threads")
+    check_model_options(args.device, args.dtype)
 
 
 def _load(args) -> tuple:
@@ -154,7 +176,6 @@ def _load(args) -> tuple:
     from decoder.loading import load_model
 
     if args.threads is not None:
-        _check_positive(args.threads, "--threads")
         torch.set_num_threads(args.threads)
     try:
         return load_model(args.model, dtype=args.dtype, device=args.device, progress=not args.no_progress)
@@ -162,12 +183,43 @@ def _load(args) -> tuple:
         raise HeadfinderError(f"cannot load model {args.model!r}: {err}") from err
 
 
+def _check_context(args, name: str, limit: int | None) -> None:
+    if limit is not None and args.context > limit:
+        raise HeadfinderError(f"--context {args.context} is longer than {name}'s context of {limit} tokens")
+
+
+def _probes_before_loading(args, name: str, makers: dict) -> dict | None:
+    """{kind: probes} made from the checkpoint's own config and tokenizer before the model loads.
+
+    Only where they are on disk already (a local checkpoint folder, an installed catalogue model):
+    a --context beyond the model's, or too short for the probes, then fails in seconds instead of
+    after the model load. None elsewhere (a .gguf, a Hub id, a model still to pull): checked after loading.
+    """
+    from decoder.loading import checkpoint_on_disk, context_limit
+
+    folder = checkpoint_on_disk(args.model)
+    if folder is None:
+        return None
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception:  # remote code, a damaged file …: the model load reports it (or rebuilds the cache)
+        return None
+    _check_context(args, name, context_limit(config))
+    try:
+        return {kind: make(tokenizer, args.n_probes, args.context, args.seed) for kind, make in makers.items()}
+    except ValueError as err:
+        raise HeadfinderError(str(err)) from None
+
+
 def _model_limits(model) -> tuple[int, int, int | None]:
+    from decoder.loading import context_limit
     from headfinder.scores import model_shape
 
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     n_layers, n_heads = model_shape(model)
-    return n_layers, n_heads, getattr(config, "max_position_embeddings", None)
+    return n_layers, n_heads, context_limit(model.config)
 
 
 def _slug(name: str) -> str:
@@ -183,19 +235,13 @@ def _format_heads(heads) -> str:
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
-    """Parse 'L:H,L:H,…' into (layer, head) pairs."""
-    heads = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        parts = item.split(":")
-        if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-            raise HeadfinderError(f"cannot read head {item!r}: write heads as LAYER:HEAD, comma-separated (e.g. 17:3,18:6)")
-        heads.append((int(parts[0]), int(parts[1])))
-    if not heads:
-        raise HeadfinderError("--heads is empty: give at least one LAYER:HEAD")
-    return heads
+    """Parse 'L:H,L:H,…' into (layer, head) pairs (`registry.parse_head_set`, as a UsageError)."""
+    from registry import ProfileValidationError, parse_head_set
+
+    try:
+        return parse_head_set(text, "--heads")
+    except ProfileValidationError as err:
+        raise UsageError(str(err)) from None
 
 
 def _read_run(folder: Path) -> tuple[dict, dict]:
@@ -203,6 +249,8 @@ def _read_run(folder: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
     summary_path, scores_path = folder / SUMMARY_FILE, folder / SCORES_FILE
+    if not folder.exists():
+        raise HeadfinderError(f"{folder} does not exist; give a `headfinder detect` output folder")
     if not folder.is_dir():
         raise HeadfinderError(f"{folder} is not a folder; give a `headfinder detect` output folder")
     if not summary_path.is_file() or not scores_path.is_file():
@@ -223,14 +271,15 @@ def _cmd_detect(args) -> int:
     _check_positive(args.n_probes, "--n-probes")
     _check_positive(args.top, "--top")
     _check_positive(args.context, "--context")
+    _check_model_args(args)
     score_name = args.score or ("retrieval" if args.probes == "needle" else "qr")
     runs_qr, runs_needle = args.probes in ("qr", "both"), args.probes in ("needle", "both")
     if score_name.startswith("qr") and not runs_qr or score_name == "retrieval" and not runs_needle:
-        raise HeadfinderError(f"--score {score_name} needs the probes that compute it; --probes {args.probes} does not")
+        raise UsageError(f"--score {score_name} needs the probes that compute it; --probes {args.probes} does not")
     name = model_name(args.model)
     out = args.out or Path("headfinder-out") / f"{_slug(name)}-seed{args.seed}"
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY_FILE).is_file())):
-        raise HeadfinderError(f"--out {out} exists and is not a previous headfinder output; choose another folder")
+        raise UsageError(f"--out {out} exists and is not a previous headfinder output; choose another folder")
     if args.register:
         from registry import Registry, RegistryError
 
@@ -247,19 +296,22 @@ def _cmd_detect(args) -> int:
     from headfinder.scores import qr_scores, retrieval_scores
 
     started = time.time()
+    makers = {"qr": make_qr_probes} if runs_qr else {}
+    makers.update({"needle": make_needle_probes} if runs_needle else {})
+    probes = _probes_before_loading(args, name, makers)
     model, tokenizer = _load(args)
     n_layers, n_heads, max_context = _model_limits(model)
-    if max_context is not None and args.context > max_context:
-        raise HeadfinderError(f"--context {args.context} is longer than {name}'s context of {max_context} tokens")
+    _check_context(args, name, max_context)
     if args.top > n_layers * n_heads:
         raise HeadfinderError(f"--top {args.top} is larger than {name}'s {n_layers * n_heads} heads "
                               f"({n_layers} layers × {n_heads} heads)")
     progress = not args.no_progress and not args.json
-    try:
-        qr_probes = make_qr_probes(tokenizer, args.n_probes, args.context, args.seed) if runs_qr else []
-        needle_probes = make_needle_probes(tokenizer, args.n_probes, args.context, args.seed) if runs_needle else []
-    except ValueError as err:
-        raise HeadfinderError(str(err)) from err
+    if probes is None:
+        try:
+            probes = {kind: make(tokenizer, args.n_probes, args.context, args.seed) for kind, make in makers.items()}
+        except ValueError as err:
+            raise HeadfinderError(str(err)) from err
+    qr_probes, needle_probes = probes.get("qr", []), probes.get("needle", [])
 
     scores: dict[str, torch.Tensor] = {}
     per_probe: dict[str, torch.Tensor] = {}
@@ -408,12 +460,17 @@ def _flat(files: dict):
 # show / compare
 
 
-def _load_target(target: str, registry_root: Path | None) -> dict:
-    """Heads, scores and a description of a detect folder or a registry profile."""
+def _looks_like_path(target: str) -> bool:
+    """True for what can only be a path: it exists, or starts with '/', '.', '~' or ends with a separator."""
+    return Path(target).exists() or target.startswith(("/", ".", "~")) or target.endswith(("/", os.sep))
+
+
+def _load_target(target: str, registry_root: Path | None, folder_only: bool = False) -> dict:
+    """Heads, scores and a description of a detect folder or (unless `folder_only`) a registry profile."""
     import torch
 
     path = Path(target)
-    if path.is_dir():
+    if folder_only or _looks_like_path(target):
         summary, tensors = _read_run(path)
         scores = {k: v for k, v in tensors.items() if not k.startswith("per_probe.")}
         heads = [tuple(h) for h in summary["head_set"]]
@@ -505,29 +562,31 @@ def _cmd_compare(args) -> int:
 def _cmd_validate(args) -> int:
     _check_positive(args.n_probes, "--n-probes")
     _check_positive(args.context, "--context")
+    _check_model_args(args)
     if args.draws < 1:
-        raise HeadfinderError(f"--draws must be at least 1, got {args.draws}")
+        raise UsageError(f"--draws must be at least 1, got {args.draws}")
     if args.heads:
         heads = parse_heads(args.heads)
         source = "--heads"
     else:
-        data = _load_target(str(args.from_dir) if args.from_dir else args.profile, args.registry)
+        data = _load_target(str(args.from_dir) if args.from_dir else args.profile, args.registry,
+                            folder_only=args.from_dir is not None)
         heads, source = data["heads"], data["source"]
     if args.out is not None and args.out.is_dir():
-        raise HeadfinderError(f"--out {args.out} is a folder; give a file name for the JSON report")
+        raise UsageError(f"--out {args.out} is a folder; give a file name for the JSON report")
 
     from headfinder.head_sets import validate_head_set
     from headfinder.probes import make_needle_probes
     from headfinder.validate import validate_heads
 
     started = time.time()
+    early = _probes_before_loading(args, model_name(args.model), {"needle": make_needle_probes})
     model, tokenizer = _load(args)
     n_layers, n_heads, max_context = _model_limits(model)
-    if max_context is not None and args.context > max_context:
-        raise HeadfinderError(f"--context {args.context} is longer than the model's context of {max_context} tokens")
+    _check_context(args, model_name(args.model), max_context)
     try:
         heads = validate_head_set(heads, n_layers, n_heads)
-        probes = make_needle_probes(tokenizer, args.n_probes, args.context, args.seed)
+        probes = early["needle"] if early else make_needle_probes(tokenizer, args.n_probes, args.context, args.seed)
         report = validate_heads(model, tokenizer, heads, probes, draws=args.draws, seed=args.seed,
                                 progress=not args.no_progress and not args.json)
     except ValueError as err:
@@ -565,11 +624,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except HeadfinderError as err:
-        print(f"headfinder: error: {err}", file=sys.stderr)
-        return 2
+    with one_line_warnings("headfinder"):
+        try:
+            return int(args.func(args) or 0)
+        except UsageError as err:
+            print(f"headfinder: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        except HeadfinderError as err:
+            print(f"headfinder: error: {err}", file=sys.stderr)
+            return EXIT_RUNTIME
 
 
 if __name__ == "__main__":

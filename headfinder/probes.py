@@ -223,11 +223,12 @@ def _count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _check_request(n: int, context_tokens: int, minimum: int) -> None:
+def _check_request(n: int, context_tokens: int) -> None:
+    # The smallest context that works depends on the tokenizer: each maker measures it (`_TooShort`).
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"number of probes must be a positive integer, got {n!r}")
-    if context_tokens < minimum:
-        raise ValueError(f"context of {context_tokens} tokens is too short for these probes; use at least {minimum}")
+    if not isinstance(context_tokens, int) or context_tokens < 1:
+        raise ValueError(f"context must be a positive number of tokens, got {context_tokens!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,13 +248,29 @@ def make_qr_probes(
     Probe `i` depends only on (`seed`, `i`), so a probe set is a prefix of any larger one with the same
     seed, and two seeds give disjoint invented worlds.
     """
-    _check_request(n, context_tokens, minimum=160)
-    probes = []
+    _check_request(n, context_tokens)
+    probes, needed = [], 0
     for i in range(n):
         rng = random.Random(f"qr-{seed}-{i}")
         two_hop = multi_hop_every > 0 and i % multi_hop_every == multi_hop_every - 1
-        probes.append(_qr_probe(tokenizer, context_tokens, rng, seed, two_hop))
+        try:
+            probes.append(_qr_probe(tokenizer, context_tokens, rng, seed, two_hop))
+        except _TooShort as short:
+            needed = max(needed, short.tokens)  # every probe is measured, so the minimum given works for all
+    if needed:
+        raise ValueError(
+            f"context of {context_tokens} tokens is too short for these probes: with this tokenizer it cannot hold "
+            f"even two documents of every probe; use at least {needed} tokens"
+        )
     return probes
+
+
+class _TooShort(Exception):
+    """A QR probe that does not fit even with two documents; `tokens` is what it needs."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__(tokens)
+        self.tokens = tokens
 
 
 def _qr_documents(rng: random.Random, two_hop: bool, count: int):
@@ -299,10 +316,7 @@ def _qr_probe(tokenizer, context_tokens: int, rng: random.Random, seed: int, two
         if len(probe.query_ids) <= context_tokens and len(probe.null_ids) <= context_tokens:
             return probe
         if count <= 2:
-            raise ValueError(
-                f"context of {context_tokens} tokens cannot hold even two documents with this tokenizer "
-                f"({len(probe.query_ids)} tokens needed)"
-            )
+            raise _TooShort(max(len(probe.query_ids), len(probe.null_ids)))
         count -= 1
 
 
@@ -375,7 +389,7 @@ def make_needle_probes(
     and asks for it; `needle`/`key`/`question`/`filler` replace the invented parts (the same needle in
     every probe), for controlled experiments.
     """
-    _check_request(n, context_tokens, minimum=96)
+    _check_request(n, context_tokens)
     depths = list(depths) if depths is not None else default_depths(n)
     if len(depths) != n:
         raise ValueError(f"got {len(depths)} depths for {n} probes; give one depth per probe")
@@ -385,7 +399,7 @@ def make_needle_probes(
         raise ValueError("give needle, key and question together (or none of them)")
     if needle is not None and key not in needle:
         raise ValueError(f"the key {key!r} must occur in the needle {needle!r}")
-    probes = []
+    probes, needed = [], 0
     for i, depth in enumerate(depths):
         rng = random.Random(f"needle-{seed}-{i}")
         if needle is None:
@@ -395,8 +409,16 @@ def make_needle_probes(
             this_key, this_question = code, f"What is the special magic number for {place}?"
         else:
             this_needle, this_key, this_question = needle, key, question
-        probes.append(_needle_probe(tokenizer, context_tokens, rng, seed, depth, this_needle, this_key,
-                                    this_question, filler, instruction, answer_prefix))
+        try:
+            probes.append(_needle_probe(tokenizer, context_tokens, rng, seed, depth, this_needle, this_key,
+                                        this_question, filler, instruction, answer_prefix))
+        except _TooShort as short:
+            needed = max(needed, short.tokens)  # every probe is measured, so the minimum given works for all
+    if needed:
+        raise ValueError(
+            f"context of {context_tokens} tokens is too short for these probes: with this tokenizer it leaves no "
+            f"room for filler around the needle; use at least {needed} tokens"
+        )
     return probes
 
 
@@ -406,7 +428,7 @@ def _needle_probe(tokenizer, context_tokens, rng, seed, depth, needle, key, ques
     skeleton = render_prompt(tokenizer, f"{instruction}\n\n{needle}\n\n{ask}", answer_prefix)
     budget = context_tokens - _count_tokens(tokenizer, skeleton) - 4
     if budget < 8:
-        raise ValueError(f"context of {context_tokens} tokens leaves no room for filler around the needle")
+        raise _TooShort(context_tokens - budget + 8)
     pool = list(filler) if filler is not None else None
     sentences, used = [], 0
     while True:

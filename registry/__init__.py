@@ -23,7 +23,9 @@ from registry.profile import (
     Knobs,
     ModelIdentity,
     Profile,
+    check_knobs,
     collect_provenance,
+    parse_head_set,
     parse_intervention_warmup,
 )
 from registry.store import Registry, VersionInfo, default_root, load_seed, parse_ref, seed_names
@@ -42,10 +44,12 @@ __all__ = [
     "RegistryError",
     "UnsafeArchiveError",
     "VersionInfo",
+    "check_knobs",
     "check_model",
     "collect_provenance",
     "default_root",
     "load_seed",
+    "parse_head_set",
     "parse_intervention_warmup",
     "parse_ref",
     "seed_names",

@@ -8,7 +8,8 @@ Layout of an archive:
     <n>/head_scores.safetensors
 
 Reading never extracts to disk: members are read into memory after their header passes a
-whitelist (relative names of exactly that shape, plain files only, bounded sizes), then checked
+whitelist (relative names of exactly that shape, plain files only, bounded sizes, listed in the
+index, which comes first: an unlisted member is refused before any of its bytes is read), then checked
 against the sha256 in `archive.json` and the profile's content hash, then parsed as JSON and
 safetensors and validated. Any problem refuses the whole archive.
 """
@@ -101,25 +102,10 @@ def read_archive(path: Path) -> list[ArchiveEntry]:
     mismatches and invalid profiles, naming the member.
     """
     label = path.name
-    members = _read_members(path)
-    if ARCHIVE_INDEX not in members:
-        raise UnsafeArchiveError(f"{label}: no {ARCHIVE_INDEX}; not a dysco registry archive")
-    try:
-        index = json.loads(members[ARCHIVE_INDEX].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ProfileCorrupted(f"{label}: {ARCHIVE_INDEX} is not valid JSON: {err}",
-                               f"{label}:{ARCHIVE_INDEX}") from None
-    if not (isinstance(index, dict) and index.get("format") == ARCHIVE_FORMAT
-            and isinstance(index.get("entries"), list)):
-        raise UnsafeArchiveError(f"{label}: {ARCHIVE_INDEX} is not a {ARCHIVE_FORMAT} index")
-    listed = {ARCHIVE_INDEX}
+    index, members = _read_members(path)  # every member it returns is listed in the index
     entries = []
     for item in index["entries"]:
-        slot = item.get("dir") if isinstance(item, dict) else None
-        checksums = item.get("files") if isinstance(item, dict) else None
-        if not (isinstance(slot, str) and is_version_name(slot) and isinstance(checksums, dict)
-                and set(checksums) == set(VERSION_FILES)):
-            raise UnsafeArchiveError(f"{label}: malformed entry in {ARCHIVE_INDEX}: {item!r}")
+        slot, checksums = item["dir"], item["files"]
         for file_name in VERSION_FILES:
             member = f"{slot}/{file_name}"
             if member not in members:
@@ -130,7 +116,6 @@ def read_archive(path: Path) -> list[ArchiveEntry]:
                     f"{checksums[file_name]}, found {sha256(members[member])})",
                     f"{label}:{member}",
                 )
-            listed.add(member)
         profile = profile_from_files(
             {f: members[f"{slot}/{f}"] for f in VERSION_FILES}, f"{label}:{slot}"
         )
@@ -144,20 +129,38 @@ def read_archive(path: Path) -> list[ArchiveEntry]:
             profile, profile.model.name, item.get("version", "?"),
             tuple(t for t in tags if isinstance(t, str)),
         ))
-    unlisted = sorted(set(members) - listed)
-    if unlisted:
-        raise UnsafeArchiveError(
-            f"{label}: unexpected file(s) not listed in {ARCHIVE_INDEX}: {', '.join(unlisted)}"
-        )
     return entries
 
 
-def _read_members(path: Path) -> dict[str, bytes]:
-    """Every member's bytes, refusing anything but plain files with whitelisted relative names."""
+def _parse_index(label: str, data: bytes) -> dict:
+    """The archive's index, checked to be a well-formed `ARCHIVE_FORMAT` index (each entry's dir and files)."""
+    try:
+        index = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ProfileCorrupted(f"{label}: {ARCHIVE_INDEX} is not valid JSON: {err}",
+                               f"{label}:{ARCHIVE_INDEX}") from None
+    if not (isinstance(index, dict) and index.get("format") == ARCHIVE_FORMAT
+            and isinstance(index.get("entries"), list)):
+        raise UnsafeArchiveError(f"{label}: {ARCHIVE_INDEX} is not a {ARCHIVE_FORMAT} index")
+    for item in index["entries"]:
+        slot = item.get("dir") if isinstance(item, dict) else None
+        checksums = item.get("files") if isinstance(item, dict) else None
+        if not (isinstance(slot, str) and is_version_name(slot) and isinstance(checksums, dict)
+                and set(checksums) == set(VERSION_FILES)):
+            raise UnsafeArchiveError(f"{label}: malformed entry in {ARCHIVE_INDEX}: {item!r}")
+    return index
+
+
+def _read_members(path: Path) -> tuple[dict, dict[str, bytes]]:
+    """The index and every member's bytes, refusing anything but plain files with whitelisted relative
+    names that the index lists. The index comes first (as `write_archive` writes it), so an unlisted
+    member is refused from its header, before a byte of it is read."""
     label = path.name
     if not path.is_file():
         raise ProfileNotFound(f"archive {path} does not exist")
     members: dict[str, bytes] = {}
+    index: dict | None = None
+    listed: set[str] = set()
     total = 0
     try:
         with tarfile.open(path, mode="r:gz") as tar:
@@ -188,6 +191,13 @@ def _read_members(path: Path) -> dict[str, bytes]:
                     )
                 if name in members:
                     raise UnsafeArchiveError(f"{label}: {name!r} appears twice")
+                if index is None and name != ARCHIVE_INDEX:
+                    raise UnsafeArchiveError(
+                        f"{label}: {name!r} comes before {ARCHIVE_INDEX}; an archive made by `dysco registry "
+                        f"export` begins with its index"
+                    )
+                if index is not None and name not in listed:
+                    raise UnsafeArchiveError(f"{label}: unexpected file {name!r} not listed in {ARCHIVE_INDEX}")
                 if member.size > _MAX_FILE or total + member.size > _MAX_TOTAL:
                     raise UnsafeArchiveError(f"{label}: {name!r} is too large")
                 handle = tar.extractfile(member)
@@ -196,6 +206,11 @@ def _read_members(path: Path) -> dict[str, bytes]:
                     raise UnsafeArchiveError(f"{label}: {name!r} is truncated")
                 total += len(data)
                 members[name] = data
+                if name == ARCHIVE_INDEX:
+                    index = _parse_index(label, data)
+                    listed = {f"{item['dir']}/{f}" for item in index["entries"] for f in VERSION_FILES}
     except (tarfile.TarError, EOFError, OSError) as err:  # BadGzipFile is an OSError
         raise UnsafeArchiveError(f"{label}: not a readable tar.gz archive ({err})") from None
-    return members
+    if index is None:
+        raise UnsafeArchiveError(f"{label}: no {ARCHIVE_INDEX}; not a dysco registry archive")
+    return index, members

@@ -1,7 +1,8 @@
 """`dysco registry list|show|diff|tag|export|import`: browse and share stored profiles.
 
 Every sub-command takes `--registry DIR` (default: $DYSCO_REGISTRY, else the user data dir);
-those that print data take `--json`. Errors print one line to stderr and exit with status 1.
+those that print data take `--json`. Errors print one line to stderr and exit with status 2 for a
+malformed reference or tag name, 1 for what fails (a missing or corrupt profile, an unsafe archive).
 """
 
 from __future__ import annotations
@@ -20,16 +21,33 @@ REF_HELP = (
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `registry` and its sub-commands to the umbrella `dysco` parser."""
+    from decoder.cli_common import examples
+
     parser = subparsers.add_parser(
         "registry",
         help="list, show, compare, tag, export and import DySCO profiles",
         description="Browse and share versioned DySCO profiles (head sets, knobs, metrics).",
+        **examples("dysco registry list", "dysco registry show smollm2-135m@latest",
+                   "dysco registry export smollm2-135m profiles.tar.gz && dysco registry import profiles.tar.gz"),
     )
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
     commands = parser.add_subparsers(dest="registry_command", metavar="ACTION")
+    usage = {
+        "list": ("dysco registry list", "dysco registry list smollm2-135m --json",
+                 "dysco registry list --registry ./quickstart-out/registry"),
+        "show": ("dysco registry show smollm2-135m@latest", "dysco registry show smollm2-135m@prod --json",
+                 "dysco registry show qwen3-8b@seed"),
+        "diff": ("dysco registry diff smollm2-135m@1 smollm2-135m@2", "dysco registry diff smollm2-135m@seed "
+                 "smollm2-135m@latest --json"),
+        "tag": ("dysco registry tag smollm2-135m@2 prod", "dysco registry tag smollm2-135m prod --remove"),
+        "export": ("dysco registry export smollm2-135m profiles.tar.gz          # every version",
+                   "dysco registry export smollm2-135m@prod prod.tar.gz          # one version"),
+        "import": ("dysco registry import profiles.tar.gz",
+                   "dysco registry import profiles.tar.gz --registry /shared/registry --json"),
+    }
 
     def add(name: str, help_: str, json_flag: bool = True) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_, description=help_)
+        sub = commands.add_parser(name, help=help_, description=help_, **examples(*usage[name]))
         sub.add_argument("--registry", metavar="DIR", default=None,
                          help="registry directory (default: $DYSCO_REGISTRY or the user data dir)")
         if json_flag:
@@ -69,16 +87,20 @@ def _run(action: Any) -> Any:
     """Wrap an action so registry errors become one line on stderr and exit status 1."""
 
     def run(args: argparse.Namespace) -> int:
-        from registry import Registry, RegistryError
+        from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE
+        from registry import InvalidReference, ProfileValidationError, Registry, RegistryError
 
         try:
             return action(Registry(args.registry), args) or 0
         except BrokenPipeError:  # `dysco registry show … | head`: the reader left; not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush is quiet too
             return 0
+        except (InvalidReference, ProfileValidationError) as err:  # the command line itself is wrong
+            print(f"dysco registry {args.registry_command}: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
         except (RegistryError, OSError) as err:
             print(f"dysco registry {args.registry_command}: error: {err}", file=sys.stderr)
-            return 1
+            return EXIT_RUNTIME
 
     return run
 

@@ -54,5 +54,6 @@ def profile_from_files(files: dict[str, bytes], where: str) -> Profile:
     try:
         return Profile.from_dict(data, scores)
     except ProfileValidationError as err:
-        raise ProfileCorrupted(f"{where}/{PROFILE_FILE} holds an invalid profile: {err}",
-                               f"{where}/{PROFILE_FILE}") from None
+        # The score matrices live in the safetensors file: a NaN or a wrong shape is that file's fault.
+        bad = SCORES_FILE if str(err).startswith("head_scores") else PROFILE_FILE
+        raise ProfileCorrupted(f"{where}/{bad} holds an invalid profile: {err}", f"{where}/{bad}") from None

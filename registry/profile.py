@@ -90,6 +90,49 @@ def parse_intervention_warmup(value: object, what: str = "knobs.intervention_war
     )
 
 
+def parse_head_set(text: str, what: str = "--heads") -> list[tuple[int, int]]:
+    """'21:31, 21:18' -> [(21, 31), (21, 18)]: the one parser of a head set written on a command line.
+
+    Pairs of non-negative integers LAYER:HEAD, comma-separated, at least one, none twice (spaces are
+    ignored). Anything else is a `ProfileValidationError` (a ValueError) naming `what` and the bad part.
+    Whether the heads exist in a model is checked against the model (`Profile`, `DyscoConfig`).
+    """
+    if not isinstance(text, str):
+        raise ProfileValidationError(f"{what} must be text like 21:31,21:18, got {text!r}")
+    pairs: list[tuple[int, int]] = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        layer, sep, head = item.partition(":")
+        if not (sep and layer.isascii() and layer.isdigit() and head.isascii() and head.isdigit()):
+            raise ProfileValidationError(
+                f"{what}: bad head {item!r}: write LAYER:HEAD pairs of non-negative integers, e.g. 21:31,21:18"
+            )
+        pair = (int(layer), int(head))
+        if pair in pairs:
+            raise ProfileValidationError(f"{what} lists {layer}:{head} twice")
+        pairs.append(pair)
+    if not pairs:
+        raise ProfileValidationError(f"{what} is empty: write LAYER:HEAD pairs, e.g. 21:31,21:18")
+    return pairs
+
+
+def check_knobs(values: Mapping[str, Any], flags: Mapping[str, str] | None = None) -> None:
+    """Check knob values (e.g. a command line's overrides) by the rules of `Knobs`, before any model loads.
+
+    `flags` maps a knob to the option that set it (e.g. {"top_p": "--top-p"}) so the error names it.
+    """
+    try:
+        Knobs(**values)
+    except TypeError as err:  # an unknown knob name: a caller's bug, not the user's
+        raise ProfileValidationError(f"not a DySCO knob: {err}") from None
+    except ProfileValidationError as err:
+        message = str(err)
+        for knob, flag in (flags or {}).items():
+            message = message.replace(f"knobs.{knob} ", f"{flag} ")
+        raise ProfileValidationError(message) from None
+
+
 def _optional_fingerprint(value: object, what: str) -> str | None:
     if value is None:
         return None

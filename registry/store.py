@@ -65,6 +65,7 @@ from registry.files import (
     profile_to_files,
     sha256,
 )
+from registry.locking import folder_lock
 from registry.profile import Profile, canonical_json, validate_model_name
 
 ENV_VAR = "DYSCO_REGISTRY"
@@ -704,9 +705,12 @@ class Registry:
         refs = []
         for entry in read_archive(Path(path)):
             profile = entry.profile
-            existing = self._by_hash(profile.model.name, profile.content_hash())
-            if existing is not None:
-                refs.append(f"{profile.model.name}@{existing}")
-            else:
-                refs.append(self.register(profile))
+            # The look-up and the registration are one critical section per model: concurrent imports
+            # of one archive otherwise all find the content missing and store it under several versions.
+            with folder_lock(self._name_dir(profile.model.name)):
+                existing = self._by_hash(profile.model.name, profile.content_hash())
+                if existing is not None:
+                    refs.append(f"{profile.model.name}@{existing}")
+                else:
+                    refs.append(self.register(profile))
         return refs

@@ -531,8 +531,8 @@ def test_bad_input_gives_clear_errors_and_registers_nothing(workdir, tmp_path, c
     assert exit_info.value.code == 2
     assert "--trials: must be >= 1, got 0" in capsys.readouterr().err
 
-    # Unknown dev task.
-    assert _run_main("--dev", "nosuchtask", *base) == 1
+    # Unknown dev task: a usage error, before the model loads.
+    assert _run_main("--dev", "nosuchtask", *base) == 2
     assert "unknown dev task 'nosuchtask'" in capsys.readouterr().err
 
     # Unreadable data file, then a well-formed file of the wrong shape (a missing field).
@@ -558,7 +558,7 @@ def test_bad_input_gives_clear_errors_and_registers_nothing(workdir, tmp_path, c
     assert "does not match" in json.loads(out)["error"] and "does not match" in err
 
     # --needles on a task without needles; heads outside the model.
-    assert _run_main("--dev", "kv", *base, "--needles", "4") == 1
+    assert _run_main("--dev", "kv", *base, "--needles", "4") == 2  # a usage error, before the model loads
     assert "--needles applies to the mrcr task only" in capsys.readouterr().err
     assert _run_main("--dev", "kv", *base, "--heads", "9:0") == 1
     assert "outside tiny-llama (4 layers x 4 heads)" in capsys.readouterr().err

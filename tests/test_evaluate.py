@@ -291,7 +291,9 @@ def test_registry_fallback_and_missing_profile(tiny, tmp_path):
     Registry(tmp_path).register(profile)
     config, info = resolve_dysco(model, "tiny-llama", registry=tmp_path)
     assert config.head_set == ((3, 1), (0, 2)) and config.strength == 3.0 and config.top_k == 64
-    assert info["profile"] == "tiny-llama@latest" and info["attnts_temperature"] == 0.7
+    # The version it resolved to and its content hash, not `@latest` (which names another profile tomorrow).
+    assert info["profile"] == "tiny-llama@1" and info["attnts_temperature"] == 0.7
+    assert info["content_hash"] == profile.content_hash()
     other, _ = tiny_model("llama", seed=1)  # same shape, other weights: the fingerprint refuses it
     with pytest.raises(EvalError, match="does not fit"):
         resolve_dysco(other, "tiny-llama", registry=tmp_path)
@@ -372,6 +374,30 @@ def test_cli_end_to_end_with_mlflow(tiny, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["config"]["resumed_batches"] == 0
 
 
+def test_cli_records_the_resolved_profile_version_and_its_content_hash(tiny, tmp_path, capsys):
+    """Without --profile, results.json and results.md name `NAME@N` and its hash, never `@latest`."""
+    from decoder.cli import main
+    from decoder.loading import model_identity
+    from registry import Profile, Registry
+
+    model, tokenizer = tiny
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    registry = Registry(tmp_path / "registry")
+    registry.register(Profile(model=model_identity(model, "tiny-llama"), head_set=[(1, 0)]))
+    registry.register(Profile(model=model_identity(model, "tiny-llama"), head_set=[(2, 3)]))
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(folder), "--registry", str(tmp_path / "registry"), "--tasks", "needle",
+                 "--lengths", "512", "--methods", "dysco", "--n", "1", "--max-new-tokens", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    used = json.loads((out / "results.json").read_text())["config"]["dysco_resolved"]
+    digest = registry.load("tiny-llama@2").content_hash()
+    assert used["profile"] == "tiny-llama@2" and used["content_hash"] == digest
+    assert f"DySCO profile `tiny-llama@2` (content sha256 `{digest}`)" in (out / "results.md").read_text()
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -393,14 +419,14 @@ def test_cli_bad_arguments(argv, message, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv,message",
+    "argv,code,message",
     [
-        (["--dtype", "float8"], "dtype 'float8' is not understood"),
-        (["--model", "/nonexistent/model"], "cannot load model '/nonexistent/model'"),
+        (["--dtype", "float8"], 2, "--dtype 'float8' is not accepted; use one of float32"),
+        (["--model", "/nonexistent/model"], 1, "cannot load model '/nonexistent/model'"),
     ],
 )
-def test_cli_bad_model_arguments_are_one_clear_line(tiny, tmp_path, argv, message, capsys):
-    """Refused at load time with `dysco eval: error: …` and exit code 2, before any decoding."""
+def test_cli_bad_model_arguments_are_one_clear_line(tiny, tmp_path, argv, code, message, capsys):
+    """A bad --dtype is a usage error (2) before loading, a model that does not load a runtime error (1)."""
     from decoder.cli import main
 
     model, tokenizer = tiny
@@ -408,10 +434,10 @@ def test_cli_bad_model_arguments_are_one_clear_line(tiny, tmp_path, argv, messag
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     capsys.readouterr()  # saving printed a progress bar
-    code = main(["eval", "--model", str(folder), "--heads", "1:0", "--tasks", "needle", "--lengths", "512", "--n", "1",
-                 "--quiet", "--out", str(tmp_path / "out"), *argv])
+    status = main(["eval", "--model", str(folder), "--heads", "1:0", "--tasks", "needle", "--lengths", "512", "--n", "1",
+                   "--quiet", "--out", str(tmp_path / "out"), *argv])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("dysco eval: error: ") and message in err, err
+    assert status == code and err.startswith("dysco eval: error: ") and message in err, err
     assert not (tmp_path / "out").exists()  # nothing written
 
 
@@ -499,6 +525,37 @@ def test_interrupted_eval_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatc
     calls.clear()
     evaluate(model, tokenizer, "needle", "512", "vanilla", 2, 3, checkpoint=checkpoint, **kw)
     assert len(calls) == 2
+
+
+def test_resume_reads_back_only_batches_of_the_same_example_content(tiny, tmp_path, monkeypatch):
+    """Same ids and settings but other examples (an edited MRCR file, another needle depth): decoded again."""
+    import dataclasses
+
+    import calibration.evaluate as ev
+    from calibration.tasks import get_task
+
+    model, tokenizer = tiny
+    kw = dict(dysco=HEADS, max_new_tokens=2, bootstrap_resamples=200, checkpoint=tmp_path / "progress.jsonl")
+    calls = []
+    original = ev.run_batch
+    monkeypatch.setattr(ev, "run_batch", lambda *a, **k: (calls.append(a[0].method), original(*a, **k))[1])
+    first = evaluate(model, tokenizer, "needle", "512", "vanilla", 2, 0, **kw)
+    assert len(calls) == 2
+
+    task = get_task("needle")
+    plain = task.generate
+
+    def moved(tokenizer, n, length, seed, **opts):  # the same ids, the needle's answer changed
+        return [dataclasses.replace(e, answer=e.answer + "7") for e in plain(tokenizer, n, length, seed, **opts)]
+
+    monkeypatch.setattr(task, "generate", moved)
+    calls.clear()
+    changed = evaluate(model, tokenizer, [task], "512", "vanilla", 2, 0, **kw)
+    assert [e["id"] for e in changed.examples] == [e["id"] for e in first.examples]
+    assert len(calls) == 2 and changed.config["resumed_batches"] == 0
+    calls.clear()
+    again = evaluate(model, tokenizer, "needle", "512", "vanilla", 2, 0, **kw)  # the first content: read back
+    assert calls == [] and again.config["resumed_batches"] == 2
 
 
 # --------------------------------------------------------------------------- selection recall

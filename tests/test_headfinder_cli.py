@@ -100,31 +100,32 @@ def test_register_then_show_and_validate_the_profile(tiny_checkpoint, tmp_path):
     assert 0.0 <= report["baseline_accuracy"] <= 1.0
 
 
-def _expect_error(argv, message, capsys):
-    assert main(argv) == 2
+def _expect_error(argv, message, capsys, code=2):
+    """Exit `code` (2: usage error, 1: runtime error) with one line naming the problem."""
+    assert main(argv) == code
     err = capsys.readouterr().err
-    assert message in err, err
+    assert message in err and err.count("headfinder: error:") == 1 and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("extra", "code", "message"),
     [
-        (["--n-probes", "0"], "--n-probes must be at least 1, got 0"),
-        (["--context", "5000"], "--context 5000 is longer than"),
-        (["--top", "17"], "--top 17 is larger than"),
-        (["--probes", "needle", "--score", "qr"], "--score qr needs the probes that compute it"),
+        (["--n-probes", "0"], 2, "--n-probes must be at least 1, got 0"),
+        (["--context", "5000"], 1, "--context 5000 is longer than"),
+        (["--top", "17"], 1, "--top 17 is larger than"),
+        (["--probes", "needle", "--score", "qr"], 2, "--score qr needs the probes that compute it"),
     ],
 )
-def test_bad_detect_input_is_refused_and_writes_nothing(tiny_checkpoint, tmp_path, capsys, extra, message):
+def test_bad_detect_input_is_refused_and_writes_nothing(tiny_checkpoint, tmp_path, capsys, extra, code, message):
     out = tmp_path / "out"
-    _expect_error(["detect", "--model", str(tiny_checkpoint), "--out", str(out), *extra], message, capsys)
+    _expect_error(["detect", "--model", str(tiny_checkpoint), "--out", str(out), *extra], message, capsys, code)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_unknown_model_is_refused_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     _expect_error(["detect", "--model", "no-such-model-xyz", "--out", str(out)], "cannot load model 'no-such-model-xyz'",
-                  capsys)
+                  capsys, 1)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -137,13 +138,13 @@ def test_detect_refuses_to_overwrite_a_foreign_folder(tiny_checkpoint, tmp_path,
 
 def test_validate_rejects_heads_outside_the_model(tiny_checkpoint, capsys):
     _expect_error(["validate", "--model", str(tiny_checkpoint), "--heads", "1:2,9:0"],
-                  "head (9, 0) is outside the model's 4 layers × 4 heads", capsys)
-    _expect_error(["validate", "--model", str(tiny_checkpoint), "--heads", "1-2"], "write heads as LAYER:HEAD", capsys)
+                  "head (9, 0) is outside the model's 4 layers × 4 heads", capsys, 1)
+    _expect_error(["validate", "--model", str(tiny_checkpoint), "--heads", "1-2"], "bad head '1-2'", capsys)
 
 
 def test_show_rejects_what_is_neither_run_nor_profile(tmp_path, capsys):
-    _expect_error(["show", str(tmp_path)], "is not a `headfinder detect` output", capsys)
-    _expect_error(["show", "nobody-knows@3", "--registry", str(tmp_path / "reg")], "neither a headfinder output", capsys)
+    _expect_error(["show", str(tmp_path)], "is not a `headfinder detect` output", capsys, 1)
+    _expect_error(["show", "nobody-knows@3", "--registry", str(tmp_path / "reg")], "neither a headfinder output", capsys, 1)
 
 
 def test_register_into_a_file_fails_before_any_scoring(tiny_checkpoint, tmp_path, monkeypatch, capsys):

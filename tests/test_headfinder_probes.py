@@ -123,3 +123,16 @@ def test_custom_needle_and_answer_prefix(tokenizer):
 def test_bad_probe_requests_are_refused_clearly(tokenizer, call, message):
     with pytest.raises(ValueError, match=message):
         call(tokenizer)
+
+
+@pytest.mark.parametrize("make", [make_qr_probes, make_needle_probes])
+def test_the_minimum_context_a_refusal_names_is_enough(tokenizer, make):
+    """`--context 128` said "use at least 160", and 160 then failed (issue 15): the minimum given must work."""
+    import re
+
+    with pytest.raises(ValueError, match="too short") as refused:
+        make(tokenizer, 8, 40)
+    minimum = int(re.search(r"use at least (\d+) tokens", str(refused.value)).group(1))
+    assert len(make(tokenizer, 8, minimum)) == 8
+    with pytest.raises(ValueError, match=f"use at least {minimum} tokens"):
+        make(tokenizer, 8, minimum - 1)

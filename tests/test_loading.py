@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -335,6 +336,28 @@ def test_damage_to_a_cache_entry_is_detected(smollm2_cache_copy):
 
 @pytest.mark.embedded
 @pytest.mark.slow
+def test_a_built_checkpoint_is_readable_by_everyone_the_umask_allows(fake_entry, monkeypatch):
+    """Issue 15: model.safetensors was cached 0600 (safetensors writes it so) in a cache meant to be shared."""
+    entry, _ = fake_entry
+
+    def convert(gguf, out_dir, progress=True):  # what save_pretrained leaves: a private weights file
+        descriptor = os.open(out_dir / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(descriptor, b"weights")
+        os.close(descriptor)
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(catalogue, "convert_gguf", convert)
+    catalogue.entry_dir(entry.name).mkdir(parents=True)
+    umask = os.umask(0o027)
+    try:
+        folder = catalogue._build_checkpoint(entry, Path("unused.gguf"), progress=False)
+    finally:
+        os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+        "model.safetensors": 0o640, "config.json": 0o640, MANIFEST_NAME: 0o640, ".dysco-verified.json": 0o640}
+    assert folder.stat().st_mode & 0o777 == 0o750
+
+
 def test_truncated_and_half_written_cache_is_rebuilt_without_network(smollm2, smollm2_cache_copy, monkeypatch):
     folder = catalogue.checkpoint_dir("smollm2-135m")
     with open(folder / "model.safetensors", "r+b") as f:
@@ -407,6 +430,6 @@ def test_models_list_json_reports_catalogue_and_install_state(temp_cache, capsys
 
 
 def test_models_pull_unknown_name_fails_with_listing(temp_cache, capsys):
-    assert dysco_main(["models", "pull", "gpt-17"]) == 1
+    assert dysco_main(["models", "pull", "gpt-17"]) == 2  # a usage error: one line naming the accepted names
     err = capsys.readouterr().err
-    assert "not in the model catalogue" in err and "smollm2-135m" in err
+    assert "not in the model catalogue" in err and "smollm2-135m" in err and err.count("\n") == 1

@@ -78,13 +78,13 @@ def test_diff_tag_export_import(capsys, store, tmp_path):
     assert Registry(other).load("tiny-llama@2") == make_profile(1)
 
 
-def test_errors_are_one_line_on_stderr_with_status_1(capsys, store):
+def test_errors_are_one_line_on_stderr_with_status_1_or_2_for_usage(capsys, store):
     assert main(["registry", "show", "tiny-llama@9", "--registry", store]) == 1
     err = capsys.readouterr().err
     assert err.startswith("dysco registry show: error: tiny-llama has no version 9")
-    assert main(["registry", "show", "a@b@c", "--registry", store]) == 1
+    assert main(["registry", "show", "a@b@c", "--registry", store]) == 2
     assert "more than one '@'" in capsys.readouterr().err
-    assert main(["registry", "tag", "tiny-llama@1", "latest", "--registry", store]) == 1
+    assert main(["registry", "tag", "tiny-llama@1", "latest", "--registry", store]) == 2
     assert "reserved" in capsys.readouterr().err
 
 
