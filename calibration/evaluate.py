@@ -48,6 +48,8 @@ import numpy as np
 from calibration.runner import EVIDENCE_FIELDS, summarize_selection
 from calibration.stats import BOOTSTRAP_RESAMPLES, bootstrap_interval, paired_comparison, sign_test, seed_for as _seed_for
 from calibration.tasks import TASK_NAMES, Example, Task, encode_prompt, get_task
+from decoder import METHODS
+from registry.profile import library_versions
 
 __all__ = [
     "METHODS",
@@ -74,7 +76,6 @@ __all__ = [
     "summarize_selection",
 ]
 
-METHODS = ("vanilla", "attnts", "dysco")
 BASELINE = "vanilla"
 # Middle of the calibration study's AttnTS grid (0.7, 0.8, 0.9): used when neither the command line
 # nor the DySCO profile (its `metrics.attnts_temperature`, the tuned one) says otherwise.
@@ -931,17 +932,6 @@ def _check_lengths(lengths: Sequence[int], limit: int | None, name: str) -> None
         )
 
 
-def _library_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for package in ("dysco-toolkit", "torch", "transformers", "numpy", "scipy"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
 
 def evaluate(
     model: Any,
@@ -1176,7 +1166,7 @@ def evaluate(
         "dysco_source": dysco_info or None,
         "bootstrap_resamples": bootstrap_resamples,
         "paired_test": PairedResult.test,
-        "library_versions": _library_versions(),
+        "library_versions": library_versions(),
         **dict(extra_config or {}),
     }
     return EvalReport(config, cells, paired, speed, example_rows, seconds=time.perf_counter() - started,

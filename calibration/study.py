@@ -53,7 +53,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from calibration.runner import Evaluation, ExampleRunner, Method, dysco_warmup
-from decoder.loading import model_name
+from decoder.loading import context_limit, model_name
+from registry.profile import library_versions
 from calibration.stats import paired_comparison, seed_for, sign_test
 from calibration.space import SearchSpace
 
@@ -293,17 +293,6 @@ def head_ranking(profile: Any) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in np.unravel_index(i, scores.shape)) for i in order]
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of every library a calibration result depends on."""
-    out = {}
-    for package in ("dysco-toolkit", "torch", "transformers", "optuna", "mlflow", "numpy"):
-        try:
-            out[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    return out
-
-
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -314,8 +303,7 @@ def _sampler_seed(seed: int, trial_index: int) -> int:
 
 
 def _context_length(model: Any) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(getattr(config, "max_position_embeddings", None) or 2**20)
+    return context_limit(model.config) or 2**20
 
 
 # --------------------------------------------------------------------------- worker identity

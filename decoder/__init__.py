@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 
+METHODS = ("vanilla", "attnts", "dysco")  # every decoding method (decoders, reports, CLIs), in report order
 _EXPORTS = {
     "AttentionPlan": "decoder.attention",
     "UnsupportedModelError": "decoder.attention",

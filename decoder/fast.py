@@ -49,13 +49,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from decoder import METHODS
 from decoder.dysco import DyscoConfig, dysco_bias, feed_schedule, select_positions, update_importance, upweighted_positions
 from decoder.fast_kernels import decode_attention
 
 __all__ = ["FastDecoder", "FastOutput", "FAST_IMPLEMENTATION"]
 
 FAST_IMPLEMENTATION = "dysco_fast"
-METHODS = ("vanilla", "attnts", "dysco")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from decoder import METHODS
 from decoder.attention import AttentionPlan, attach, attention_layers, use_plan
 from decoder.dysco import (
     DyscoConfig, dysco_bias, feed_schedule, select_positions, selection_diagnostics, update_importance,
@@ -48,7 +49,6 @@ __all__ = [
     "METHODS", "Decoder", "Generation", "PrefillState", "Scores", "StepEvent", "cache_kwarg", "left_pad", "model_shape",
 ]
 
-METHODS = ("dysco", "vanilla", "attnts")
 
 
 @dataclass

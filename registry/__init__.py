@@ -25,6 +25,7 @@ from registry.profile import (
     Profile,
     check_knobs,
     collect_provenance,
+    library_versions,
     parse_head_set,
     parse_intervention_warmup,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "check_knobs",
     "check_model",
     "collect_provenance",
+    "library_versions",
     "default_root",
     "load_seed",
     "parse_head_set",

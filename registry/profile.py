@@ -481,6 +481,21 @@ class Profile:
     __hash__ = None  # type: ignore[assignment]  # mutable dict fields: not usable as a dict key
 
 
+# Every library a profile's or a result's figures depend on; those not installed are left out.
+_PROVENANCE_PACKAGES = ("dysco-toolkit", "torch", "transformers", "numpy", "scipy", "safetensors", "optuna", "mlflow")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries results depend on (package metadata only: nothing is imported)."""
+    versions = {}
+    for package in _PROVENANCE_PACKAGES:
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
 def collect_provenance(**fields_: Any) -> dict[str, Any]:
     """A provenance dict with the creation time and library versions filled in, plus `fields_`.
 
@@ -488,15 +503,9 @@ def collect_provenance(**fields_: Any) -> dict[str, Any]:
     study="smollm2-mrcr", mlflow_run_id=run.info.run_id, parent="smollm2-135m@1")`.
     Library versions come from installed package metadata, so nothing heavy is imported.
     """
-    versions = {}
-    for package in ("dysco-toolkit", "torch", "transformers", "numpy", "safetensors"):
-        try:
-            versions[package] = importlib_metadata.version(package)
-        except importlib_metadata.PackageNotFoundError:
-            continue
     provenance: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "library_versions": versions,
+        "library_versions": library_versions(),
     }
     provenance.update(fields_)
     return provenance
