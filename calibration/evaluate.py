@@ -275,7 +275,7 @@ def _evidence(tokenizer: Any, task: Task, example: Example, ids: Sequence[int]) 
 
 def _prompt_ids(tokenizer: Any, example: Example) -> tuple[list[int], list[bool]]:
     """`encode_prompt`'s ids (what the task sized) and the chat-template mask aligned to them."""
-    from calibration.tasks.base import has_chat_template
+    from decoder.template import has_chat_template
     from decoder.template import encode_chat
 
     ids = encode_prompt(tokenizer, example.messages)

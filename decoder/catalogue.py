@@ -367,11 +367,6 @@ def _write_stamps(folder: Path, stamps: dict[str, list]) -> None:
         pass
 
 
-def is_installed(name: str) -> bool:
-    """Whether `name` has a usable checkpoint in the cache (quick check)."""
-    return check_checkpoint(name) is None
-
-
 def cache_size(name: str) -> int:
     """Bytes used by everything cached for `name` (source GGUF and checkpoint)."""
     root = entry_dir(name)

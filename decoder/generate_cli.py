@@ -177,6 +177,7 @@ def _generate(args) -> int:
     text = _read_prompt(args)
     from decoder.catalogue import DEFAULT_MODEL
     from decoder.loading import load_model, model_name
+    from decoder.template import has_chat_template
 
     profile = profile_ref = None
     if args.profile is not None or (args.method == "dysco" and args.head_set is None):
@@ -204,7 +205,7 @@ def _generate(args) -> int:
     model, tokenizer = load_model(model_spec, dtype=args.dtype, device=args.device, progress=not args.json)
     decoder = _build_decoder(args, model, tokenizer, profile, model_name(model_spec))
 
-    if args.raw or not getattr(tokenizer, "chat_template", None):
+    if args.raw or not has_chat_template(tokenizer):
         prompt = text
     else:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": text}]

@@ -21,6 +21,7 @@ searched for directly instead. Tokenizers without a chat template have no templa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,11 +30,16 @@ __all__ = ["encode_chat", "generation_prompt_length", "resolve_intervention_warm
 _SENTINEL = "\ue000dysco-content-{}\ue001"  # private-use characters: never in a real template
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer renders chat messages itself (base models such as Gemma 3 270M do not)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def encode_chat(
     tokenizer, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
 ) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, aligned to them, True where the chat template put the token."""
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         raise ValueError(
             f"{type(tokenizer).__name__} has no chat template, so chat messages cannot be rendered; pass the prompt "
             "as a plain string or as token ids instead"
@@ -132,7 +138,7 @@ def generation_prompt_length(tokenizer) -> int:
     Measured as the published code does: a one-message conversation ("Hi") rendered with and without
     the generation prompt; the difference in token count.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         return 0
     hi = [{"role": "user", "content": "Hi"}]
     lengths = [

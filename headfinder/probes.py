@@ -21,6 +21,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from decoder.template import has_chat_template
+
 NULL_QUERY = "N/A"
 
 QR_INSTRUCTION = "Read the documents below and answer the question that follows them."
@@ -180,11 +182,6 @@ def _org_text(o: dict, rng: random.Random) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Rendering and token bookkeeping
-
-
-def has_chat_template(tokenizer) -> bool:
-    """Whether the tokenizer renders chat messages itself (else probes are plain text)."""
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def render_prompt(tokenizer, user_text: str, answer_prefix: str = "") -> str:

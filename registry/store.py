@@ -112,10 +112,6 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
     return name, selector
 
 
-def is_version_name(entry: str) -> bool:
-    return entry.isdigit() and entry.isascii() and str(int(entry)) == entry and entry != "0"
-
-
 def _check_tag_name(tag: str) -> str:
     if not isinstance(tag, str) or not _TAG_RE.match(tag):
         raise ProfileValidationError(

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
+from decoder.template import has_chat_template
+
 Messages = list[dict[str, str]]
 
 # Sized prompts land in [LOWER_FILL * context_tokens, context_tokens].
@@ -79,11 +81,6 @@ def check_messages(messages: Any, *, where: str = "messages") -> Messages:
 
 
 # --------------------------------------------------------------------------- prompts and sizes
-
-
-def has_chat_template(tokenizer: Any) -> bool:
-    """Whether the tokenizer carries a chat template (base models such as Gemma 3 270M do not)."""
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def render_prompt(tokenizer: Any, messages: Messages) -> str:
