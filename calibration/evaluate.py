@@ -768,11 +768,7 @@ def resolve_dysco(
     if knobs.attnts_temperature is not None:
         raise EvalError(f"profile {ref or loaded.model.name!r} is an AttnTS profile (no DySCO knobs); give a DySCO "
                         "profile or --heads")
-    config = DyscoConfig(
-        head_set=[tuple(pair) for pair in loaded.head_set], strength=knobs.strength, top_p=knobs.top_p,
-        top_k=knobs.top_k, decay=knobs.decay, context_warmup=knobs.context_warmup, selection=knobs.selection,
-        intervention_warmup=knobs.intervention_warmup,
-    ).replace(**overrides)
+    config = DyscoConfig.from_profile(loaded).replace(**overrides)
     # The resolved version and the content hash: `@latest` (or a tag) names another profile tomorrow.
     info = {"source": "profile", "profile": ref or loaded.model.name, "content_hash": loaded.content_hash(),
             "match": basis}

@@ -47,6 +47,7 @@ token; `docs/design.md` lists them with the places where the paper's prose reads
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Iterable
@@ -54,7 +55,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from registry.profile import AUTO, parse_intervention_warmup  # the knob's one home (no torch there)
+from registry.profile import Knobs, parse_intervention_warmup  # the knobs' one home (no torch there)
+
+_PUBLISHED = Knobs()  # the published defaults, defined once in registry.Knobs
 
 __all__ = [
     "HARD_STRENGTH",
@@ -81,13 +84,13 @@ class DyscoConfig:
     """
 
     head_set: tuple[tuple[int, int], ...]
-    strength: float = 2.0
-    top_p: float = 0.975
-    top_k: int = 4096
-    decay: float = 0.75
-    context_warmup: int = 8
-    selection: str = "dynamic"
-    intervention_warmup: int | str = AUTO
+    strength: float = _PUBLISHED.strength
+    top_p: float = _PUBLISHED.top_p
+    top_k: int = _PUBLISHED.top_k
+    decay: float = _PUBLISHED.decay
+    context_warmup: int = _PUBLISHED.context_warmup
+    selection: str = _PUBLISHED.selection
+    intervention_warmup: int | str = _PUBLISHED.intervention_warmup
     heads_by_layer: dict[int, tuple[int, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -143,13 +146,16 @@ class DyscoConfig:
             if missing:
                 raise ValueError(f"head set uses layer(s) {missing}, which have no attention through the interface")
 
+    @classmethod
+    def from_profile(cls, profile) -> DyscoConfig:
+        """The DySCO settings a registry profile holds: its head set and every knob both share."""
+        shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(profile.knobs)}
+        return cls(head_set=[tuple(pair) for pair in profile.head_set],
+                   **{name: getattr(profile.knobs, name) for name in sorted(shared)})
+
     def replace(self, **changes) -> DyscoConfig:
         """A copy with some fields changed (validated again)."""
-        fields = {name: getattr(self, name) for name in
-                  ("head_set", "strength", "top_p", "top_k", "decay", "context_warmup", "selection",
-                   "intervention_warmup")}
-        fields.update(changes)
-        return DyscoConfig(**fields)
+        return dataclasses.replace(self, **changes)
 
 
 def _as_head_set(head_set) -> tuple[tuple[int, int], ...]:

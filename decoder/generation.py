@@ -193,17 +193,7 @@ class Decoder:
         knobs = profile.knobs
         if getattr(knobs, "attnts_temperature", None) is not None:
             return cls(model, tokenizer, method="attnts", temperature=knobs.attnts_temperature)
-        config = DyscoConfig(
-            head_set=[tuple(pair) for pair in profile.head_set],
-            strength=knobs.strength,
-            top_p=knobs.top_p,
-            top_k=knobs.top_k,
-            decay=knobs.decay,
-            context_warmup=knobs.context_warmup,
-            selection=knobs.selection,
-            intervention_warmup=knobs.intervention_warmup,
-        )
-        return cls(model, tokenizer, method="dysco", dysco=config)
+        return cls(model, tokenizer, method="dysco", dysco=DyscoConfig.from_profile(profile))
 
     # ------------------------------------------------------------------------------------------
     # Prompts
