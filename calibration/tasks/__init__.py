@@ -9,14 +9,16 @@
 No torch here: a tokenizer object is passed in and only its encode / chat-template methods are used.
 """
 
+import os
+from collections.abc import Callable
+
+from . import kv, mrcr, needle, pathtrans
 from .base import (
-    TASK_NAMES,
     Example,
     Task,
     count_prompt_tokens,
     encode_prompt,
     evidence_positions,
-    get_task,
     load_examples,
     render_prompt,
     save_examples,
@@ -26,6 +28,34 @@ from .kv import KVTask
 from .mrcr import MRCRTask, grade_mrcr, load_records, record_from_example, save_records, synthetic_record
 from .needle import NeedleTask
 from .pathtrans import PathTransTask, grade_exact, grade_partial
+
+TASK_NAMES = ("mrcr", "pathtrans", "kv", "needle")
+
+
+def get_task(name_or_path: str | os.PathLike) -> Task:
+    """The task called `name_or_path`, or an MRCR task over a local file or a Hub dataset id.
+
+    Accepted: 'mrcr' (synthetic MRCR), 'pathtrans', 'kv', 'needle', a path to an MRCR file
+    (.parquet, .json, .jsonl) or a Hub dataset id such as 'openai/mrcr'.
+    """
+    named: dict[str, Callable[[], Task]] = {
+        "mrcr": mrcr.MRCRTask,
+        "pathtrans": pathtrans.PathTransTask,
+        "kv": kv.KVTask,
+        "needle": needle.NeedleTask,
+    }
+    key = os.fspath(name_or_path)
+    if key in named:
+        return named[key]()
+    if os.path.exists(key):
+        return mrcr.MRCRTask(source=key)
+    if mrcr.looks_like_hub_id(key):
+        return mrcr.MRCRTask(source=key)
+    raise ValueError(
+        f"unknown dev task {key!r}: accepted names are {', '.join(TASK_NAMES)}, or a path to an existing "
+        f"MRCR file ({', '.join(mrcr.FILE_SUFFIXES)}), or a Hub dataset id like 'openai/mrcr'"
+    )
+
 
 __all__ = [
     "TASK_NAMES",

@@ -359,36 +359,6 @@ def split(examples: list[Example], seed: int, test_fraction: float) -> tuple[lis
     return dev, test
 
 
-TASK_NAMES = ("mrcr", "pathtrans", "kv", "needle")
-
-
-def get_task(name_or_path: str | os.PathLike) -> Task:
-    """The task called `name_or_path`, or an MRCR task over a local file or a Hub dataset id.
-
-    Accepted: 'mrcr' (synthetic MRCR), 'pathtrans', 'kv', 'needle', a path to an MRCR file
-    (.parquet, .json, .jsonl) or a Hub dataset id such as 'openai/mrcr'.
-    """
-    from . import kv, mrcr, needle, pathtrans
-
-    named: dict[str, Callable[[], Task]] = {
-        "mrcr": mrcr.MRCRTask,
-        "pathtrans": pathtrans.PathTransTask,
-        "kv": kv.KVTask,
-        "needle": needle.NeedleTask,
-    }
-    key = os.fspath(name_or_path)
-    if key in named:
-        return named[key]()
-    if os.path.exists(key):
-        return mrcr.MRCRTask(source=key)
-    if mrcr.looks_like_hub_id(key):
-        return mrcr.MRCRTask(source=key)
-    raise ValueError(
-        f"unknown dev task {key!r}: accepted names are {', '.join(TASK_NAMES)}, or a path to an existing "
-        f"MRCR file ({', '.join(mrcr.FILE_SUFFIXES)}), or a Hub dataset id like 'openai/mrcr'"
-    )
-
-
 def evidence_positions(tokenizer: Any, example: Example, evidence: list[str], ids: list[int]) -> list[int] | None:
     """Token positions of `ids` (the example's prompt, `encode_prompt`'s ids) that overlap the evidence.
 
