@@ -1,26 +1,31 @@
 """`dysco`: the umbrella command. Each sub-command lives next to the code it drives.
 
-Every module named here exposes `register_cli(subparsers)`, which adds its sub-command and sets
-`func` on it. Those modules import torch lazily, so `dysco registry …` stays fast.
+Sub-commands are found through the `dysco.commands` entry points (pyproject.toml), so this module
+names no package above `decoder`: `dysco eval` comes from `calibration` without `decoder` importing
+it. Each entry point is a `register_cli(subparsers)` that adds its sub-command and sets `func` on
+it; those modules import torch lazily, so `dysco registry …` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from importlib import metadata
 
 from decoder.threads import quiet_idle_threads
 
 quiet_idle_threads()  # before anything imports torch
 
-# (module, what it adds) — order is the order of `dysco --help`.
-_SUBCOMMAND_MODULES = (
-    "decoder.catalogue",  # dysco models list|pull
-    "decoder.generate_cli",  # dysco generate
-    "registry.cli",  # dysco registry list|show|diff|tag|export|import
-    "calibration.evaluate",  # dysco eval
-)
+ENTRY_POINT_GROUP = "dysco.commands"
+# `dysco --help` lists sub-commands in this order; others (a plugin's) follow by name.
+_ORDER = ("models", "generate", "registry", "eval")
+
+
+def _commands() -> list[metadata.EntryPoint]:
+    found = {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    if not found:
+        raise SystemExit("dysco: no sub-commands are registered: reinstall the package (pip install -e .)")
+    return sorted(found.values(), key=lambda ep: (_ORDER.index(ep.name) if ep.name in _ORDER else len(_ORDER), ep.name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,14 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "dysco registry list"),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:  # a real missing dependency, not a sub-command still to come
-                raise
-            continue
-        module.register_cli(subparsers)
+    for entry_point in _commands():
+        entry_point.load()(subparsers)
     return parser
 
 
