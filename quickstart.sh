@@ -135,7 +135,7 @@ from calibration.study import CalibrationResult
 
 result = CalibrationResult(**json.load(open(sys.argv[1])))
 print("\n" + result.table(), file=sys.stderr)  # a new line: the progress bar leaves none
-print("best knobs: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+print("registered knobs: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in result.best_params.items()), file=sys.stderr)
 print(result.profile_ref)
 EOF
@@ -157,7 +157,7 @@ cat <<EOF
 
 Outputs in $OUT:
   heads/qr.png                 heatmap of the QR score, head set outlined
-  calibration.json             the study's result (scores, best knobs, profile reference)
+  calibration.json             the study's result (scores, registered knobs and why, profile reference)
   eval/results.md, accuracy.png  the table above and accuracy vs context length
 Profiles $HEADS_REF (head set) and $TUNED_REF (tuned) are in the registry $DYSCO_REGISTRY.
 Browse the study and the eval run:  $BIN/mlflow ui --backend-store-uri $TRACKING
