@@ -768,7 +768,7 @@ def resolve_dysco(
     config = DyscoConfig(
         head_set=[tuple(pair) for pair in loaded.head_set], strength=knobs.strength, top_p=knobs.top_p,
         top_k=knobs.top_k, decay=knobs.decay, context_warmup=knobs.context_warmup, selection=knobs.selection,
-        intervention_warmup=knobs.intervention_warmup,
+        intervention_warmup=knobs.intervention_warmup, lagged_probs=knobs.lagged_probs,
     ).replace(**overrides)
     info = {"source": "profile", "profile": ref or loaded.model.name, "match": basis}
     tuned = (loaded.metrics or {}).get("attnts_temperature")
@@ -792,7 +792,7 @@ def _dysco_dict(config: Any, decoder: Any = None) -> dict[str, Any]:
     out = {
         "head_set": [list(p) for p in config.head_set], "strength": config.strength, "top_p": config.top_p,
         "top_k": config.top_k, "decay": config.decay, "context_warmup": config.context_warmup,
-        "selection": config.selection, "intervention_warmup": config.intervention_warmup,
+        "selection": config.selection, "lagged_probs": config.lagged_probs, "intervention_warmup": config.intervention_warmup,
     }
     if decoder is not None:
         out["intervention_warmup_tokens"] = decoder.intervention_warmup  # "auto" resolved against the tokenizer
