@@ -47,10 +47,11 @@ token; `docs/design.md` lists them with the places where the paper's prose reads
    from the importance as it stood after step t - 1 (columns 0..t-1; the current column is up-weighted
    but not ranked), then runs the full biased pass, which also returns the heads of S's attention
    probabilities of the current query; their mean over S updates the importance for step t + 1.
-   `lagged_probs` says which probabilities: "plain" (the default, chosen by measurement:
-   docs/benchmarks.md) = a plain softmax of the same logits q·k without the DySCO bias (padding still
-   masked), i.e. what the probe would have read; "biased" = the probabilities of the biased softmax the
-   pass actually used. The first DySCO step selects from the importance the importance-only steps built,
+   `lagged_probs` says which probabilities: "plain" (the default) = a plain softmax of the same logits
+   q·k without the DySCO bias (padding still masked), i.e. what the probe would have read; "biased" =
+   the probabilities of the biased softmax the pass actually used (measured on SmolLM2 needles at 1–2K:
+   the same tokens as plain on every example, docs/benchmarks.md; plain is the default because it has
+   no feedback of the selection into the importance). The first DySCO step selects from the importance the importance-only steps built,
    exactly as static's first step does (same set, no probe); with no importance yet (`context_warmup
    <= 1`) it is a dynamic step (probe, update, select, biased pass; its full pass then adds nothing).
    Cost: one pass per token, like vanilla. With `strength=1` lagged and dynamic build the same importance
