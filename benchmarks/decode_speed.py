@@ -12,6 +12,15 @@ with the copy bandwidth measured on the same GPU at the start (bytes read + byte
     python benchmarks/decode_speed.py                                   # everything (about 4 min on an H200)
     python benchmarks/decode_speed.py --contexts 16384,32768 --batch8 0 --methods vanilla,dysco --steps 32
     python benchmarks/decode_speed.py --check-only                      # fast path vs exact path, small context
+    # issue 13: vanilla / dynamic / lagged / static DySCO, batch 1 and 8, random KV instead of a prefill
+    python benchmarks/decode_speed.py --methods vanilla,dysco,dysco-lagged,dysco-static --batch8 16384,32768,65536 \
+        --prefill random --kernels 0 --micro 0
+
+Method names: vanilla, attnts, dysco (dynamic), hf (transformers' generate) and variants written
+`method-flag-flag`: dysco-static, dysco-lagged (plain probabilities), dysco-lagged-biased, *-nofuse (no
+fused small ops), *-nograph (eager steps). `--prefill random` fills the KV buffers with random values
+instead of running the prompt through the model (decode speed does not depend on what the cache holds,
+and a 128K prefill costs 12 s per row); the prefill and TTFT columns then say nothing.
 
 Writes `bench.json` and `bench.md` (a section for docs/benchmarks.md: date, machine, command, table)
 into --out (default: $OUT or ./out) and prints the table last.
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -172,10 +182,12 @@ def check(model, dysco_config, lengths_list=((2048,), (2048, 1500, 900)), new: i
     rows = []
     tok = NoTokenizer()
     gen = torch.Generator().manual_seed(1)
+    lagged = dysco_config.replace(selection="lagged")
     for lengths in lengths_list:
         vocab = model.config.vocab_size
         prompts = [torch.randint(10, vocab, (n,), generator=gen).tolist() for n in lengths]
-        for method, kw in (("vanilla", {}), ("attnts", {"temperature": 0.8}), ("dysco", {"dysco": dysco_config})):
+        for label, method, kw in (("vanilla", "vanilla", {}), ("attnts", "attnts", {"temperature": 0.8}),
+                                  ("dysco", "dysco", {"dysco": dysco_config}), ("dysco-lagged", "dysco", {"dysco": lagged})):
             exact = Decoder(model, tok, method, **kw).generate(prompts, max_new_tokens=new, return_logits=True, eos=[])
             fast = FastDecoder(model, tok, method, **kw).generate(prompts, max_new_tokens=new, return_logits=True, eos=[])
             for r in range(len(prompts)):
@@ -188,7 +200,7 @@ def check(model, dysco_config, lengths_list=((2048,), (2048, 1500, 900)), new: i
                 upto = max(1, min(n, agree + 1))
                 diff = (a[:upto] - b[:upto])
                 rows.append({
-                    "method": method, "batch": len(prompts), "row": r, "length": lengths[r],
+                    "method": label, "batch": len(prompts), "row": r, "length": lengths[r],
                     "same_tokens": exact.token_ids[r] == fast.token_ids[r], "agree_prefix": agree,
                     "max_abs": diff.abs().max().item(), "rel_l2": (diff.norm() / a[:upto].norm()).item(),
                     # How close the exact path's top two logits are at the first disagreement (a near-tie).
@@ -345,7 +357,23 @@ def bench_hf(model, batch: int, context: int, steps: int) -> dict:
     return {"prefill_s": ttft, "ttft_s": ttft, "decode_ms": decode * 1e3, "peak_GB": peak_gb()}
 
 
-def bench_fast(model, method: str, batch: int, context: int, steps: int, dysco_config) -> dict:
+def random_prefill(fast) -> None:
+    """Make `fast` skip the prompt's forward: random keys and values in the prefilled columns instead."""
+    run, device = fast.run, fast.device  # not `fast` itself: a cycle would keep its buffers alive after `del`
+
+    def prefill(shape, ids, pads, n_prefill):
+        gen = torch.Generator(device=device).manual_seed(0)
+        for layer in run.k:  # k, v: [batch, kv_heads, max_len, head_dim]
+            run.k[layer][:, :, :n_prefill].normal_(generator=gen)
+            run.v[layer][:, :, :n_prefill].normal_(generator=gen)
+        if n_prefill < ids.shape[1]:
+            return None
+        return torch.randn(ids.shape[0], shape.logits.shape[-1], device=device, generator=gen)  # [batch, vocab]
+
+    fast._prefill = prefill
+
+
+def bench_fast(model, method: str, batch: int, context: int, steps: int, dysco_config, prefill: str = "model") -> dict:
     from decoder.fast import FastDecoder
 
     # Variants for the notes: "vanilla-nofuse" (no fused small ops), "vanilla-nograph" (eager steps).
@@ -357,9 +385,13 @@ def bench_fast(model, method: str, batch: int, context: int, steps: int, dysco_c
         kw["cuda_graphs"] = False
     if "static" in flags:
         kw["dysco"] = dysco_config.replace(selection="static")
+    if "lagged" in flags:
+        kw["dysco"] = dysco_config.replace(selection="lagged", lagged_probs="biased" if "biased" in flags else "plain")
     sync()
     reset_peak()
     fast = FastDecoder(model, None, method, **kw)
+    if prefill == "random":
+        random_prefill(fast)
     if fast.run.fused is not None:
         log("fused ops:", fast.run.fused.summary())
     ids = torch.randint(10, model.config.vocab_size, (batch, context), device=DEVICE)
@@ -373,6 +405,7 @@ def bench_fast(model, method: str, batch: int, context: int, steps: int, dysco_c
     row = {"prefill_s": tm["prefill_s"], "ttft_s": tm["ttft_s"], "decode_ms": tm["decode_s_per_token"] * 1e3,
            "peak_GB": peak_gb(), "capture_s": prepare}
     del fast, out
+    gc.collect()  # the KV buffers of a batch-8 64K row are 82 GB: gone before the next row allocates
     empty_cache()
     return row
 
@@ -395,14 +428,22 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], kernels: list[dic
              f"- DySCO: 16 heads at the published Qwen3-8B positions (probe runs layers 0..{meta['probe_layers'] - 1}), "
              "top_k 4096, top_p 0.975, strength 2, decay 0.75, warmup 8; AttnTS temperature 0.8", ""]
     if rows:
-        lines += ["| batch | context | method | prefill s | TTFT s | decode ms/tok | tok/s | peak GB | floor ms | × floor |",
-                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        random = meta.get("prefill") == "random"
+        if random:
+            lines += ["Prefill: random keys and values (`--prefill random`), so the prefill and TTFT columns are "
+                      "the random fill, not a prompt's forward.", ""]
+        vanilla = {(r["batch"], r["context"]): r["decode_ms"] for r in rows if r["method"] == "vanilla"}
+        lines += ["| batch | context | method | prefill s | TTFT s | decode ms/tok | tok/s | × vanilla | peak GB | floor ms | × floor |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            probed = r["method"].startswith("dysco") and "static" not in r["method"]  # static: no probe after step 1
+            # static: no probe after its first step; lagged: never (after the importance-only steps)
+            probed = r["method"].startswith("dysco") and "static" not in r["method"] and "lagged" not in r["method"]
             floor = r["floor_dysco_ms"] if probed else r["floor_vanilla_ms"]
+            base = vanilla.get((r["batch"], r["context"]))
+            ratio = f"{r['decode_ms'] / base:.2f}" if base else ""
             lines.append(
                 f"| {r['batch']} | {r['context']} | {r['method']} | {r['prefill_s']:.2f} | {r['ttft_s']:.2f} | "
-                f"{r['decode_ms']:.2f} | {1000 * r['batch'] / r['decode_ms']:.0f} | {r['peak_GB']:.1f} | {floor:.2f} | "
+                f"{r['decode_ms']:.2f} | {1000 * r['batch'] / r['decode_ms']:.0f} | {ratio} | {r['peak_GB']:.1f} | {floor:.2f} | "
                 f"{r['decode_ms'] / floor:.2f} |")
         lines.append("")
     if checks:
@@ -435,7 +476,7 @@ def markdown(meta: dict, rows: list[dict], checks: list[dict], kernels: list[dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", default="16384,32768,65536,131072")
-    parser.add_argument("--batch8", type=int, default=16384, help="context for the batch-8 row (0: none)")
+    parser.add_argument("--batch8", default="16384", help="contexts for the batch-8 rows, e.g. 16384,32768 (0: none)")
     parser.add_argument("--methods", default="hf,vanilla,attnts,dysco")
     parser.add_argument("--steps", type=int, default=64, help="decode steps for our methods")
     parser.add_argument("--hf-steps", type=int, default=16, help="decode steps for transformers' generate")
@@ -448,6 +489,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--dtype", default="bfloat16", help="model dtype (float32: the check without bf16 noise)")
     parser.add_argument("--dry", action="store_true", help="CPU, a small float32 model: checks the script runs")
+    parser.add_argument("--prefill", choices=("model", "random"), default="model",
+                        help="random: random KV buffers instead of the prompt's forward (decode timing only)")
     args = parser.parse_args()
     global DEVICE
     if args.dry:
@@ -477,6 +520,7 @@ def main() -> None:
 
     model = build_model(dry=args.dry, dtype=getattr(torch, args.dtype))
     meta["dtype"] = args.dtype
+    meta["prefill"] = args.prefill
     log(f"model built on {next(model.parameters()).device}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params ({time.time() - t0:.0f}s)")
     dysco_config = DyscoConfig(head_set=QWEN3_8B_HEADS, strength=2.0, top_p=0.975, top_k=4096, decay=0.75, context_warmup=8)
     meta["probe_layers"] = dysco_config.deepest_layer + 1
@@ -512,8 +556,7 @@ def main() -> None:
 
     methods = args.methods.split(",")
     cases = [(1, int(c)) for c in args.contexts.split(",") if c]
-    if args.batch8:
-        cases.append((8, args.batch8))
+    cases += [(8, int(c)) for c in args.batch8.split(",") if c and int(c)]
     for batch, context in cases:
         fl = floors(model, batch, context, ceil["copy_bw_Bps"], meta["probe_layers"])
         extra = [m for m in args.extra_methods.split(",") if m] if (batch == 1 and context == args.extra_at) else []
@@ -522,7 +565,7 @@ def main() -> None:
                 if method == "hf":
                     row = bench_hf(model, batch, context, args.hf_steps)
                 else:
-                    row = bench_fast(model, method, batch, context, args.steps, dysco_config)
+                    row = bench_fast(model, method, batch, context, args.steps, dysco_config, args.prefill)
             except torch.cuda.OutOfMemoryError as err:
                 log(f"OOM for {method} at batch {batch}, context {context}: {err}"[:200])
                 empty_cache()

@@ -824,7 +824,7 @@ def _dysco_dict(config: Any, decoder: Any = None) -> dict[str, Any]:
     out = {
         "head_set": [list(p) for p in config.head_set], "strength": config.strength, "top_p": config.top_p,
         "top_k": config.top_k, "decay": config.decay, "context_warmup": config.context_warmup,
-        "selection": config.selection, "intervention_warmup": config.intervention_warmup,
+        "selection": config.selection, "lagged_probs": config.lagged_probs, "intervention_warmup": config.intervention_warmup,
     }
     if decoder is not None:
         out["intervention_warmup_tokens"] = decoder.intervention_warmup  # "auto" resolved against the tokenizer

@@ -26,7 +26,8 @@ Conventions a caller relies on:
   capturing without a bias through a cache with sliding layers.
 - Captured probabilities are those of the attention actually used in this forward (bias and
   temperature included), in float32, computed explicitly only for the captured heads and rows; all
-  other heads keep the fused kernel.
+  other heads keep the fused kernel. `capture_plain=True` captures without `logit_bias` (the
+  temperature and the model's mask stay): what a plain pass would have read.
 - `stop_after_layer` ends the forward right after that layer's attention; `use_plan` swallows the
   stop. With `frozen_cache=cache`, every cache write of the forward is undone on exit (bit-identical
   tensors, same lengths) for DynamicCache and StaticCache, full and sliding layers: that is the
@@ -72,6 +73,7 @@ class AttentionPlan:
     temperature: float = 1.0  # AttnTS: every attention logit divided by this
     capture_heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> query-head indices
     capture_rows: slice | torch.Tensor | None = None  # query rows of this forward to record; None = last
+    capture_plain: bool = False  # captures leave `logit_bias` out: a plain softmax of q·k (lagged DySCO's "plain")
     ablate_heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> heads whose output is zeroed
     stop_after_layer: int | None = None  # probe pass: end the forward after this layer's attention
     kv_length: int | None = None  # absolute key count of this forward (cache + new tokens)
@@ -324,7 +326,9 @@ def _dysco_attention(
 
     heads = plan.capture_heads.get(layer)
     if heads is not None:
-        plan.captured[layer] = _capture(query, key, attention_mask, bias, heads, plan.capture_rows, scaling, total, kwargs)
+        captured_bias = None if plan.capture_plain else bias
+        plan.captured[layer] = _capture(query, key, attention_mask, captured_bias, heads, plan.capture_rows, scaling, total,
+                                        kwargs)
     ablate = plan.ablate_heads.get(layer)
     if ablate is not None:
         output = output.index_fill(2, ablate.to(output.device), 0.0)

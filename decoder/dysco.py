@@ -43,6 +43,19 @@ token; `docs/design.md` lists them with the places where the paper's prose reads
 8. `context_warmup=0` and `intervention_warmup=0`: prefill everything; the first token comes from the
    plain prefill logits, and importance starts at the first decode step. A prompt shorter than T is fed
    token by token from its first token.
+9. `selection="lagged"` (ours, not the authors'; issue 13): a DySCO step runs no probe. Step t selects
+   from the importance as it stood after step t - 1 (columns 0..t-1; the current column is up-weighted
+   but not ranked), then runs the full biased pass, which also returns the heads of S's attention
+   probabilities of the current query; their mean over S updates the importance for step t + 1.
+   `lagged_probs` says which probabilities: "plain" (the default) = a plain softmax of the same logits
+   q·k without the DySCO bias (padding still masked), i.e. what the probe would have read; "biased" =
+   the probabilities of the biased softmax the pass actually used (measured on SmolLM2 needles at 1–2K:
+   the same tokens as plain on every example, docs/benchmarks.md; plain is the default because it has
+   no feedback of the selection into the importance). The first DySCO step selects from the importance the importance-only steps built,
+   exactly as static's first step does (same set, no probe); with no importance yet (`context_warmup
+   <= 1`) it is a dynamic step (probe, update, select, biased pass; its full pass then adds nothing).
+   Cost: one pass per token, like vanilla. With `strength=1` lagged and dynamic build the same importance
+   one step apart; with `max_new_tokens=1` and `intervention_warmup=0` lagged equals static.
 """
 
 from __future__ import annotations
@@ -55,12 +68,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from registry.profile import Knobs, parse_intervention_warmup  # the knobs' one home (no torch there)
+# The knobs' one home (no torch there): defaults, the accepted values and the intervention-warmup parser.
+from registry.profile import LAGGED_PROBS, SELECTIONS, Knobs, parse_intervention_warmup
 
 _PUBLISHED = Knobs()  # the published defaults, defined once in registry.Knobs
 
 __all__ = [
     "HARD_STRENGTH",
+    "LAGGED_PROBS",
+    "SELECTIONS",
     "DyscoConfig",
     "FeedSchedule",
     "dysco_bias",
@@ -72,7 +88,6 @@ __all__ = [
 ]
 
 HARD_STRENGTH = 99.0  # strength at or above this masks out every unselected position
-SELECTIONS = ("dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -91,6 +106,7 @@ class DyscoConfig:
     context_warmup: int = _PUBLISHED.context_warmup
     selection: str = _PUBLISHED.selection
     intervention_warmup: int | str = _PUBLISHED.intervention_warmup
+    lagged_probs: str = _PUBLISHED.lagged_probs  # selection="lagged" only: "plain" or "biased" probabilities (rule 9)
     heads_by_layer: dict[int, tuple[int, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +133,8 @@ class DyscoConfig:
         )
         if self.selection not in SELECTIONS:
             raise ValueError(f"DySCO selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.lagged_probs not in LAGGED_PROBS:
+            raise ValueError(f"DySCO lagged_probs must be one of {', '.join(LAGGED_PROBS)}, got {self.lagged_probs!r}")
         by_layer: dict[int, list[int]] = {}
         for layer, head in self.head_set:
             by_layer.setdefault(layer, []).append(head)
@@ -126,6 +144,11 @@ class DyscoConfig:
     def hard(self) -> bool:
         """Whether this is the hard variant (unselected positions masked out)."""
         return self.strength >= HARD_STRENGTH
+
+    @property
+    def lagged(self) -> bool:
+        """Whether steps select from the previous full pass's importance (no probe; rule 9)."""
+        return self.selection == "lagged"
 
     @property
     def deepest_layer(self) -> int:

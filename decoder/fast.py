@@ -15,10 +15,13 @@ in how the work is laid out:
   and plain attention. The decode kernel also writes the raw logits of the heads in S (no second pass
   over K); softmax over them gives `cur`. The probe writes column `t` of the layers it runs; the full
   pass then writes column `t` of every layer again, so nothing the probe leaves survives the step.
+- **Lagged selection** (`selection="lagged"`) runs no probe: the full pass writes the raw logits of
+  the heads in S (the same capture), and `cur` for the next step is their softmax with the step's bias
+  ("biased") or with the padding mask only ("plain"). One pass per token, as vanilla.
 - **Selection on the GPU.** Importance, selection and bias are `decoder.dysco`'s own functions, run on
   `[batch, max_len]` tensors (columns past `t` hold zero importance and are never selected), so a
   decode step never waits for the host.
-- **CUDA graphs.** On a single CUDA device, each kind of step (warmup, DySCO, static, plain) is
+- **CUDA graphs.** On a single CUDA device, each kind of step (warmup, DySCO, lagged, static, plain) is
   captured once per (batch, max_len) and replayed; the step reads its input token from a device-side
   token buffer and writes the next one back, so the host only launches replays. The host syncs every
   `sync_every` steps to check EOS.
@@ -352,21 +355,29 @@ class FastDecoder:
     def _current_row(self, shape: _Shape, t: torch.Tensor) -> torch.Tensor:
         return shape.columns == t  # [max_len]
 
-    def _cur_importance(self, shape: _Shape, t: torch.Tensor) -> torch.Tensor:
-        """Mean over S of the recorded heads' attention probabilities at the current query: [batch, max_len]."""
+    def _cur_importance(self, shape: _Shape, t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Mean over S of the recorded heads' attention probabilities at the current query, with `bias`
+        [batch, max_len] added to their logits as the kernel adds it: [batch, max_len]."""
+        # The current column is never masked (the kernel's rule): a padding row's query sees itself only.
+        bias = torch.where(self._current_row(shape, t) & torch.isneginf(bias), 0.0, bias)  # [batch, max_len]
         total = None
         for layer, (_, scores) in shape.capture.items():
             visible = shape.columns.to(scores.device) <= t.to(scores.device)  # [max_len]
             window = self.run.layers[layer].window
             if window is not None:
                 visible = visible & (shape.columns.to(scores.device) > t.to(scores.device) - window)
-            logits = scores + shape.pad_bias.to(scores.device)[:, None, :]  # [batch, n_heads, max_len]
-            # The current column stays visible even for a padding row, so no row is all -inf.
-            logits = torch.where(self._current_row(shape, t).to(scores.device), scores, logits)
+            logits = scores + bias.to(scores.device)[:, None, :]  # [batch, n_heads, max_len]
             logits = logits.masked_fill(~visible, float("-inf"))
             probs = torch.softmax(logits, dim=-1).sum(1).to(self.device)  # [batch, max_len]
             total = probs if total is None else total + probs
         return total / len(self.dysco.head_set)
+
+    def _update_importance(self, shape: _Shape, t: torch.Tensor, bias: torch.Tensor) -> None:
+        """Blend this step's `cur` (the captured scores with `bias`) into the importance; padding rows keep theirs."""
+        cur = self._cur_importance(shape, t, bias)
+        updated = update_importance(shape.importance, cur, self.dysco.decay)
+        padding_now = ~shape.real.index_select(1, t)  # [batch, 1]: this row's token at t is padding
+        shape.importance.copy_(torch.where(padding_now, shape.importance, updated))
 
     def _forward_full(self, shape: _Shape, ids, positions) -> torch.Tensor:
         out = self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1)
@@ -395,7 +406,7 @@ class FastDecoder:
         self._sync_devices()
 
     def _step(self, shape: _Shape, kind: str) -> None:
-        """One decode step of `kind`: plain | warmup | dysco | static_first | static."""
+        """One decode step of `kind`: plain | warmup | dysco | lagged | static_first | static_probe_first | static."""
         run = self.run
         t, ids, positions = self._input(shape)
         if kind == "plain":
@@ -411,13 +422,25 @@ class FastDecoder:
                 logits = self._forward_full(shape, ids, positions)
             finally:
                 run.capture = None
-            cur = self._cur_importance(shape, t)
-            updated = update_importance(shape.importance, cur, self.dysco.decay)
-            padding_now = ~shape.real.index_select(1, t)  # [batch, 1]: this row's token is padding
-            shape.importance.copy_(torch.where(padding_now, shape.importance, updated))
+            self._update_importance(shape, t, shape.pad_bias)
             self._advance(shape, t, logits)
             return
         current = self._current_row(shape, t)[None, :]  # [1, max_len]
+        if kind == "lagged":
+            # No probe: select from the importance of the columns before t, then read the heads of S
+            # from this step's own full pass for the next step (rule 9 of decoder.dysco).
+            valid = shape.real & (shape.columns < t)[None, :]
+            selected = select_positions(shape.importance, self.dysco.top_p, self.dysco.top_k, valid=valid)
+            bias = dysco_bias(self._upweighted(shape, selected) | current, self.dysco.strength) + shape.pad_bias
+            self._set_bias(bias)
+            run.capture = shape.capture
+            try:
+                logits = self._forward_full(shape, ids, positions)
+            finally:
+                run.capture = None
+            self._update_importance(shape, t, bias if self.dysco.lagged_probs == "biased" else shape.pad_bias)
+            self._advance(shape, t, logits)
+            return
         if kind == "static_first":
             # Static selects once, without a probe, from the importance of the columns before t.
             valid = shape.real & (shape.columns < t)[None, :]
@@ -431,10 +454,7 @@ class FastDecoder:
                 self._forward_probe(shape, ids, positions)
             finally:
                 run.capture = None
-            cur = self._cur_importance(shape, t)
-            updated = update_importance(shape.importance, cur, self.dysco.decay)
-            padding_now = ~shape.real.index_select(1, t)  # [batch, 1]: a teacher-forced column that is padding
-            shape.importance.copy_(torch.where(padding_now, shape.importance, updated))
+            self._update_importance(shape, t, shape.pad_bias)
             valid = shape.real & (shape.columns <= t)[None, :]
             selected = select_positions(shape.importance, self.dysco.top_p, self.dysco.top_k, valid=valid)
             chosen = self._upweighted(shape, selected)
@@ -455,6 +475,8 @@ class FastDecoder:
             return ["plain"]
         if self.dysco.selection == "static":
             return ["warmup", "static_first", "static_probe_first", "static"]
+        if self.dysco.lagged:  # "dysco": the first step when no importance-only step ran
+            return ["warmup", "lagged", "dysco"]
         return ["warmup", "dysco"]
 
     def _capture_graphs(self, shape: _Shape) -> None:
@@ -623,8 +645,12 @@ class FastDecoder:
         else:
             static = self.dysco.selection == "static"
             n_importance = len(schedule.importance_only)
-            first_kind = ("static_first" if n_importance else "static_probe_first") if static else "dysco"
-            later_kind = "static" if static else "dysco"
+            if static:
+                first_kind, later_kind = ("static_first" if n_importance else "static_probe_first"), "static"
+            elif self.dysco.lagged:  # with no importance yet, the first step probes (a dynamic step)
+                first_kind, later_kind = ("lagged" if n_importance else "dysco"), "lagged"
+            else:
+                first_kind, later_kind = "dysco", "dysco"
             steps = [("warmup", False)] * n_importance
             forced = len(schedule.intervened)  # prompt columns fed with a full DySCO step
             n_dysco = forced + max_new_tokens - 1  # the last forced step (or the prefill) gives the first token

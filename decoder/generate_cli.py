@@ -17,6 +17,7 @@ import json
 import sys
 
 from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError
+from registry.profile import LAGGED_PROBS, SELECTIONS  # the knobs' accepted values (no torch there)
 
 
 def register_cli(subparsers) -> None:
@@ -39,7 +40,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--decay", type=float, help="weight of the previous step's importance (published 0.75)")
     p.add_argument("--warmup", type=int, help="context warmup: prompt tokens fed one at a time before the intervention warmup, the first "
                    "of them only updating importance (published 8)")
-    p.add_argument("--selection", choices=("dynamic", "static"), help="re-select every step or once (default dynamic)")
+    p.add_argument("--selection", choices=SELECTIONS,
+                   help="re-select every step after a probe (dynamic, default), once (static), or every step from the "
+                   "previous step's full pass, with no probe (lagged: one pass per token)")
+    p.add_argument("--lagged-probs", choices=LAGGED_PROBS,
+                   help="with --selection lagged: the full pass's probabilities the next step selects from: a plain "
+                   "softmax of q·k (plain, default) or the biased one it used (biased)")
     p.add_argument("--intervention-warmup", metavar="auto|N",
                    help="auto = the chat template's generation-prompt length, published default; an integer otherwise "
                    "(prompt tokens before the last one that already get a DySCO step)")
@@ -94,7 +100,7 @@ def _read_prompt(args) -> str:
 
 # argparse dest -> the DySCO knob it overrides (the option that sets it is --dest, dashed)
 _KNOB_FLAGS = {"strength": "strength", "top_k": "top_k", "top_p": "top_p", "decay": "decay", "warmup": "context_warmup",
-               "selection": "selection", "intervention_warmup": "intervention_warmup"}
+               "selection": "selection", "intervention_warmup": "intervention_warmup", "lagged_probs": "lagged_probs"}
 
 
 def _knob_overrides(args) -> dict:
@@ -288,6 +294,6 @@ def _knobs(decoder) -> dict:
     d = decoder.dysco
     return {"head_set": [list(p) for p in d.head_set], "strength": d.strength, "top_p": d.top_p, "top_k": d.top_k,
             "decay": d.decay, "context_warmup": d.context_warmup, "selection": d.selection,
-            "intervention_warmup": d.intervention_warmup,
+            "lagged_probs": d.lagged_probs, "intervention_warmup": d.intervention_warmup,
             # "auto" resolved against the tokenizer: the prompt tokens that actually got a DySCO step before the last
             "intervention_warmup_tokens": decoder.intervention_warmup}

@@ -628,19 +628,22 @@ class _Run:
         return self._dysco_step()
 
     def _dysco_step(self) -> torch.Tensor:
-        """One DySCO step for column `self.column`: probe, importance, select, full pass with the bias."""
+        """One DySCO step for column `self.column`: probe, importance, select, full pass with the bias
+        (lagged: select from the previous passes' importance, full pass, importance from that pass)."""
         dysco, t = self.dysco, self.column
         n = t + 1
         real, template = self.real[:, :n], self.template[:, :n]
+        lagged = False  # this step's full pass updates the importance (lagged selection, rule 9 of decoder.dysco)
         if self.static_set is not None:  # static selection, after its first step
             up = self.static_set[:, :n].clone()
             up[:, -1] = True
         else:
-            if dysco.selection == "static" and self.importance is not None:
-                # Static selects once, without a probe, from what the importance-only steps built
-                # (columns before t); the current column is up-weighted but not part of the set.
+            if dysco.selection in ("static", "lagged") and self.importance is not None:
+                # Static selects once, lagged at every step, without a probe, from the importance of the
+                # columns before t; the current column is up-weighted but not ranked.
                 selected = select_positions(self.importance, dysco.top_p, dysco.top_k, valid=real[:, :t])
                 selected = torch.nn.functional.pad(selected, (0, 1))
+                lagged = dysco.lagged
             else:
                 probe = AttentionPlan(capture_heads=self.heads, stop_after_layer=dysco.deepest_layer, kv_length=n)
                 self.decoder._forward(self.state, self.cache, t, n, probe, ids=self.ids, real=self.real, frozen=True)
@@ -659,7 +662,13 @@ class _Run:
             evidence = self.evidence[:, : self.importance.shape[1]] if self.evidence is not None else None
             self.last_diagnostics = selection_diagnostics(self.importance, up, evidence)
         plan = AttentionPlan(logit_bias=bias, kv_length=n)
+        if lagged:
+            plan.capture_heads, plan.capture_plain = self.heads, dysco.lagged_probs == "plain"
         logits = self.decoder._forward(self.state, self.cache, t, n, plan, ids=self.ids, real=self.real)
+        if lagged:  # the importance the next step selects from
+            updated = update_importance(self.importance, self._current(plan), dysco.decay)
+            past = torch.nn.functional.pad(self.importance, (0, 1))
+            self.importance = torch.where(real[:, -1:], updated, past)  # a padding column leaves it as it was
         self.column += 1
         return logits
 

@@ -33,7 +33,9 @@ import numpy as np
 from registry.errors import ProfileValidationError
 
 SCHEMA_VERSION = 1
-SELECTIONS = ("dynamic", "static")
+SELECTIONS = ("dynamic", "static", "lagged")
+# lagged selection: which attention probabilities of the full pass feed the next step's importance
+LAGGED_PROBS = ("plain", "biased")
 AUTO = "auto"  # intervention_warmup: the chat template's generation-prompt length, resolved by the decoder
 # Model names become directory names; "@" separates a name from its version in a reference.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -194,7 +196,7 @@ class Knobs:
     `strength >= 99` is the hard variant (unselected positions masked). `intervention_warmup` is
     "auto" (the chat template's generation-prompt length, resolved against the tokenizer when a
     decoder is built) or a number of prompt tokens. `attnts_temperature` is set only for profiles
-    of the AttnTS baseline.
+    of the AttnTS baseline. `lagged_probs` matters only with `selection="lagged"` (`decoder.dysco`).
     """
 
     strength: float = 2.0
@@ -205,11 +207,12 @@ class Knobs:
     selection: str = "dynamic"
     attnts_temperature: float | None = None
     intervention_warmup: int | str = AUTO
+    lagged_probs: str = "plain"
 
     # Knobs that came after profiles were first stored, with the value a profile without them loads
     # with. The content hash leaves such a knob out while it holds that value, so every profile stored
     # before the knob existed keeps its hash (and its manifest still verifies).
-    ADDED_LATER: ClassVar[dict[str, Any]] = {"intervention_warmup": AUTO}
+    ADDED_LATER: ClassVar[dict[str, Any]] = {"intervention_warmup": AUTO, "lagged_probs": "plain"}
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -230,6 +233,10 @@ class Knobs:
         if self.selection not in SELECTIONS:
             raise ProfileValidationError(
                 f"knobs.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}"
+            )
+        if self.lagged_probs not in LAGGED_PROBS:
+            raise ProfileValidationError(
+                f"knobs.lagged_probs must be one of {', '.join(LAGGED_PROBS)}, got {self.lagged_probs!r}"
             )
         if self.attnts_temperature is not None:
             temperature = _finite_float(self.attnts_temperature, "knobs.attnts_temperature")

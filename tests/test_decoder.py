@@ -26,22 +26,24 @@ ATOL = 1e-4
 # The reference
 # ---------------------------------------------------------------------------------------------
 
-_REFERENCE = {"bias": None, "capture": {}, "captured": {}}
+_REFERENCE = {"bias": None, "capture": {}, "captured": {}, "plain": False}
 
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Eager attention: logits + transformers' mask + the reference's per-row bias; records S's last row."""
+    """Eager attention: logits + transformers' mask + the reference's per-row bias; records S's last row
+    (with "plain", the probabilities of the same logits without the bias)."""
     n_rep = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(n_rep, dim=1)  # [1, heads, n, d]
     value = value.repeat_interleave(n_rep, dim=1)
     logits = query @ key.transpose(-1, -2) * scaling  # [1, heads, n, n]
     if kwargs.get("softcap") is not None:
         logits = torch.tanh(logits / kwargs["softcap"]) * kwargs["softcap"]
-    logits = logits + attention_mask + _REFERENCE["bias"]
-    probs = torch.softmax(logits.float(), dim=-1)
+    masked = logits + attention_mask
+    probs = torch.softmax((masked + _REFERENCE["bias"]).float(), dim=-1)
     heads = _REFERENCE["capture"].get(module.layer_idx)
     if heads is not None:
-        _REFERENCE["captured"][module.layer_idx] = probs[0, heads, -1]  # [|S_l|, n]
+        read = torch.softmax(masked.float(), dim=-1) if _REFERENCE["plain"] else probs
+        _REFERENCE["captured"][module.layer_idx] = read[0, heads, -1]  # [|S_l|, n]
     return (probs.to(value.dtype) @ value).transpose(1, 2).contiguous(), probs
 
 
@@ -76,8 +78,9 @@ def reference_dysco(model, prompt: list[int], template: list[bool], config: Dysc
     bias_rows = torch.zeros(total, total)  # row i: the bias in force when position i was fed
     seq = list(prompt)
 
-    def run(n: int, capture: bool) -> torch.Tensor:
+    def run(n: int, capture: bool, plain: bool = True) -> torch.Tensor:
         _REFERENCE["bias"] = bias_rows[:n, :n]
+        _REFERENCE["plain"] = plain
         _REFERENCE["capture"] = {l: list(h) for l, h in config.heads_by_layer.items()} if capture else {}
         _REFERENCE["captured"] = {}
         with torch.no_grad():
@@ -106,9 +109,11 @@ def reference_dysco(model, prompt: list[int], template: list[bool], config: Dysc
     logits = run(P, capture=False) if fed == 0 else None
     while len(tokens) < steps:
         if logits is None:  # a DySCO step at `position`
+            lagged = False  # lagged: this step's full pass reads the importance for the next step
             if static is None:
-                if config.selection == "static" and importance:
-                    chosen = _reference_select(importance, config.top_p, config.top_k)  # no probe
+                if config.selection in ("static", "lagged") and importance:
+                    chosen = _reference_select(importance, config.top_p, config.top_k)  # no probe: columns < position
+                    lagged = config.selection == "lagged"
                 else:
                     run(position + 1, capture=True)  # probe: the row of `position` has no bias yet
                     update(cur())
@@ -125,7 +130,9 @@ def reference_dysco(model, prompt: list[int], template: list[bool], config: Dysc
                     bias_rows[position, j] = 0.0 if j in chosen else float("-inf")
                 else:
                     bias_rows[position, j] = math.log(config.strength) if j in chosen else 0.0
-            logits = run(position + 1, capture=False)
+            logits = run(position + 1, capture=lagged, plain=config.lagged_probs == "plain")
+            if lagged:
+                update(cur())
             position += 1
             if position < P:  # teacher-forced: the prompt's own next token, logits dropped
                 logits = None
@@ -161,6 +168,13 @@ SETTINGS = {
     "static": dict(strength=4.0, top_p=0.7, top_k=8, decay=0.75, context_warmup=5, selection="static"),
     "static_iw2": dict(strength=4.0, top_p=0.7, top_k=8, decay=0.75, context_warmup=5, selection="static",
                        intervention_warmup=2),
+    "lagged_plain": dict(strength=3.0, top_p=0.7, top_k=8, decay=0.75, context_warmup=5, selection="lagged"),
+    "lagged_biased": dict(strength=3.0, top_p=0.7, top_k=8, decay=0.75, context_warmup=5, selection="lagged",
+                          lagged_probs="biased", intervention_warmup=2),
+    "lagged_hard": dict(strength=99.0, top_p=0.8, top_k=20, decay=0.5, context_warmup=3, selection="lagged",
+                        lagged_probs="biased"),
+    "lagged_probe_first": dict(strength=3.0, top_p=0.7, top_k=8, context_warmup=1, selection="lagged",
+                               intervention_warmup=0),
 }
 
 
@@ -236,9 +250,10 @@ def test_dysco_soft_matches_the_reference_batch_of_three(arch):
     _check_against_reference(model, tokenizer, arch, "soft", rows=[0, 1, 2])
 
 
-@pytest.mark.parametrize("setting", ["soft_iw0", "hard", "static", "static_iw2"])
+@pytest.mark.parametrize("setting", ["soft_iw0", "hard", "static", "static_iw2", "lagged_plain", "lagged_biased",
+                                     "lagged_hard", "lagged_probe_first"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_dysco_hard_and_static_match_the_reference(arch, setting):
+def test_dysco_hard_static_and_lagged_match_the_reference(arch, setting):
     model, tokenizer = tiny_model(arch)
     _check_against_reference(model, tokenizer, arch, setting, rows=[0])  # batch 1
     _check_against_reference(model, tokenizer, arch, setting, rows=[1, 0, 2])  # batch 3, unequal lengths
@@ -506,6 +521,61 @@ def test_feed_schedule_runs_probe_and_bias_on_the_published_columns(chat_templat
     for c in list(range(P - iw - 1, P)) + [P]:  # the last iw + 1 prompt columns, then the first generated token
         expected += [("probe", c), ("biased", c)]
     assert log == expected
+
+
+def test_lagged_runs_no_probe_and_reads_importance_from_its_full_passes():
+    """Lagged: the importance-only columns as before, then one biased pass per column (capturing S), never a probe."""
+    model, tokenizer = tiny_model("llama")
+    config = DyscoConfig(head_set=_heads(model), context_warmup=4, intervention_warmup=2, selection="lagged")
+    decoder = Decoder(model, tokenizer, dysco=config)
+    P = 30
+    log = _feed_log(decoder, list(range(10, 10 + P)), steps=3)
+    expected = [("prefill", (0, P - 6))] + [("importance", c) for c in range(P - 6, P - 3)]
+    expected += [("biased", c) for c in range(P - 3, P + 2)]
+    assert log == expected
+    # With no importance-only step the first DySCO step probes (a dynamic step), and only that one.
+    decoder = Decoder(model, tokenizer, dysco=config.replace(context_warmup=0, intervention_warmup=0))
+    log = _feed_log(decoder, list(range(10, 10 + P)), steps=3)
+    assert log == [("prefill", (0, P)), ("probe", P), ("biased", P), ("biased", P + 1)]
+
+
+@pytest.mark.parametrize("lagged_probs", ["plain", "biased"])
+def test_lagged_degenerates_to_known_decoders(lagged_probs):
+    """Strength 1 (no bias): lagged = dynamic = vanilla. Its first DySCO step is static's first step (same set,
+    no probe), so with intervention_warmup 0 the first token and its logits are static's, bit for bit."""
+    model, tokenizer = tiny_model("qwen2")
+    lagged = DyscoConfig(head_set=_heads(model), strength=3.0, top_p=0.6, top_k=6, context_warmup=5,
+                         intervention_warmup=0, selection="lagged", lagged_probs=lagged_probs)
+    first = Decoder(model, tokenizer, dysco=lagged).generate(PROMPTS, max_new_tokens=1, eos=[], return_logits=True)
+    static = Decoder(model, tokenizer, dysco=lagged.replace(selection="static")).generate(
+        PROMPTS, max_new_tokens=1, eos=[], return_logits=True)
+    dynamic = Decoder(model, tokenizer, dysco=lagged.replace(selection="dynamic")).generate(
+        PROMPTS, max_new_tokens=1, eos=[], return_logits=True)
+    assert first.token_ids == static.token_ids
+    assert all(torch.equal(a, b) for a, b in zip(first.logits, static.logits))
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(first.logits, dynamic.logits))  # the lag shows
+    one = lagged.replace(strength=1.0, intervention_warmup="auto")
+    vanilla = Decoder(model, tokenizer, method="vanilla").generate(PROMPTS, max_new_tokens=5, eos=[], return_logits=True)
+    for config in (one, one.replace(selection="dynamic")):
+        got = Decoder(model, tokenizer, dysco=config).generate(PROMPTS, max_new_tokens=5, eos=[], return_logits=True)
+        assert got.token_ids == vanilla.token_ids
+        for a, b in zip(got.logits, vanilla.logits):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_lagged_profile_round_trips_into_the_decoder(tmp_path):
+    from registry import Knobs, ModelIdentity, Profile, Registry
+
+    from decoder.loading import model_identity
+
+    model, tokenizer = tiny_model("llama")
+    identity = ModelIdentity(**model_identity(model, "tiny-llama"))
+    knobs = Knobs(strength=3.0, top_k=7, context_warmup=4, selection="lagged", lagged_probs="biased")
+    registry = Registry(tmp_path)
+    ref = registry.register(Profile(model=identity, head_set=[(1, 0), (2, 3)], knobs=knobs))
+    decoder = Decoder.from_profile(model, tokenizer, registry.load(ref))
+    assert decoder.dysco == DyscoConfig(head_set=[(1, 0), (2, 3)], strength=3.0, top_k=7, context_warmup=4,
+                                        selection="lagged", lagged_probs="biased")
 
 
 def test_selection_recall_diagnostics_follow_the_evidence_through_padding():

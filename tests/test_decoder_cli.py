@@ -57,6 +57,20 @@ def test_json_output_has_text_and_diagnostics(tiny_loader, capsys):
     assert all(1 <= d["selected"] for d in out["diagnostics"])
 
 
+def test_selection_lagged_on_the_command_line(tiny_loader, capsys):
+    args = ["generate", "--model", "tiny", "--heads", "1:0,2:3", "--strength", "3", "--top-k", "5", "--warmup", "4",
+            "--max-new-tokens", "4", "--prompt", "The value of key 17 is 42.", "--json", "--selection", "lagged"]
+    assert main(args + ["--lagged-probs", "biased"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["knobs"]["selection"], out["knobs"]["lagged_probs"]) == ("lagged", "biased")
+    assert len(out["tokens"]) == 4 and len(out["diagnostics"]) == 4
+    assert main(args + ["--fast"]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert fast["knobs"]["lagged_probs"] == "plain"
+    with pytest.raises(SystemExit):
+        main(args + ["--lagged-probs", "softmax"])
+
+
 def test_prompt_from_stdin_and_file_give_the_same_text(tiny_loader, capsys, monkeypatch, tmp_path):
     args = ["generate", "--method", "vanilla", "--max-new-tokens", "4", "--json"]
     path = tmp_path / "prompt.txt"

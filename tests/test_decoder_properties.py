@@ -170,7 +170,9 @@ def test_intervention_warmup_values():
         (dict(decay=1.0), r"decay must be in \[0, 1\)"),
         (dict(decay=-0.1), r"decay must be in \[0, 1\)"),
         (dict(context_warmup=-1), "context_warmup must be an integer >= 0"),
-        (dict(selection="sometimes"), "selection must be one of dynamic, static"),
+        (dict(selection="sometimes"), "selection must be one of dynamic, static, lagged"),
+        (dict(selection="lagged", lagged_probs="softmax"), "lagged_probs must be one of plain, biased"),
+        (dict(lagged_probs=None), "lagged_probs must be one of plain, biased"),
         (dict(head_set=[]), "head_set is empty"),
         (dict(head_set=[(1, 2), (1, 2)]), "more than once"),
         (dict(head_set=[(1, 2, 3)]), r"\(layer, head\) pairs"),
@@ -192,3 +194,6 @@ def test_head_outside_the_model_names_its_shape():
     config.check_model(5, 4)
     assert config.heads_by_layer == {1: (2,), 4: (0,)} and config.deepest_layer == 4
     assert DyscoConfig(head_set=[(0, 0)], strength=99).hard
+    lagged = DyscoConfig(head_set=[(0, 0)], selection="lagged")
+    assert lagged.lagged and lagged.lagged_probs == "plain" and not config.lagged
+    assert lagged.replace(lagged_probs="biased").lagged_probs == "biased"

@@ -37,6 +37,16 @@ CASES = {
                                                           context_warmup=6, intervention_warmup=2)}),
     "dysco_iw0": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (2, 3)], top_k=50, top_p=0.95, context_warmup=4,
                                                   intervention_warmup=0)}),
+    # Lagged: no probe; plain and biased probabilities, soft and hard; the first step probes without importance.
+    "dysco_lagged": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (2, 3), (3, 1)], top_k=5, top_p=0.9,
+                                                     context_warmup=4, selection="lagged")}),
+    "dysco_lagged_biased": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (2, 3), (3, 1)], top_k=5, top_p=0.9,
+                                                            context_warmup=4, selection="lagged",
+                                                            lagged_probs="biased", intervention_warmup=2)}),
+    "dysco_lagged_hard": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (3, 1)], strength=100.0, top_k=6,
+                                                          context_warmup=5, selection="lagged", lagged_probs="biased")}),
+    "dysco_lagged_probe_first": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (3, 1)], context_warmup=0,
+                                                                 selection="lagged", top_p=0.8)}),
 }
 
 
@@ -61,14 +71,30 @@ def test_fast_matches_exact_qwen3(case, batch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "mistral", "phi3", "qwen2"])
-def test_fast_matches_exact_other_architectures(arch):
+@pytest.mark.parametrize("case", ["dysco", "dysco_lagged_biased"])
+def test_fast_matches_exact_other_architectures(arch, case):
     """Gemma 3's sliding-window layers included (its window of 8 is shorter than the prompts)."""
     model, tok = tiny_model(arch)
-    method, kw = CASES["dysco"]
+    method, kw = CASES[case]
     _compare(model, tok, method, kw, PROMPTS)
 
 
-@pytest.mark.parametrize("case", ["dysco", "dysco_hard", "dysco_static_warm"])
+def test_fast_lagged_runs_no_probe():
+    """After the importance-only steps, a lagged generation runs one (full) pass per token: no truncated probe."""
+    model, tok = tiny_model("qwen3")
+    fast = FastDecoder(model, tok, "dysco", dysco=CASES["dysco_lagged"][1]["dysco"])
+    kinds = []
+    step = fast._step
+    fast._step = lambda shape, kind: (kinds.append(kind), step(shape, kind))[1]
+    probes = []
+    probe = fast._forward_probe
+    fast._forward_probe = lambda *a: (probes.append(1), probe(*a))[1]
+    fast.generate([PROMPTS[0]], max_new_tokens=5, eos=[])
+    assert not probes
+    assert kinds == ["warmup"] * 3 + ["lagged"] * (fast.intervention_warmup + 1 + 4)
+
+
+@pytest.mark.parametrize("case", ["dysco", "dysco_hard", "dysco_static_warm", "dysco_lagged", "dysco_lagged_hard"])
 def test_fast_template_rule_matches_exact(case):
     """With a template mask the fast path still matches: soft leaves template columns out, hard keeps them."""
     model, tok = tiny_model("qwen3")
@@ -156,3 +182,20 @@ def test_triton_kernel_under_interpreter():
     result = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=600,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("lagged_probs", ["plain", "biased"])
+def test_fast_lagged_matches_exact_on_smollm2(smollm2, lagged_probs):
+    """Real weights, a chat prompt (auto intervention warmup = 4) and a batch with padding: same tokens, close logits."""
+    model, tok = smollm2
+    prompts = [
+        [{"role": "user", "content": "The secret number is 7319. Alice lives in Paris, Bob in Rome. What is the secret number?"}],
+        [{"role": "user", "content": "Say hello."}],
+    ]
+    config = DyscoConfig(head_set=[(8, 2), (15, 4), (20, 1), (21, 7)], selection="lagged", lagged_probs=lagged_probs)
+    exact = Decoder(model, tok, "dysco", dysco=config).generate(prompts, max_new_tokens=6, return_logits=True, eos=[])
+    fast = FastDecoder(model, tok, "dysco", dysco=config).generate(prompts, max_new_tokens=6, return_logits=True, eos=[])
+    assert fast.token_ids == exact.token_ids
+    for a, b in zip(exact.logits, fast.logits):
+        assert (a - b).abs().max().item() < 5e-4

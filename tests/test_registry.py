@@ -121,7 +121,8 @@ def test_profile_normalises_numpy_input_and_hash_tracks_content():
         (dict(knobs=dict(top_k=2.5)), "knobs.top_k must be an integer >= 1"),
         (dict(knobs=dict(decay=1.0)), "knobs.decay must be in [0, 1)"),
         (dict(knobs=dict(context_warmup=-1)), "knobs.context_warmup must be an integer >= 0"),
-        (dict(knobs=dict(selection="greedy")), "knobs.selection must be one of dynamic, static"),
+        (dict(knobs=dict(selection="greedy")), "knobs.selection must be one of dynamic, static, lagged"),
+        (dict(knobs=dict(lagged_probs="soft")), "knobs.lagged_probs must be one of plain, biased"),
         (dict(knobs=dict(attnts_temperature=0)), "knobs.attnts_temperature must be > 0"),
         (dict(knobs=dict(intervention_warmup=-1)), "knobs.intervention_warmup must be 'auto'"),
         (dict(knobs=dict(intervention_warmup="sometimes")), "or an integer >= 0, got 'sometimes'"),
@@ -192,7 +193,8 @@ def _write_version_without_intervention_warmup(root: Path, profile: Profile) -> 
     from registry.store import FORMAT, MANIFEST_FILE, _manifest_checksum
 
     data = profile.to_dict()
-    del data["knobs"]["intervention_warmup"]
+    for knob in Knobs.ADDED_LATER:  # intervention_warmup, and lagged_probs (issue 13) after it
+        del data["knobs"][knob]
     files = profile_to_files(profile)
     files[PROFILE_FILE] = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
     folder = root / profile.model.name / "1"
@@ -252,6 +254,26 @@ def test_a_set_intervention_warmup_is_part_of_the_hash_and_the_diff(tmp_path):
     assert reg.load("tiny-llama@2").knobs.intervention_warmup == 0
     report = reg.diff("tiny-llama@1", "tiny-llama@2")
     assert report["knobs"] == {"intervention_warmup": {"a": "auto", "b": 0}} and not report["identical"]
+
+
+def test_lagged_probs_came_later_and_only_a_set_value_moves_the_hash(tmp_path):
+    """`lagged_probs` (issue 13) is left out of the hash at its default, like intervention_warmup."""
+    base = make_profile(0)
+    data = base.to_dict()
+    assert data["knobs"]["lagged_probs"] == "plain"  # profile.json names it
+    del data["knobs"]["lagged_probs"], data["knobs"]["intervention_warmup"]
+    assert base.content_hash() == _hash_before_intervention_warmup(data, base.head_scores)
+    assert Knobs.from_dict({}).lagged_probs == "plain"
+    lagged = make_profile(0, knobs=dataclasses.replace(base.knobs, selection="lagged"))
+    biased = make_profile(0, knobs=dataclasses.replace(base.knobs, selection="lagged", lagged_probs="biased"))
+    assert len({base.content_hash(), lagged.content_hash(), biased.content_hash()}) == 3
+    reg = Registry(tmp_path)
+    reg.register(lagged)
+    reg.register(biased)
+    loaded = reg.load("tiny-llama@2")
+    assert (loaded.knobs.selection, loaded.knobs.lagged_probs) == ("lagged", "biased")
+    assert loaded.content_hash() == biased.content_hash()
+    assert reg.diff("tiny-llama@1", "tiny-llama@2")["knobs"] == {"lagged_probs": {"a": "plain", "b": "biased"}}
 
 
 # --- store: errors, nothing written ---------------------------------------------------------------
@@ -592,7 +614,8 @@ def random_profiles(draw) -> Profile:
         strength=draw(st.floats(0.01, 200)), top_p=draw(st.floats(0.001, 1.0)),
         top_k=draw(st.integers(1, 10**6)), decay=draw(st.floats(0.0, 0.999)),
         context_warmup=draw(st.integers(0, 64)),
-        selection=draw(st.sampled_from(["dynamic", "static"])),
+        selection=draw(st.sampled_from(["dynamic", "static", "lagged"])),
+        lagged_probs=draw(st.sampled_from(["plain", "biased"])),
         intervention_warmup=draw(st.sampled_from(["auto"]) | st.integers(0, 64)),
     )
     metrics = draw(st.dictionaries(st.text(max_size=8), st.one_of(
