@@ -33,8 +33,10 @@ What one run does, in order:
 Resuming and sharing. Every trial is written to the Optuna storage the moment it finishes, so
 a killed run loses only the trial in flight. A RUNNING trial whose process is gone (same host:
 its pid is checked; another host: its heartbeat stops) is marked failed and its parameters are
-queued again. Workers on one host take trials under a file lock, so together they run exactly
-`trials` trials; workers on several hosts (a PostgreSQL/MySQL URL) may overshoot by one each.
+queued again. Workers take trials under the study's lock (a file lock for one host's processes;
+on a PostgreSQL/MySQL storage also a lock in the database server, for other hosts' processes), so
+together they run exactly `trials` trials. `devices` runs one worker per listed GPU
+(docs/scaling.md, "Calibration across GPUs and hosts").
 """
 
 from __future__ import annotations
@@ -597,21 +599,23 @@ def _heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Ite
         thread.join()
 
 
-def reclaim_dead_trials(study: optuna.Study) -> list[int]:
+def reclaim_dead_trials(study: optuna.Study, *, locked: bool = False) -> list[int]:
     """Fail RUNNING trials whose process is gone and queue their parameters again.
 
     Same host: the pid recorded in the trial's `worker` attribute is checked (it is dead, or now
-    names another process). Other hosts: Optuna's heartbeat decides. Returns the failed numbers.
+    names another process). Other hosts: Optuna's heartbeat decides. `locked`: the caller holds the
+    study's lock, under which a live worker creates a trial and records its `worker` together, so a
+    RUNNING trial without one was left by a process killed in between. Returns the failed numbers.
     """
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
-        if worker is None or not _is_dead(worker):
+        if worker is None and not locked or worker is not None and not _is_dead(worker):
             continue
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         failed.append(trial.number)
         log.warning("trial %d was left running by a dead process (pid %s); re-running it",
-                    trial.number, worker.get("pid"))
+                    trial.number, (worker or {}).get("pid", "unrecorded"))
         if set(trial.params) == set(_KNOBS):
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     with warnings.catch_warnings():
@@ -903,7 +907,7 @@ class Calibration:
         """Under the study's lock: (study, a new trial or None, whether the budget is met)."""
         with self._lock():
             study = self.load_study()
-            reclaim_dead_trials(study)
+            reclaim_dead_trials(study, locked=True)
             trials = study.get_trials(deepcopy=False)
             finished = sum(t.state in FINISHED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -916,6 +920,10 @@ class Calibration:
                 # Optuna warns that heartbeats are meant for optimize(); this loop beats itself.
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
                 trial = study.ask()
+            # A first heartbeat before the worker record: a trial with a record always has a
+            # heartbeat, so one from a host that dies here is still found (reclaim_dead_trials).
+            if isinstance(self.storage, optuna.storages.RDBStorage):
+                self.storage.record_heartbeat(trial._trial_id)
             trial.set_user_attr("worker", {**_this_worker(), "device": self.config.device})
             return study, trial, False
 
