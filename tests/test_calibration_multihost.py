@@ -306,41 +306,49 @@ def test_two_hosts_share_one_postgres_study_exactly(workdir, postgres, tmp_path)
 
 
 def test_a_killed_worker_trial_is_failed_and_retried_on_postgres(workdir, postgres):
-    cmd = _cli(workdir, postgres, "--trials", "5", "--max-new-tokens", "24")
-    first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     import sqlalchemy
 
+    from calibration.study import _KNOBS
+
+    cmd = _cli(workdir, postgres, "--trials", "8", "--max-new-tokens", "24")
+    first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     engine = sqlalchemy.create_engine(postgres, poolclass=sqlalchemy.pool.NullPool)
-    query = sqlalchemy.text("SELECT count(*) FROM trials WHERE state = 'COMPLETE'")
-    deadline, done = time.monotonic() + 300, 0
-    while time.monotonic() < deadline and first.poll() is None and done < 2:
+    # Two trials done and a third under way (its parameters drawn): the kill lands mid-trial.
+    query = sqlalchemy.text(
+        "SELECT (SELECT count(*) FROM trials WHERE state = 'COMPLETE'), "
+        "(SELECT count(*) FROM trials t WHERE state = 'RUNNING' "
+        " AND (SELECT count(*) FROM trial_params p WHERE p.trial_id = t.trial_id) = :knobs)"
+    ).bindparams(knobs=len(_KNOBS))
+    deadline, done, busy = time.monotonic() + 300, 0, 0
+    while time.monotonic() < deadline and first.poll() is None and not (done >= 2 and busy):
         try:
             with engine.connect() as con:
-                done = con.execute(query).scalar()
+                done, busy = con.execute(query).one()
         except sqlalchemy.exc.ProgrammingError:
-            done = 0  # tables not created yet
-        time.sleep(0.1)
+            pass  # tables not created yet
+        time.sleep(0.02)
     engine.dispose()
-    assert first.poll() is None, first.communicate()[1].decode()[-3000:]
-    assert done >= 2, "the first run never finished two trials"
+    if not (done >= 2 and busy):
+        first.kill()
+        pytest.fail("the first run never had two trials done and a third under way: "
+                    + first.communicate()[1].decode()[-3000:])
     first.send_signal(signal.SIGKILL)
     first.wait()
     (name,) = [s.study_name for s in optuna.get_all_study_summaries(postgres)]
     running = [t.number for t in optuna.load_study(study_name=name, storage=postgres).trials
                if t.state.name == "RUNNING"]
+    assert len(running) == 1
 
     second = subprocess.run(cmd + ["--json"], env=_env(), capture_output=True, timeout=400)
     assert second.returncode == 0, second.stderr.decode()[-3000:]
-    assert json.loads(second.stdout)["trials"]["finished"] == 5
+    assert json.loads(second.stdout)["trials"]["finished"] == 8
     study = optuna.load_study(study_name=name, storage=postgres)
     states = [t.state.name for t in study.trials]
-    assert states.count("COMPLETE") + states.count("PRUNED") == 5 and "RUNNING" not in states
-    assert "WAITING" not in states
-    for number in running:  # the trial the kill interrupted: failed, then run again with its parameters
-        assert study.trials[number].state.name == "FAIL"
-        if study.trials[number].params:
-            retried = [t for t in study.trials if t.user_attrs.get("retry_of") == number]
-            assert len(retried) == 1 and retried[0].params == study.trials[number].params
+    assert states.count("COMPLETE") + states.count("PRUNED") == 8 and states.count("FAIL") == 1
+    killed = study.trials[running[0]]  # the trial the kill interrupted: failed, then run again with its parameters
+    assert killed.state.name == "FAIL"
+    retried = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retried) == 1 and retried[0].params == killed.params and retried[0].state.name != "FAIL"
 
 
 # --------------------------------------------------------------------------- an MLflow tracking server
