@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the model runs: cpu (default), cuda, cuda:N")
     where.add_argument("--devices", type=_devices, metavar="N,…",
                        help="one worker process per listed GPU on the same study, this one on the first: 0,1 or "
-                       "cuda:0,cuda:1 (needs --storage shared by them, as the default sqlite file is)")
+                       "cuda:0,cuda:1 (--workers is then their number)")
     study.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                        help="model dtype (default: the checkpoint's own; bfloat16 is the usual choice on a GPU)")
     study.add_argument("--threads", type=_at_least(1), metavar="N",

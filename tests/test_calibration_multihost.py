@@ -259,6 +259,7 @@ def test_a_trial_of_a_dead_worker_on_another_host_is_failed_by_heartbeat_and_ret
     assert trials[1].params == params  # queued again with the same parameters
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_trial_killed_before_its_worker_was_recorded_is_failed_under_the_lock(tmp_path):
     """A process SIGKILLed between creating its trial and recording itself on it leaves a RUNNING trial
     with no pid or heartbeat; under the study's lock (where live workers do both together) it is failed."""
@@ -276,17 +277,18 @@ def test_two_hosts_share_one_postgres_study_exactly(workdir, postgres, tmp_path)
     trial budget each time, no trial run twice, the profile registered once, one MLflow run per trial."""
     import mlflow
 
-    base = ["--max-new-tokens", "24", "--json"]
+    base = ["--max-new-tokens", "48", "--json"]  # trials long enough to share (MLflow syncs take a while)
     run = subprocess.run(_cli(workdir, postgres, "--trials", "6", "--workers", "2", *base),
                          env=_env(), capture_output=True, timeout=500)
     assert run.returncode == 0, run.stderr.decode()[-3000:]
     name = json.loads(run.stdout)["study_name"]
     trials = optuna.load_study(study_name=name, storage=postgres).trials
     assert [t.state.name in ("COMPLETE", "PRUNED") for t in trials] == [True] * 6
-    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2
+    pids = [t.user_attrs["worker"]["pid"] for t in trials]
+    assert len(set(pids)) == 2, f"both processes should run trials: {pids}\n{run.stderr.decode()[-3000:]}"
 
     hosts = [_other_host_env(tmp_path / f"host-{k}") for k in "ab"]
-    procs = [subprocess.Popen(_cli(workdir, postgres, "--trials", "12", *base), env=env,
+    procs = [subprocess.Popen(_cli(workdir, postgres, "--trials", "10", *base), env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for env in hosts]
     outs = [p.communicate(timeout=500) for p in procs]
     for proc, (_, err) in zip(procs, outs):
@@ -295,13 +297,13 @@ def test_two_hosts_share_one_postgres_study_exactly(workdir, postgres, tmp_path)
     assert results[0]["profile_ref"] == results[1]["profile_ref"]
     assert _versions(workdir) == [1, 2, 3]
     trials = optuna.load_study(study_name=name, storage=postgres).trials
-    assert len(trials) == 12 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert len(trials) == 10 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     params = [json.dumps(t.params, sort_keys=True) for t in trials]
     assert len(set(params)) == len(params), "a trial's parameters were run twice"
     mlflow.set_tracking_uri(f"sqlite:///{workdir['dir'] / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["dysco-calibration"], output_format="list")
     assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs if "optuna.trial_number" in r.data.tags) \
-        == list(range(12))
+        == list(range(10))
     assert len([r for r in runs if "optuna.trial_number" not in r.data.tags]) == 1  # one parent run
 
 
