@@ -28,6 +28,7 @@ from calibration.study import (
     CalibrationConfig,
     CalibrationError,
     calibrate,
+    parse_devices,
     parse_heads,
     starting_profile,
     task_options,
@@ -38,7 +39,9 @@ examples:
   calibrate --dev mrcr --model smollm2-135m --trials 20
   calibrate --dev kv --model ./my-checkpoint --heads 14:2,17:5,12:0 --context 2048
   calibrate --dev mrcr_2needles.parquet --model qwen2.5-coder-0.5b --profile qwen2.5-coder-0.5b@1
-  calibrate --dev mrcr --model smollm2-135m --storage postgresql://host/db --workers 4
+  calibrate --dev mrcr --model smollm2-135m --storage sqlite:///study.db --workers 4
+  calibrate --dev mrcr --model qwen3-8b --dtype bfloat16 --devices 0,1 --storage postgresql://me@dbhost/dysco
+  (the same command on another host joins the study: docs/scaling.md)
 
 The study is stored in --storage (default: %(storage)s in this folder) under --study-name
 (default: derived from the model, task, examples and head ranking, so the same command
@@ -65,6 +68,13 @@ def _at_least(minimum: int):
 def _heads(text: str) -> list[tuple[int, int]]:
     try:
         return parse_heads(text)
+    except CalibrationError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _devices(text: str) -> tuple[str, ...]:
+    try:
+        return parse_devices(text)
     except CalibrationError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -141,10 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--seed", type=int, default=0, metavar="S",
                        help="seed of the examples, their dev/test split and the TPE sampler (default: %(default)s)")
     study.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL",
-                       help="Optuna storage URL (default: %(default)s); sqlite, postgresql or mysql")
+                       help="Optuna storage URL (default: %(default)s). Workers on several hosts share a server "
+                       "database: postgresql://USER@HOST/DB or mysql+pymysql://USER@HOST/DB (drivers: pip install "
+                       "'dysco-toolkit[storage]')")
     study.add_argument("--study-name", metavar="S", help="study to create or continue (default: derived)")
-    study.add_argument("--workers", type=_at_least(1), default=1, metavar="N",
-                       help="processes sharing the study, this one included (default: %(default)s)")
+    study.add_argument("--workers", type=_at_least(1), default=None, metavar="N",
+                       help="processes sharing the study, this one included (default: 1, or one per --devices)")
     study.add_argument("--speed-objective", action="store_true",
                        help="also maximise tokens/s: a two-objective study with a Pareto front (no pruning)")
     study.add_argument("--attnts-temperatures", type=_temperatures, default=ATTNTS_TEMPERATURES,
@@ -160,8 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fix DySCO's intervention warmup instead of searching it: auto = the chat template's "
                        "generation-prompt length, published default; an integer otherwise (default: searched over "
                        f"{', '.join(map(str, INTERVENTION_WARMUPS))})")
-    study.add_argument("--device", default="cpu", metavar="DEV",
+    where = study.add_mutually_exclusive_group()
+    where.add_argument("--device", default="cpu", metavar="DEV",
                        help="where the model runs: cpu (default), cuda, cuda:N")
+    where.add_argument("--devices", type=_devices, metavar="N,…",
+                       help="one worker process per listed GPU on the same study, this one on the first: 0,1 or "
+                       "cuda:0,cuda:1 (--workers is then their number)")
     study.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                        help="model dtype (default: the checkpoint's own; bfloat16 is the usual choice on a GPU)")
     study.add_argument("--threads", type=_at_least(1), metavar="N",
@@ -184,7 +200,8 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         dev=args.dev, model=args.model, profile=args.profile, heads=args.heads, trials=args.trials,
         examples=args.examples, test_examples=args.test_examples, context=args.context,
         needles=args.needles, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        storage=args.storage, study_name=args.study_name, workers=args.workers,
+        storage=args.storage, study_name=args.study_name,
+        workers=args.workers or (len(args.devices) if args.devices else 1), devices=args.devices,
         tracking_uri=args.tracking_uri, tracking=not args.no_tracking, registry=args.registry,
         register=not args.no_register, seed=args.seed, speed_objective=args.speed_objective,
         attnts_temperatures=args.attnts_temperatures, threads=args.threads,

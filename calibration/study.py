@@ -33,8 +33,10 @@ What one run does, in order:
 Resuming and sharing. Every trial is written to the Optuna storage the moment it finishes, so
 a killed run loses only the trial in flight. A RUNNING trial whose process is gone (same host:
 its pid is checked; another host: its heartbeat stops) is marked failed and its parameters are
-queued again. Workers on one host take trials under a file lock, so together they run exactly
-`trials` trials; workers on several hosts (a PostgreSQL/MySQL URL) may overshoot by one each.
+queued again. Workers take trials under the study's lock (a file lock for one host's processes;
+on a PostgreSQL/MySQL storage also a lock in the database server, for other hosts' processes), so
+together they run exactly `trials` trials. `devices` runs one worker per listed GPU
+(docs/scaling.md, "Calibration across GPUs and hosts").
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ class CalibrationConfig:
     # None: searched (SearchSpace's choices, "auto" first); "auto" or a token count: fixed to it.
     intervention_warmup: int | str | None = None
     device: str = "cpu"  # where the model runs: "cpu", "cuda", "cuda:1", …
+    # One process per listed CUDA device ("cuda:0", "cuda:1", …), this one on the first; `workers` = their number.
+    devices: tuple[str, ...] | None = None
     dtype: str | None = None  # None: the checkpoint's own (catalogue models: float32); "bfloat16" on a GPU
     loss_penalty: float = 1.0  # extra cost of a dev example vanilla gets right and the trial wrong
     adopt_p: float = 0.05  # the best trial replaces the published knobs only below this sign-test p
@@ -151,6 +155,15 @@ class CalibrationConfig:
             check_device(self.device)
         except ValueError as err:
             raise CalibrationError(str(err)) from None
+        if self.devices is not None:
+            check_devices(self.devices)
+            if self.device != "cpu":
+                raise CalibrationError("give either one device (--device) or a list (--devices), not both")
+            if self.workers != len(self.devices):
+                raise CalibrationError(
+                    f"--devices lists {len(self.devices)} device(s) but --workers is {self.workers}: one worker "
+                    "runs per device (leave --workers out)"
+                )
         if self.intervention_warmup is not None:
             from registry import ProfileValidationError, parse_intervention_warmup
 
@@ -242,6 +255,45 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
         return parse_head_set(text, "--heads")
     except ProfileValidationError as err:
         raise CalibrationError(str(err)) from None
+
+
+def parse_devices(text: str) -> tuple[str, ...]:
+    """'0,1' or 'cuda:0,cuda:1' -> ('cuda:0', 'cuda:1'): syntax only (`check_devices` checks the machine)."""
+    devices = []
+    for item in (part.strip() for part in text.split(",")):
+        index = item.removeprefix("cuda:")
+        if not index.isdigit():
+            raise CalibrationError(
+                f"expected CUDA device indices, e.g. 0,1 or cuda:0,cuda:1; got {item!r} in {text!r}"
+            )
+        devices.append(f"cuda:{int(index)}")
+    return tuple(devices)
+
+
+def check_devices(devices: Sequence[str]) -> None:
+    """Raise CalibrationError unless `devices` are distinct CUDA devices ('cuda:N') this machine has."""
+    if not devices:
+        raise CalibrationError("--devices is empty")
+    bad = next((d for d in devices if not (isinstance(d, str) and d.startswith("cuda:")
+                                            and d.removeprefix("cuda:").isdigit())), None)
+    if bad is not None:
+        raise CalibrationError(f"--devices takes CUDA devices such as cuda:0, got {bad!r}")
+    if len(set(devices)) != len(devices):
+        raise CalibrationError(f"--devices lists a device twice: {','.join(devices)}")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise CalibrationError(
+            f"--devices {','.join(devices)} asked for, but torch sees no CUDA device on this machine; "
+            "use --workers N for several CPU processes"
+        )
+    missing = [d for d in devices if int(d.removeprefix("cuda:")) >= count]
+    if missing:
+        raise CalibrationError(
+            f"--devices {','.join(devices)}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}, "
+            f"after CUDA_VISIBLE_DEVICES), so {', '.join(missing)} does not exist"
+        )
 
 
 def task_options(task: Any, needles: int | None) -> dict[str, Any]:
@@ -336,22 +388,166 @@ def _is_dead(worker: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- storage
 
 
+SERVER_BACKENDS = ("postgresql", "mysql")  # storages several hosts can share (docs/scaling.md)
+CONNECT_TIMEOUT_S = 10  # an unreachable database server fails within this, not after the OS's minutes
+
+
+def storage_label(url: str | None) -> str | None:
+    """`url` with its password replaced by ***, for messages, MLflow and profile provenance."""
+    if url is None or "@" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL sqlalchemy can parse: open_storage will say so
+        return url
+
+
+def _backend(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).get_backend_name()
+
+
+def _driver(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).get_driver_name()
+
+
+def _query(url: str) -> Any:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).query
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    """Connection arguments for a server database: a connect timeout unless the URL sets one."""
+    return {} if "connect_timeout" in _query(url) else {"connect_timeout": CONNECT_TIMEOUT_S}
+
+
+def _storage_error(url: str, err: BaseException) -> CalibrationError:
+    """One line saying why `url` cannot be opened: a missing driver (and how to get it), or the server's reason."""
+    chain, cause = [], err
+    while cause is not None and len(chain) < 8:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    label = storage_label(url)
+    missing = next((e for e in chain if isinstance(e, ModuleNotFoundError)), None)
+    if missing is not None:
+        return CalibrationError(
+            f"cannot open the study storage {label}: its database driver ({missing.name}) is not installed; "
+            "`pip install 'dysco-toolkit[storage]'` brings psycopg for postgresql:// and PyMySQL for mysql+pymysql://"
+        )
+    reason = getattr(err, "orig", None) or err  # sqlalchemy wraps the driver's error and adds a help link
+    text = " ".join(str(reason).split()) or type(reason).__name__
+    return CalibrationError(f"cannot open the study storage {label}: {text}")
+
+
+class _DatabaseLock:
+    """A lock held in the storage's database server, for workers on several hosts (no shared lock file).
+
+    PostgreSQL: a session advisory lock; MySQL: GET_LOCK. Both are held by one open connection, so
+    the server frees the lock when the process dies (its connection closes). Reentrant.
+    """
+
+    def __init__(self, url: str, key: str) -> None:
+        from sqlalchemy import create_engine
+        from sqlalchemy.pool import NullPool
+
+        self.backend = _backend(url)
+        digest = hashlib.sha256(f"dysco-calibrate\0{key}".encode()).digest()
+        self.key = int.from_bytes(digest[:8], "big", signed=True)  # pg advisory locks take a bigint
+        self.name = "dysco-" + digest.hex()[:50]  # MySQL lock names hold at most 64 characters
+        connect_args = _connect_args(url)
+        if self.backend == "postgresql" and _driver(url) in ("psycopg2", "psycopg") \
+                and "options" not in _query(url):
+            # The server drops a vanished host's connection (and so its lock) within about a
+            # minute and a half, not after the OS's two-hour keepalive.
+            connect_args["options"] = "-c tcp_keepalives_idle=60 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
+        # NullPool: releasing closes the connection for real; AUTOCOMMIT: no transaction stays open while held.
+        self.engine = create_engine(url, poolclass=NullPool, connect_args=connect_args,
+                                    isolation_level="AUTOCOMMIT")
+        self.depth = 0
+        self.connection = None
+
+    def __enter__(self) -> "_DatabaseLock":
+        if self.depth == 0:
+            from sqlalchemy import text
+
+            connection = self.engine.connect()
+            try:
+                if self.backend == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
+                elif connection.execute(text("SELECT GET_LOCK(:name, -1)"), {"name": self.name}).scalar() != 1:
+                    raise CalibrationError(f"the database server refused the study lock {self.name}")
+            except BaseException:
+                connection.close()
+                raise
+            self.connection = connection
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.depth -= 1
+        if self.depth:
+            return
+        from sqlalchemy import text
+
+        connection, self.connection = self.connection, None
+        try:
+            with contextlib.suppress(Exception):  # closing the connection frees the lock anyway
+                if self.backend == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+                else:
+                    connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": self.name})
+        finally:
+            connection.close()
+
+
+class _Locks:
+    """Several reentrant locks taken together, in order (a file lock, then a database lock)."""
+
+    def __init__(self, *locks: Any) -> None:
+        self.locks = locks
+        self._held: list[contextlib.ExitStack] = []
+
+    def __enter__(self) -> "_Locks":
+        with contextlib.ExitStack() as stack:
+            for lock in self.locks:
+                stack.enter_context(lock)
+            self._held.append(stack.pop_all())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._held.pop().close()
+
+
 def open_storage(url: str | None) -> optuna.storages.BaseStorage:
-    """An Optuna storage for `url` (None: in memory), with heartbeats so dead trials get retried."""
+    """An Optuna storage for `url` (None: in memory), with heartbeats so dead trials get retried.
+
+    Raises CalibrationError, in one line, for a missing database driver or an unreachable server.
+    """
     if url is None:
         return optuna.storages.InMemoryStorage()
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # Workers write briefly and rarely; wait for the lock rather than fail.
-        engine_kwargs["connect_args"] = {"timeout": 120}
     from filelock import FileLock
 
     try:
+        if url.startswith("sqlite"):
+            # Workers write briefly and rarely; wait for the lock rather than fail.
+            engine_kwargs["connect_args"] = {"timeout": 120}
+        elif _backend(url) in SERVER_BACKENDS:
+            engine_kwargs["connect_args"] = _connect_args(url)
         # Opening a new database creates its tables; two processes doing it at once (a command and
-        # the worker it started) race, and the loser fails with "table … already exists".
+        # the worker it started, or workers on two hosts) race, and the loser fails with "table …
+        # already exists".
         path = _lock_path(url, "storage schema")
         schema_lock = FileLock(path) if path and os.path.isdir(os.path.dirname(path)) else contextlib.nullcontext()
-        with schema_lock, warnings.catch_warnings():
+        server_lock = _DatabaseLock(url, "storage schema") if _backend(url) in SERVER_BACKENDS \
+            else contextlib.nullcontext()
+        with schema_lock, server_lock, warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 url,
@@ -361,7 +557,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
             )
     except Exception as err:  # sqlalchemy raises many kinds; all mean "cannot open this URL"
-        raise CalibrationError(f"cannot open the study storage {url!r}: {err}") from None
+        raise _storage_error(url, err) from None
 
 
 def _lock_path(url: str | None, key: str) -> str | None:
@@ -403,21 +599,23 @@ def _heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Ite
         thread.join()
 
 
-def reclaim_dead_trials(study: optuna.Study) -> list[int]:
+def reclaim_dead_trials(study: optuna.Study, *, locked: bool = False) -> list[int]:
     """Fail RUNNING trials whose process is gone and queue their parameters again.
 
     Same host: the pid recorded in the trial's `worker` attribute is checked (it is dead, or now
-    names another process). Other hosts: Optuna's heartbeat decides. Returns the failed numbers.
+    names another process). Other hosts: Optuna's heartbeat decides. `locked`: the caller holds the
+    study's lock, under which a live worker creates a trial and records its `worker` together, so a
+    RUNNING trial without one was left by a process killed in between. Returns the failed numbers.
     """
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
-        if worker is None or not _is_dead(worker):
+        if worker is None and not locked or worker is not None and not _is_dead(worker):
             continue
         study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
         failed.append(trial.number)
         log.warning("trial %d was left running by a dead process (pid %s); re-running it",
-                    trial.number, worker.get("pid"))
+                    trial.number, (worker or {}).get("pid", "unrecorded"))
         if set(trial.params) == set(_KNOBS):
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     with warnings.catch_warnings():
@@ -585,7 +783,7 @@ class Calibration:
             except KeyError:
                 if not create:
                     raise CalibrationError(
-                        f"no study {cfg.study_name!r} in {cfg.storage}; a worker joins an existing study"
+                        f"no study {cfg.study_name!r} in {storage_label(cfg.storage)}; a worker joins an existing study"
                     ) from None
                 study = optuna.create_study(
                     study_name=cfg.study_name, storage=self.storage, sampler=self._sampler(0),
@@ -601,11 +799,11 @@ class Calibration:
         stored = study.user_attrs.get("definition")
         if stored is None:
             raise CalibrationError(
-                f"study {cfg.study_name!r} in {cfg.storage} was not made by `calibrate`; pick another --study-name"
+                f"study {cfg.study_name!r} in {storage_label(cfg.storage)} was not made by `calibrate`; pick another --study-name"
             )
         if "intervention_warmup" not in (stored.get("space") or {}):
             raise CalibrationError(
-                f"study {cfg.study_name!r} in {cfg.storage} was made before intervention_warmup became a "
+                f"study {cfg.study_name!r} in {storage_label(cfg.storage)} was made before intervention_warmup became a "
                 "calibrated knob: its trials decoded with the older feed schedule and cannot be continued. "
                 "Start a new study: give a new --study-name (or none: the default name is derived from the "
                 "settings, so it names a new study)"
@@ -614,20 +812,25 @@ class Calibration:
         if stored != self.definition:
             differ = sorted(k for k in set(stored) | set(self.definition) if stored.get(k) != self.definition.get(k))
             raise CalibrationError(
-                f"study {cfg.study_name!r} in {cfg.storage} was made with a different "
+                f"study {cfg.study_name!r} in {storage_label(cfg.storage)} was made with a different "
                 f"{', '.join(differ)}; continuing it would mix incomparable trials. Rerun with the "
                 "same settings, or give a new --study-name"
             )
         self.study = study
 
     def _lock(self):
-        """The study's host-wide lock (a file lock; none for an in-memory study). Reentrant."""
-        if getattr(self, "_file_lock", None) is None:
+        """The study's lock: a file lock for the processes of one host, plus, on a PostgreSQL or
+        MySQL storage, a lock in the database server for those of other hosts. Reentrant."""
+        if getattr(self, "_study_lock", None) is None:
             from filelock import FileLock
 
-            path = _lock_path(self.config.storage, self.config.study_name or "")
-            self._file_lock = FileLock(path) if path else contextlib.nullcontext()
-        return self._file_lock
+            url, key = self.config.storage, self.config.study_name or ""
+            path = _lock_path(url, key)
+            locks = [FileLock(path)] if path else []
+            if url is not None and not url.startswith("sqlite") and _backend(url) in SERVER_BACKENDS:
+                locks.append(_DatabaseLock(url, key))
+            self._study_lock = _Locks(*locks)
+        return self._study_lock
 
     # --- baselines ----------------------------------------------------------------------------
 
@@ -704,7 +907,7 @@ class Calibration:
         """Under the study's lock: (study, a new trial or None, whether the budget is met)."""
         with self._lock():
             study = self.load_study()
-            reclaim_dead_trials(study)
+            reclaim_dead_trials(study, locked=True)
             trials = study.get_trials(deepcopy=False)
             finished = sum(t.state in FINISHED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -717,7 +920,11 @@ class Calibration:
                 # Optuna warns that heartbeats are meant for optimize(); this loop beats itself.
                 warnings.filterwarnings("ignore", message="Heartbeat of storage")
                 trial = study.ask()
-            trial.set_user_attr("worker", _this_worker())
+            # A first heartbeat before the worker record: a trial with a record always has a
+            # heartbeat, so one from a host that dies here is still found (reclaim_dead_trials).
+            if isinstance(self.storage, optuna.storages.RDBStorage):
+                self.storage.record_heartbeat(trial._trial_id)
+            trial.set_user_attr("worker", {**_this_worker(), "device": self.config.device})
             return study, trial, False
 
     def run_trials(self, on_trial: Callable[[optuna.Study], None] | None = None, poll_s: float = 1.0) -> None:
@@ -850,7 +1057,7 @@ class Calibration:
         profile = self._profile(best, scores, speeds, baselines, counts, tracking, paired, flat, adoption)
         ref = self.registry.register(profile) if cfg.register else None
         result = CalibrationResult(
-            study_name=study.study_name, storage=cfg.storage, trials=counts, best_trial=best.number,
+            study_name=study.study_name, storage=storage_label(cfg.storage), trials=counts, best_trial=best.number,
             best_params=dict(best.params), head_set=[list(h) for h in profile.head_set],
             scores=scores, tokens_per_s=speeds, attnts_temperature=t_star, profile_ref=ref,
             parent_ref=self.parent_ref, mlflow=tracking, pareto_front=pareto, paired_test=paired,
@@ -906,7 +1113,7 @@ class Calibration:
             "kind": "calibration",
             "parent": self.parent_ref,
             "study_name": self.study.study_name,
-            "storage": cfg.storage,
+            "storage": storage_label(cfg.storage),  # never a password
             "seed": cfg.seed,
             "trials": counts,
             "best_trial": best.number,
@@ -1052,19 +1259,30 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def process_configs(config: CalibrationConfig) -> list[CalibrationConfig]:
+    """The config of each process one command runs: its own first, then one per extra worker.
+
+    With `devices`, process i runs on devices[i]; otherwise all `workers` processes share `device`.
+    """
+    devices = list(config.devices) if config.devices else [config.device] * config.workers
+    own = replace(config, device=devices[0], devices=None)
+    return [own] + [replace(config, device=device, devices=None, workers=1) for device in devices[1:]]
+
+
+def worker_command(config: CalibrationConfig) -> list[str]:
+    """The command line of one extra worker process (`run_worker` on `config`)."""
+    return [sys.executable, "-m", "calibration.study", "--worker", json.dumps(asdict(config))]
+
+
 class _Workers:
     """The extra worker processes of one command. Their stderr is kept aside and shown only when
     one fails while the command succeeds (otherwise every error would be printed N times)."""
 
-    def __init__(self, config: CalibrationConfig, count: int) -> None:
-        spec = json.dumps(asdict(replace(config, workers=1)))
-        self.logs = [tempfile.TemporaryFile() for _ in range(count)]
+    def __init__(self, configs: Sequence[CalibrationConfig]) -> None:
+        self.logs = [tempfile.TemporaryFile() for _ in configs]
         self.processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "calibration.study", "--worker", spec],
-                stdout=subprocess.PIPE, stderr=stream,
-            )
-            for stream in self.logs
+            subprocess.Popen(worker_command(config), stdout=subprocess.PIPE, stderr=stream)
+            for config, stream in zip(configs, self.logs)
         ]
 
     def wait_ready(self, timeout_s: float = 900.0) -> None:
@@ -1131,9 +1349,12 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Calibrati
     config = replace(config)  # the study name gets filled in; the caller's object stays as given
     if config.threads is None:
         config.threads = max(1, (os.cpu_count() or 1) // config.workers)
+    if config.storage is not None and not config.storage.startswith("sqlite"):
+        open_storage(config.storage)  # a missing driver or an unreachable server: said before any model loads
     # Extra workers start first: loading the model is slow, and they derive the same study name
     # (or create the study, whichever process comes first) on their own.
-    workers = _Workers(config, config.workers - 1) if config.workers > 1 else None
+    config, *extra = process_configs(config)
+    workers = _Workers(extra) if extra else None
     try:
         result = _coordinate(config, progress, workers)
     except BaseException:
@@ -1158,7 +1379,7 @@ def _coordinate(config: CalibrationConfig, progress: bool, workers: _Workers | N
                 tracker.start(
                     cal.study,
                     params={**cal.definition, "model": config.model, "study_name": config.study_name,
-                            "storage": config.storage, "parent_profile": cal.parent_ref},
+                            "storage": storage_label(config.storage), "parent_profile": cal.parent_ref},
                     tags={"dysco.model": cal.identity.name, "dysco.dev_task": cal.task.name},
                 )
         except Exception as err:  # mlflow raises many kinds for a bad URI or an unreachable server
@@ -1245,6 +1466,8 @@ def _worker_main(argv: Sequence[str]) -> int:
     if data.get("heads") is not None:
         data["heads"] = [tuple(h) for h in data["heads"]]
     data["attnts_temperatures"] = tuple(data["attnts_temperatures"])
+    if data.get("devices") is not None:
+        data["devices"] = tuple(data["devices"])
     _die_with_parent()
     try:
         run_worker(CalibrationConfig(**data))
