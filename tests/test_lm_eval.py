@@ -258,7 +258,7 @@ def test_harness_generation_is_the_decoders_token_for_token_on_both_paths(dysco_
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (dict(method="beam"), r"method='beam' is not one of dysco, vanilla, attnts"),
+        (dict(method="beam"), r"method='beam' is not one of vanilla, attnts, dysco"),
         (dict(strenght=2.0), r"unknown argument\(s\) strenght; accepted: pretrained, method"),
         (dict(heads="17:3,18"), r"heads: .*bad head '18'.*join pairs with ';'"),
         (dict(heads="17:3", profile="smollm2-135m@1"), r"give profile or heads, not both"),
