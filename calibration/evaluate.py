@@ -731,7 +731,7 @@ def resolve_dysco(
     ("auto" or a token count) overrides the profile's (heads: the published "auto"); None keeps it.
     """
     from decoder.dysco import DyscoConfig
-    from decoder.generation import model_shape
+    from decoder.loading import model_shape
 
     if profile is not None and heads is not None:
         raise EvalError("give either a profile or a head list (--heads), not both")

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from decoder import METHODS
 from decoder.dysco import DyscoConfig, dysco_bias, feed_schedule, select_positions, update_importance, upweighted_positions
 from decoder.fast_kernels import decode_attention
+from decoder.loading import context_limit
 
 __all__ = ["FastDecoder", "FastOutput", "FAST_IMPLEMENTATION"]
 
@@ -615,7 +616,7 @@ class FastDecoder:
         max_len = max_len or self.bucket(need)
         if max_len < need:
             raise ValueError(f"max_len {max_len} < prompt + max_new_tokens = {need}")
-        limit = getattr(self.model.config, "max_position_embeddings", None)
+        limit = context_limit(self.model.config)  # the text config of a multimodal model too
         if limit is not None and need > limit:
             raise ValueError(f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) exceeds the model's context {limit}")
 

@@ -39,6 +39,7 @@ import torch
 
 from decoder import METHODS
 from decoder.attention import AttentionPlan, attach, attention_layers, use_plan
+from decoder.loading import cache_kwarg, context_limit, model_shape  # model facts: their one home
 from decoder.dysco import (
     DyscoConfig, dysco_bias, feed_schedule, select_positions, selection_diagnostics, update_importance,
     upweighted_positions,
@@ -46,7 +47,7 @@ from decoder.dysco import (
 from decoder.template import encode_chat, resolve_intervention_warmup
 
 __all__ = [
-    "METHODS", "Decoder", "Generation", "PrefillState", "Scores", "StepEvent", "cache_kwarg", "left_pad", "model_shape",
+    "METHODS", "Decoder", "Generation", "PrefillState", "Scores", "StepEvent", "left_pad",
 ]
 
 
@@ -112,12 +113,6 @@ class Scores:
         return [bool(row.all()) for row in self.hits]
 
 
-def model_shape(model) -> tuple[int, int]:
-    """(layers, query heads) of a transformers causal LM."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.num_hidden_layers), int(config.num_attention_heads)
-
-
 def left_pad(ids: list[list[int]], masks: list[list[bool]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded batch: token ids [batch, width], real-token mask and chat-template mask (bool, same shape)."""
     width = max(len(row) for row in ids)
@@ -129,12 +124,6 @@ def left_pad(ids: list[list[int]], masks: list[list[bool]], pad_id: int) -> tupl
         real[i, width - len(row):] = True
         template[i, width - len(row):] = torch.tensor(mask, dtype=torch.bool)
     return input_ids, real, template
-
-
-def _context_limit(model) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    return int(limit) if limit else None
 
 
 class Decoder:
@@ -249,7 +238,7 @@ class Decoder:
 
         ids, masks = self.encode(prompts, template_mask)
         width = max(len(row) for row in ids)
-        limit = _context_limit(self.model)
+        limit = context_limit(self.model.config)
         if limit is not None:
             longest = max(range(len(ids)), key=lambda i: len(ids[i]))
             if width > limit:
@@ -685,14 +674,6 @@ class _Run:
             self.static_set = self.static_set[index]
         if self.evidence is not None:
             self.evidence = self.evidence[index]
-
-
-def cache_kwarg(model) -> str:
-    """The forward's cache keyword: `cache` from transformers 5.2x, `past_key_values` before (an unknown keyword
-    is swallowed by **kwargs, so passing the wrong one silently runs without a cache)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _share_cache(cache):

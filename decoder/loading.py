@@ -250,6 +250,20 @@ def checkpoint_on_disk(spec: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def model_shape(model: Any) -> tuple[int, int]:
+    """(layers, query heads) of a transformers causal LM."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_hidden_layers), int(config.num_attention_heads)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The forward's cache keyword: `cache` from transformers 5.2x, `past_key_values` before (an unknown keyword
+    is swallowed by **kwargs, so passing the wrong one silently runs without a cache)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def context_limit(config: Any) -> int | None:
     """The longest sequence (`max_position_embeddings`) a model config allows, or None when it says none."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config

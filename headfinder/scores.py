@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from decoder.attention import AttentionPlan, attach, use_plan
-from decoder.generation import cache_kwarg, model_shape
+from decoder.loading import cache_kwarg, model_shape
 from headfinder.probes import NeedleProbe, QRProbe
 
 # --------------------------------------------------------------------------------------------------

@@ -433,3 +433,17 @@ def test_models_pull_unknown_name_fails_with_listing(temp_cache, capsys):
     assert dysco_main(["models", "pull", "gpt-17"]) == 2  # a usage error: one line naming the accepted names
     err = capsys.readouterr().err
     assert "not in the model catalogue" in err and "smollm2-135m" in err and err.count("\n") == 1
+
+
+def test_context_limit_reads_the_text_config_of_a_multimodal_config():
+    """One rule for every reader (issue 14): the fast path read `max_position_embeddings` off the top
+    config, which a multimodal model (Gemma 3, Qwen2.5-VL) keeps on its text config."""
+    from types import SimpleNamespace
+
+    from decoder.loading import context_limit
+
+    text = SimpleNamespace(max_position_embeddings=32768)
+    multimodal = SimpleNamespace(get_text_config=lambda: text)
+    assert context_limit(multimodal) == 32768
+    assert context_limit(SimpleNamespace(max_position_embeddings=8192)) == 8192
+    assert context_limit(SimpleNamespace()) is None
