@@ -89,24 +89,22 @@ def _temperatures(text: str) -> tuple[float, ...]:
     return values
 
 
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+def _number(accepts, expected: str):
+    """An argparse type: a float that `accepts`, else an error saying what is `expected`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")  # refused below with the same message
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _p_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a p-value in (0, 1], got {text!r}")
-    return value
+_non_negative = _number(lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_p_value = _number(lambda v: 0 < v <= 1, "a p-value in (0, 1]")
 
 
 def build_parser() -> argparse.ArgumentParser:

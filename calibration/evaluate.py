@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from calibration.runner import EVIDENCE_FIELDS, summarize_selection
-from calibration.stats import BOOTSTRAP_RESAMPLES, bootstrap_interval, paired_comparison, sign_test, seed_for as _seed_for
+from calibration.stats import BOOTSTRAP_RESAMPLES, bootstrap_interval, paired_comparison, seed_for as _seed_for
 from calibration.tasks import TASK_NAMES, Example, Task, encode_prompt, get_task
 from decoder import METHODS
 from registry.profile import library_versions

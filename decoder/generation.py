@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -636,10 +636,7 @@ class _Run:
             else:
                 probe = AttentionPlan(capture_heads=self.heads, stop_after_layer=dysco.deepest_layer, kv_length=n)
                 self.decoder._forward(self.state, self.cache, t, n, probe, ids=self.ids, real=self.real, frozen=True)
-                updated = update_importance(self.importance, self._current(probe), dysco.decay)
-                past = torch.nn.functional.pad(self.importance, (0, 1)) if self.importance is not None else torch.zeros_like(updated)
-                # A row whose prompt is shorter than the teacher-forced span sees padding here: it keeps its importance.
-                self.importance = torch.where(real[:, -1:], updated, past)
+                self._absorb(self._current(probe), real[:, -1:])
                 selected = select_positions(self.importance, dysco.top_p, dysco.top_k, valid=real)
             chosen = upweighted_positions(selected, template, real, hard=dysco.hard, current=False)
             if dysco.selection == "static":
@@ -655,11 +652,16 @@ class _Run:
             plan.capture_heads, plan.capture_plain = self.heads, dysco.lagged_probs == "plain"
         logits = self.decoder._forward(self.state, self.cache, t, n, plan, ids=self.ids, real=self.real)
         if lagged:  # the importance the next step selects from
-            updated = update_importance(self.importance, self._current(plan), dysco.decay)
-            past = torch.nn.functional.pad(self.importance, (0, 1))
-            self.importance = torch.where(real[:, -1:], updated, past)  # a padding column leaves it as it was
+            self._absorb(self._current(plan), real[:, -1:])
         self.column += 1
         return logits
+
+    def _absorb(self, current: torch.Tensor, real_now: torch.Tensor) -> None:
+        """Fold the current column's head probabilities [batch, n] into the importance; a row whose
+        column is padding (a prompt shorter than the teacher-forced span) keeps its importance."""
+        updated = update_importance(self.importance, current, self.dysco.decay)
+        past = torch.nn.functional.pad(self.importance, (0, 1)) if self.importance is not None else torch.zeros_like(updated)
+        self.importance = torch.where(real_now, updated, past)
 
     def drop(self, finished: list[int]) -> None:
         """Remove finished rows (indices into the active rows) from the batch and the cache."""
