@@ -24,8 +24,8 @@ from calibration.evaluate import (
     parse_length,
     parse_lengths,
     resolve_dysco,
-    sign_test,
 )
+from calibration.stats import sign_test  # its home; evaluate no longer re-exports it
 from decoder.tiny import tiny_model
 
 # Smallest sizes the tasks can fill with the tiny tokenizer (kv needs ~500 tokens, needle ~250).
