@@ -7,7 +7,8 @@
 
 Modules: `tasks` (dev tasks and graders), `space` (the searched knobs), `runner` (scoring a
 method on examples with prefill reuse), `study` (the study, resumable and shared by workers),
-`tracking` (MLflow), `cli` (the `calibrate` command). Imports are lazy so that
+`tracking` (MLflow), `cli` (the `calibrate` command), `evaluation` (`dysco eval` and the paired
+statistics the study's adoption rule uses). Imports are lazy so that
 `calibration.tasks` stays light.
 """
 

@@ -64,7 +64,7 @@ from optuna.trial import FrozenTrial, TrialState
 from calibration.runner import Evaluation, ExampleRunner, Method, dysco_warmup
 from decoder.loading import context_limit, model_name
 from registry.profile import library_versions
-from calibration.stats import paired_comparison, seed_for, sign_test
+from calibration.evaluation.statistics import paired_comparison, seed_for, sign_test
 from calibration.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class CalibrationResult:
     parent_ref: str | None
     mlflow: dict[str, str | None]
     pareto_front: list[dict[str, Any]] = field(default_factory=list)
-    # "<method>-<baseline>" on the test examples: paired bootstrap CI and sign test (calibration.stats)
+    # "<method>-<baseline>" on the test examples: paired bootstrap CI and sign test (calibration.evaluation.statistics)
     paired_test: dict[str, dict[str, Any]] = field(default_factory=dict)
     flat_objective: dict[str, Any] | None = None  # set when the dev objective could not tell knobs apart
     selection: dict[str, Any] = field(default_factory=dict)  # DySCO's selection recall (dev best, test)
