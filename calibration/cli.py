@@ -19,10 +19,8 @@ from decoder.threads import quiet_idle_threads
 
 quiet_idle_threads()  # before anything imports torch
 
-from calibration.space import INTERVENTION_WARMUPS  # noqa: E402
-from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError, one_line_warnings  # noqa: E402
-from decoder.loading import DTYPE_NAMES  # noqa: E402
 from calibration.errors import CalibrationError  # noqa: E402
+from calibration.space import INTERVENTION_WARMUPS  # noqa: E402
 from calibration.storage import DEFAULT_STORAGE  # noqa: E402
 from calibration.study import (  # noqa: E402
     ATTNTS_TEMPERATURES,
@@ -32,7 +30,19 @@ from calibration.study import (  # noqa: E402
     starting_profile,
     task_options,
 )
+from calibration.tasks import get_task  # noqa: E402
 from calibration.workers import parse_devices  # noqa: E402
+from decoder.catalogue import CatalogueError  # noqa: E402
+from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError, one_line_warnings  # noqa: E402
+from decoder.loading import DTYPE_NAMES  # noqa: E402
+from registry import (  # noqa: E402
+    InvalidReference,
+    ProfileValidationError,
+    Registry,
+    RegistryError,
+    parse_intervention_warmup,
+    parse_ref,
+)
 
 _EPILOG = """\
 examples:
@@ -217,9 +227,6 @@ def _fail(message: str, as_json: bool, status: int = EXIT_RUNTIME) -> int:
 
 def check_arguments(args: argparse.Namespace) -> CalibrationConfig:
     """The config the arguments describe, with everything checked that needs no model (UsageError)."""
-    from calibration.tasks import get_task
-    from registry import InvalidReference, ProfileValidationError, parse_intervention_warmup, parse_ref
-
     try:
         if args.intervention_warmup is not None:
             args.intervention_warmup = parse_intervention_warmup(args.intervention_warmup, "--intervention-warmup")
@@ -236,8 +243,6 @@ def check_arguments(args: argparse.Namespace) -> CalibrationConfig:
 
 def _check_profile(config: CalibrationConfig) -> None:
     """Read the registry and the profile to start from now: a corrupt or missing one must not cost a model load."""
-    from registry import Registry
-
     registry = Registry(config.registry)
     if config.heads is None:
         starting_profile(config, registry)
@@ -251,9 +256,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from decoder.catalogue import CatalogueError
-    from registry import RegistryError
-
     try:
         config = check_arguments(args)
     except UsageError as err:

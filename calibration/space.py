@@ -22,6 +22,7 @@ from typing import Any
 
 import optuna
 
+from decoder.template import resolve_intervention_warmup
 from registry.profile import Knobs, ProfileValidationError, parse_intervention_warmup
 
 _PUBLISHED_KNOBS = Knobs()  # the published defaults live in registry.Knobs; never re-typed here
@@ -121,8 +122,6 @@ class SearchSpace:
         """The largest intervention warmup any trial can use, in tokens ("auto" resolved against
         `tokenizer`): a prefill shared by every trial must stop this much (plus the context warmup)
         before the end of the prompt."""
-        from decoder.template import resolve_intervention_warmup
-
         return max(resolve_intervention_warmup(choice, tokenizer) for choice in self.intervention_warmup)
 
     def to_dict(self) -> dict[str, list[Any]]:

@@ -75,7 +75,22 @@ from calibration.storage import (
     this_worker,
 )
 from calibration.workers import WorkerProcesses, check_devices, die_with_parent, process_configs
-from decoder.loading import context_limit, model_name
+from calibration.tasks import get_task, split
+from calibration.tracking import Tracker, check_reachable
+from decoder import loading  # `loading.load_model`, looked up at call time: tests replace it
+from decoder.loading import DTYPE_NAMES, check_device, context_limit, model_identity, model_name
+from registry import (
+    Knobs,
+    ModelIdentity,
+    Profile,
+    ProfileNotFound,
+    ProfileValidationError,
+    Registry,
+    RegistryError,
+    check_model,
+    parse_head_set,
+    parse_intervention_warmup,
+)
 from registry.profile import library_versions
 
 log = logging.getLogger(__name__)
@@ -149,7 +164,6 @@ class CalibrationConfig:
             raise CalibrationError(
                 f"AttnTS temperatures must be positive numbers, got {self.attnts_temperatures!r}"
             )
-        from decoder.loading import DTYPE_NAMES, check_device
 
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise CalibrationError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
@@ -167,8 +181,6 @@ class CalibrationConfig:
                     "runs per device (leave --workers out)"
                 )
         if self.intervention_warmup is not None:
-            from registry import ProfileValidationError, parse_intervention_warmup
-
             try:
                 parse_intervention_warmup(self.intervention_warmup, "intervention_warmup")  # the space normalises it
             except ProfileValidationError as err:
@@ -251,8 +263,6 @@ def _fmt(value: float | None) -> str:
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
     """'21:31,21:18' -> [(21, 31), (21, 18)] (`registry.parse_head_set`, as a CalibrationError)."""
-    from registry import ProfileValidationError, parse_head_set
-
     try:
         return parse_head_set(text, "--heads")
     except ProfileValidationError as err:
@@ -271,8 +281,6 @@ def task_options(task: Any, needles: int | None) -> dict[str, Any]:
 def starting_profile(config: CalibrationConfig, registry: Any) -> tuple[str, Any]:
     """(resolved ref, Profile) a calibration without --heads starts from: `config.profile`, else the model's
     latest profile. Needs no model, so the CLI finds a missing or corrupt one before loading it."""
-    from registry import ProfileNotFound, RegistryError
-
     ref = config.profile or model_name(config.model)
     try:
         name, version = registry.resolve(ref)
@@ -340,8 +348,6 @@ class Calibration:
 
     def prepare(self, *, create: bool = True, progress: bool = False) -> None:
         """Resolve the task, load the model, build the examples, open (or create) the study."""
-        from calibration.tasks import get_task, split
-
         cfg = self.config
         try:
             self.task = get_task(cfg.dev)
@@ -352,10 +358,8 @@ class Calibration:
             raise CalibrationError(message) from None
         opts = task_options(self.task, cfg.needles)
 
-        from decoder.loading import load_model, model_identity
-        from registry import ModelIdentity
 
-        self.model, self.tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=progress)
+        self.model, self.tokenizer = loading.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=progress)
         if cfg.threads is not None:
             import torch
 
@@ -397,8 +401,6 @@ class Calibration:
         self._open_study(create=create)
 
     def _resolve_heads(self) -> None:
-        from registry import Knobs, Registry, RegistryError, check_model
-
         cfg = self.config
         self.registry = Registry(cfg.registry)
         self.parent_profile = None
@@ -777,8 +779,6 @@ class Calibration:
         return result
 
     def _profile(self, best, scores, speeds, baselines, counts, tracking, paired, flat, adoption):
-        from registry import Knobs, Profile
-
         cfg = self.config
         p = best.params
         knobs = Knobs(
@@ -951,7 +951,6 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Calibrati
     """Run (or resume) a whole calibration and return its result; see the module docstring."""
     config.validate()
     if config.tracking:  # before any study is created or model loaded: mlflow would retry for minutes
-        from calibration.tracking import check_reachable
 
         try:
             check_reachable(config.tracking_uri)
@@ -982,8 +981,6 @@ def _coordinate(config: CalibrationConfig, progress: bool, workers: WorkerProces
     cal.prepare(create=True, progress=progress)
     tracker = None
     if config.tracking:
-        from calibration.tracking import Tracker
-
         try:
             tracker = Tracker(config.tracking_uri)
             with cal._lock():  # one parent run per study, even when several commands start together

@@ -24,6 +24,7 @@ _EXPORTS = {
     "Decoder": "decoder.generation",
     "Generation": "decoder.generation",
     "PrefillState": "decoder.generation",
+    "ResumableDecoder": "decoder.protocols",
     "encode_chat": "decoder.template",
     "load_model": "decoder.loading",
     "model_identity": "decoder.loading",

@@ -15,6 +15,7 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Iterator
+from decoder.loading import DTYPE_NAMES, check_device
 
 __all__ = ["EXIT_RUNTIME", "EXIT_USAGE", "UsageError", "check_model_options", "examples", "one_line_warnings"]
 
@@ -52,8 +53,6 @@ def one_line_warnings(prog: str) -> Iterator[None]:
 
 def check_model_options(device: str | None, dtype: str | None) -> None:
     """`--device` and `--dtype` checked before the model loads (a UsageError naming what is accepted)."""
-    from decoder.loading import DTYPE_NAMES, check_device
-
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype {dtype!r} is not accepted; use one of {', '.join(DTYPE_NAMES)}")
     try:

@@ -16,7 +16,22 @@ import argparse
 import json
 import sys
 
-from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError
+from decoder import loading  # `loading.load_model`, looked up at call time: tests replace it
+from decoder.catalogue import DEFAULT_MODEL, CatalogueError
+from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError, check_model_options
+from decoder.loading import model_name
+from decoder.template import has_chat_template
+from registry import (
+    InvalidReference,
+    ProfileNotFound,
+    ProfileValidationError,
+    Registry,
+    RegistryError,
+    check_knobs,
+    parse_head_set,
+    parse_intervention_warmup,
+    parse_ref,
+)
 from registry.profile import LAGGED_PROBS, SELECTIONS  # the knobs' accepted values (no torch there)
 
 
@@ -73,8 +88,6 @@ def register_cli(subparsers) -> None:
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
     """'21:31,21:18' -> [(21, 31), (21, 18)]; a ValueError names the bad part (`registry.parse_head_set`)."""
-    from registry import parse_head_set
-
     return parse_head_set(text, "--heads")
 
 
@@ -109,9 +122,6 @@ def _knob_overrides(args) -> dict:
 
 def _check_arguments(args) -> None:
     """Every check that needs no model (flag values, ranges, combinations): a UsageError before any load."""
-    from decoder.cli_common import check_model_options
-    from registry import InvalidReference, ProfileValidationError, check_knobs, parse_intervention_warmup, parse_ref
-
     try:
         if args.profile is not None:
             parse_ref(args.profile)
@@ -167,9 +177,6 @@ def _cmd_generate(args) -> int:
         print(f"dysco generate: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as err:
-        from decoder.catalogue import CatalogueError
-        from registry import RegistryError
-
         # Known failures of the input (a profile for another model, a corrupted registry version, a
         # model that cannot be loaded) are one line; anything else is a bug and keeps its traceback.
         if isinstance(err, (ValueError, TypeError, LookupError, RegistryError, CatalogueError, OSError)):
@@ -181,14 +188,9 @@ def _cmd_generate(args) -> int:
 def _generate(args) -> int:
     _check_arguments(args)
     text = _read_prompt(args)
-    from decoder.catalogue import DEFAULT_MODEL
-    from decoder.loading import load_model, model_name
-    from decoder.template import has_chat_template
 
     profile = profile_ref = None
     if args.profile is not None or (args.method == "dysco" and args.head_set is None):
-        from registry import ProfileNotFound, Registry
-
         ref = args.profile or model_name(args.model or DEFAULT_MODEL)
         try:
             registry = Registry()
@@ -208,7 +210,7 @@ def _generate(args) -> int:
                 f"--method dysco needs a head set: give --heads layer:head,… or --profile REF (the registry has no "
                 f"profile named {model_name(model_spec)!r}; `headfinder` makes one)"
             )
-    model, tokenizer = load_model(model_spec, dtype=args.dtype, device=args.device, progress=not args.json)
+    model, tokenizer = loading.load_model(model_spec, dtype=args.dtype, device=args.device, progress=not args.json)
     decoder = _build_decoder(args, model, tokenizer, profile, model_name(model_spec))
 
     if args.raw or not has_chat_template(tokenizer):

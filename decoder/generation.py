@@ -39,12 +39,13 @@ import torch
 
 from decoder import METHODS
 from decoder.attention import AttentionPlan, attach, attention_layers, use_plan
-from decoder.loading import cache_kwarg, context_limit, model_shape  # model facts: their one home
+from decoder.loading import cache_kwarg, context_limit, eos_token_ids, model_identity, model_shape  # model facts: their one home
 from decoder.dysco import (
     DyscoConfig, dysco_bias, feed_schedule, select_positions, selection_diagnostics, update_importance,
     upweighted_positions,
 )
 from decoder.template import encode_chat, resolve_intervention_warmup
+from registry import check_model
 
 __all__ = [
     "METHODS", "Decoder", "Generation", "PrefillState", "Scores", "StepEvent", "left_pad",
@@ -174,9 +175,6 @@ class Decoder:
     @classmethod
     def from_profile(cls, model, tokenizer, profile, *, force: bool = False, name: str | None = None) -> Decoder:
         """A DySCO (or AttnTS, for an AttnTS profile) decoder from a registry profile, checked against the model."""
-        from decoder.loading import model_identity
-        from registry import check_model
-
         identity = model_identity(model, name or getattr(model, "name_or_path", None) or "")
         check_model(profile, identity, force=force)
         knobs = profile.knobs
@@ -225,7 +223,7 @@ class Decoder:
     # Prefill
     # ------------------------------------------------------------------------------------------
 
-    def _warmup(self, prompt_len: int) -> int:
+    def warmup_columns(self, prompt_len: int) -> int:
         """Prompt columns fed one at a time: context plus intervention warmup (the last prompt token included)."""
         if self.dysco is None:
             return 0
@@ -249,7 +247,7 @@ class Decoder:
                     f"model's context of {limit} tokens"
                 )
         input_ids, real, template = (x.to(self.device) for x in left_pad(ids, masks, self.pad_id))
-        warmup = self._warmup(width) if warmup is None else min(int(warmup), width)
+        warmup = self.warmup_columns(width) if warmup is None else min(int(warmup), width)
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {warmup}")
         cache = DynamicCache(config=self.model.config)
@@ -348,7 +346,7 @@ class Decoder:
                 f"{self.temperature}; AttnTS changes the prefill, so prefill again with this decoder"
             )
         width = state.input_ids.shape[1]
-        warmup = self._warmup(width)
+        warmup = self.warmup_columns(width)
         if state.prefilled > width - warmup:
             raise ValueError(
                 f"this state was prefilled up to column {state.prefilled} of {width}, past this decoder's warmup start "
@@ -362,7 +360,7 @@ class Decoder:
         if do_sample and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))
 
-        run = _Run(self, state, max_new_tokens, return_diagnostics, evidence)
+        run = _DecodeState(self, state, max_new_tokens, return_diagnostics, evidence)
         logits = run.start(warmup)
         batch = len(state.prompt_ids)
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -439,8 +437,8 @@ class Decoder:
         longest = max(len(row) for row in rows)
         # Only the tokens before each continuation's last one are fed: longest - 1 columns past the prompt.
         state = self.prefill(prompts, template_mask=template_mask, max_new_tokens=longest - 1)
-        run = _Run(self, state, longest - 1, diagnostics=False)
-        logits = run.start(self._warmup(state.input_ids.shape[1]))
+        run = _DecodeState(self, state, longest - 1, diagnostics=False)
+        logits = run.start(self.warmup_columns(state.input_ids.shape[1]))
         logprobs: list[list[torch.Tensor]] = [[] for _ in rows]
         hits: list[list[bool]] = [[] for _ in rows]
         last: list[torch.Tensor | None] = [None] * len(rows)
@@ -470,14 +468,7 @@ class Decoder:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _eos_ids(self, eos) -> set[int]:
-        if eos is not None:
-            return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
-        found = set()
-        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
-            value = getattr(source, "eos_token_id", None)
-            if value is not None:
-                found |= {value} if isinstance(value, int) else set(value)
-        return found
+        return eos_token_ids(self.model, self.tokenizer, eos)  # decoder.fast calls this too
 
     # ------------------------------------------------------------------------------------------
     # transformers' generate(custom_generate=...)
@@ -521,8 +512,8 @@ class Decoder:
         return torch.cat([input_ids, tail], dim=1)
 
 
-class _Run:
-    """The mutable state of one `generate_from` call: the active rows, their cache and DySCO state."""
+class _DecodeState:
+    """The mutable state of one pass over a prefilled batch (`generate_from`, `score`): active rows, cache, DySCO state."""
 
     def __init__(
         self, decoder: Decoder, state: PrefillState, max_new_tokens: int, diagnostics: bool,

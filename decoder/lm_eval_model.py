@@ -80,9 +80,15 @@ except ImportError as err:  # the harness is an optional extra
 import numpy as np
 import torch
 
+from decoder import loading  # `loading.load_model`, looked up at call time: tests replace it
+from decoder.attention import AttentionPlan, use_plan
 from decoder.catalogue import DEFAULT_MODEL
 from decoder.dysco import DyscoConfig
+from decoder.generate_cli import parse_heads
 from decoder.generation import METHODS, Decoder
+from decoder.loading import DTYPE_NAMES, check_device
+from decoder.template import encode_chat
+from registry import ProfileNotFound, Registry
 
 __all__ = ["KNOBS", "DyscoLM", "main", "parse_model_heads"]
 
@@ -125,8 +131,6 @@ class _ChatMasks:
 
     def add(self, tokenizer, messages: list[dict], text: str, add_generation_prompt: bool) -> bool:
         """Remember the template positions of `messages` rendered as `text`; False when they cannot be matched."""
-        from decoder.template import encode_chat
-
         try:
             ids, mask = encode_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
         except Exception:  # noqa: BLE001 - a chat our renderer refuses only loses its template mask
@@ -174,7 +178,6 @@ class DyscoLM(HFLM):
         trust_remote_code: bool = False,
         **kwargs: Any,
     ) -> None:
-        from decoder.loading import DTYPE_NAMES, check_device, load_model
 
         # Every check that needs no model runs first: a typo must not cost a model load.
         knobs = {k: kwargs.pop(k) for k in KNOBS if k in kwargs}
@@ -216,7 +219,7 @@ class DyscoLM(HFLM):
         loaded, self._profile_used = _resolve_profile(pretrained, method, profile=profile, head_set=head_set,
                                                       attnts_temperature=attnts_temperature, registry=registry)
 
-        model, tokenizer = load_model(pretrained, dtype=dtype, device=str(device), trust_remote_code=trust_remote_code,
+        model, tokenizer = loading.load_model(pretrained, dtype=dtype, device=str(device), trust_remote_code=trust_remote_code,
                                       progress=False)
         self._decoder = _build_decoder(model, tokenizer, pretrained, method, loaded=loaded, head_set=head_set, knobs=knobs,
                                        attnts_temperature=attnts_temperature, force=force)
@@ -329,7 +332,6 @@ class DyscoLM(HFLM):
         """HFLM's forward; under AttnTS with the attention temperature, as the decoder runs every forward."""
         if self.method != "attnts":
             return super()._model_call(inps, attn_mask, labels)
-        from decoder.attention import AttentionPlan, use_plan
 
         with use_plan(self.model, AttentionPlan(temperature=self._decoder.temperature)):
             return super()._model_call(inps, attn_mask, labels)
@@ -397,8 +399,6 @@ class DyscoLM(HFLM):
 
 def parse_model_heads(text: str) -> list[tuple[int, int]]:
     """heads=17:3;18:6 (model_args split on commas, so pairs are joined by ';' or spaces) -> [(17, 3), (18, 6)]."""
-    from decoder.generate_cli import parse_heads
-
     try:
         return parse_heads(str(text).replace(";", ",").replace(" ", ","))
     except ValueError as err:
@@ -439,7 +439,6 @@ def _resolve_profile(name: str, method: str, *, profile, head_set, attnts_temper
     resolved reference and content hash; looked up before the model loads."""
     if method == "vanilla" or head_set is not None or (method == "attnts" and attnts_temperature is not None and profile is None):
         return None, None
-    from registry import ProfileNotFound, Registry
 
     store = Registry(registry)
     ref = profile or f"{name}@latest"

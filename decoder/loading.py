@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -262,6 +263,27 @@ def cache_kwarg(model: Any) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def eos_token_ids(model: Any, tokenizer: Any, eos: int | Sequence[int] | None = None) -> set[int]:
+    """Every id that ends a reply: `eos` when given, else the generation config's, the model config's and the tokenizer's.
+
+    >>> from types import SimpleNamespace as NS
+    >>> sorted(eos_token_ids(NS(generation_config=NS(eos_token_id=[2, 7]), config=NS(eos_token_id=2)), NS(eos_token_id=None)))
+    [2, 7]
+    >>> eos_token_ids(None, None, eos=5)
+    {5}
+    """
+    if eos is not None:
+        return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+    found: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            found.add(value)
+        elif value:
+            found.update(int(v) for v in value)
+    return found
 
 
 def context_limit(config: Any) -> int | None:

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from registry.profile import AUTO, parse_intervention_warmup
 
 __all__ = ["encode_chat", "generation_prompt_length", "resolve_intervention_warmup", "template_mask"]
 
@@ -149,7 +150,5 @@ def generation_prompt_length(tokenizer) -> int:
 
 def resolve_intervention_warmup(value, tokenizer) -> int:
     """DySCO's `intervention_warmup` as a number of tokens: "auto" is `generation_prompt_length(tokenizer)`."""
-    from registry.profile import AUTO, parse_intervention_warmup
-
     value = parse_intervention_warmup(value, "intervention_warmup")
     return generation_prompt_length(tokenizer) if value == AUTO else value

@@ -20,9 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from decoder import loading  # `loading.load_model`, looked up at call time: tests replace it
+from decoder.catalogue import CatalogueError
 from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError, check_model_options, examples, one_line_warnings
-from decoder.loading import model_name
+from decoder.loading import checkpoint_on_disk, context_limit, model_identity, model_name, model_shape
 from decoder.threads import quiet_idle_threads
+from headfinder.plots import heatmap
+from headfinder.probes import make_needle_probes, make_qr_probes
+from registry import Profile, ProfileValidationError, Registry, RegistryError, collect_provenance, parse_head_set
 
 quiet_idle_threads()  # before anything imports torch
 
@@ -172,13 +177,11 @@ def _load(args) -> tuple:
     """Load the model named by `--model`, turning every loading failure into a HeadfinderError."""
     import torch
 
-    from decoder.catalogue import CatalogueError
-    from decoder.loading import load_model
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        return load_model(args.model, dtype=args.dtype, device=args.device, progress=not args.no_progress)
+        return loading.load_model(args.model, dtype=args.dtype, device=args.device, progress=not args.no_progress)
     except (CatalogueError, ValueError, OSError) as err:
         raise HeadfinderError(f"cannot load model {args.model!r}: {err}") from err
 
@@ -195,8 +198,6 @@ def _probes_before_loading(args, name: str, makers: dict) -> dict | None:
     a --context beyond the model's, or too short for the probes, then fails in seconds instead of
     after the model load. None elsewhere (a .gguf, a Hub id, a model still to pull): checked after loading.
     """
-    from decoder.loading import checkpoint_on_disk, context_limit
-
     folder = checkpoint_on_disk(args.model)
     if folder is None:
         return None
@@ -215,8 +216,6 @@ def _probes_before_loading(args, name: str, makers: dict) -> dict | None:
 
 
 def _model_limits(model) -> tuple[int, int, int | None]:
-    from decoder.loading import context_limit
-    from headfinder.scores import model_shape
 
     n_layers, n_heads = model_shape(model)
     return n_layers, n_heads, context_limit(model.config)
@@ -236,8 +235,6 @@ def _format_heads(heads) -> str:
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
     """Parse 'L:H,L:H,…' into (layer, head) pairs (`registry.parse_head_set`, as a UsageError)."""
-    from registry import ProfileValidationError, parse_head_set
-
     try:
         return parse_head_set(text, "--heads")
     except ProfileValidationError as err:
@@ -281,8 +278,6 @@ def _cmd_detect(args) -> int:
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / SUMMARY_FILE).is_file())):
         raise UsageError(f"--out {out} exists and is not a previous headfinder output; choose another folder")
     if args.register:
-        from registry import Registry, RegistryError
-
         try:  # fail now, not after the scoring
             Registry(args.registry)
         except RegistryError as err:
@@ -290,9 +285,7 @@ def _cmd_detect(args) -> int:
 
     import torch
 
-    from decoder.loading import model_identity
     from headfinder.head_sets import stability_report, top_k_heads
-    from headfinder.probes import make_needle_probes, make_qr_probes
     from headfinder.scores import qr_scores, retrieval_scores
 
     started = time.time()
@@ -376,8 +369,6 @@ def _write_run(out: Path, name: str, scores, per_probe, heads, score_name: str, 
     """Write every output into a staging folder, then move it into place: no half-written run."""
     from safetensors.torch import save_file
 
-    from headfinder.plots import heatmap
-
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -410,8 +401,6 @@ def _write_run(out: Path, name: str, scores, per_probe, heads, score_name: str, 
 
 
 def _register(args, identity: dict, scores, heads, summary: dict) -> str:
-    from registry import Profile, Registry, collect_provenance
-
     metrics = {}
     if "needle_probes" in summary:
         metrics["needle_accuracy"] = summary["needle_probes"]["accuracy"]
@@ -476,7 +465,6 @@ def _load_target(target: str, registry_root: Path | None, folder_only: bool = Fa
         heads = [tuple(h) for h in summary["head_set"]]
         return {"source": str(path), "model": summary["model"], "heads": heads, "scores": scores,
                 "score": summary.get("score"), "summary": summary}
-    from registry import Registry, RegistryError
 
     try:
         profile = Registry(registry_root).load(target)
@@ -504,8 +492,6 @@ def _cmd_show(args) -> int:
             raise HeadfinderError(str(err)) from err
     plots = {}
     if args.plot is not None:
-        from headfinder.plots import heatmap
-
         args.plot.mkdir(parents=True, exist_ok=True)
         for key, matrix in scores.items():
             path = args.plot / f"{_slug(data['model'])}-{key}.png"
@@ -576,7 +562,6 @@ def _cmd_validate(args) -> int:
         raise UsageError(f"--out {args.out} is a folder; give a file name for the JSON report")
 
     from headfinder.head_sets import validate_head_set
-    from headfinder.probes import make_needle_probes
     from headfinder.validate import validate_heads
 
     started = time.time()

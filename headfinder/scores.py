@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from decoder.attention import AttentionPlan, attach, use_plan
-from decoder.loading import cache_kwarg, model_shape
+from decoder.attention import AttentionPlan, attach, attention_layers, use_plan
+from decoder.loading import cache_kwarg, eos_token_ids, model_shape
 from headfinder.probes import NeedleProbe, QRProbe
 
 # --------------------------------------------------------------------------------------------------
@@ -99,8 +99,6 @@ def retrieval_hits(
 
 
 def _all_heads(model) -> dict[int, torch.Tensor]:
-    from decoder.attention import attention_layers
-
     attach(model)
     _, n_heads = model_shape(model)
     return {layer: torch.arange(n_heads) for layer in attention_layers(model)}
@@ -215,18 +213,6 @@ def qr_scores(model, probes: Sequence[QRProbe], *, progress: bool = True) -> QRR
         per_ndcg.append(ndcg_scores(docs, probe.gold))
     per_qr_t, per_ndcg_t = torch.stack(per_qr), torch.stack(per_ndcg)
     return QRResult(qr=per_qr_t.mean(0), ndcg=per_ndcg_t.mean(0), per_probe_qr=per_qr_t, per_probe_ndcg=per_ndcg_t)
-
-
-def eos_token_ids(model, tokenizer) -> set[int]:
-    """Every id that ends a reply: the generation config's EOS ids and the tokenizer's."""
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(int(v) for v in value)
-    return ids
 
 
 def greedy_reply(

@@ -19,6 +19,7 @@ from typing import Any
 from calibration.evaluation.inputs import EvalError
 from calibration.evaluation.statistics import summarize_selection
 from calibration.tasks import Example, Task, encode_prompt, evidence_positions
+from decoder.protocols import ResumableDecoder
 from decoder.template import encode_chat, has_chat_template
 
 # When --max-new-tokens is not given each example may generate its answer's length plus this much:
@@ -125,7 +126,7 @@ def run_batch(
         if event.step == 0 and not first:
             first.append(time.perf_counter())
 
-    exact = hasattr(decoder, "generate_from")
+    exact = isinstance(decoder, ResumableDecoder)  # else the fast path: its own prefill, greedy
     encoded = [encode(tokenizer, example) for example in batch] if not exact or prefilled is None else None
     measure: dict[str, Any] = {}
     evidence: list[list[int]] = []
@@ -173,12 +174,12 @@ def shared_prefill(
     """One plain prefill of `batch` that vanilla and DySCO both continue from, and its seconds.
 
     It stops before DySCO's warmup (its context plus intervention warmup: the only part of the prompt
-    DySCO treats differently; each decoder's `_warmup` of the batch's width, the largest of those that
+    DySCO treats differently; each decoder's `warmup_columns` of the batch's width, the largest of those that
     continue from it), so the prompt, the costly part of a long-context example, is read once for
     both. None when fewer than two of the methods can share it (AttnTS changes the prefill itself).
     """
     sharing = [decoders[m] for m in ("vanilla", "dysco") if m in decoders]
-    if len(sharing) < 2 or not all(hasattr(d, "prefill") and hasattr(d, "_warmup") for d in sharing):
+    if len(sharing) < 2 or not all(isinstance(d, ResumableDecoder) for d in sharing):
         return None, 0.0  # the fast path (no `prefill`) prefills inside its own generate
     plain = decoders["vanilla"]
     encoded = [encode(plain.tokenizer, example) for example in batch]
@@ -187,7 +188,7 @@ def shared_prefill(
     began = time.perf_counter()
     state = plain.prefill(
         [ids for ids, _ in encoded], template_mask=[mask for _, mask in encoded],
-        warmup=max(d._warmup(width) for d in sharing), max_new_tokens=budget,
+        warmup=max(d.warmup_columns(width) for d in sharing), max_new_tokens=budget,
     )
     if state.input_ids.is_cuda:  # kernels run asynchronously: stop the clock when they are done
         import torch

@@ -67,6 +67,7 @@ from calibration.evaluation.statistics import (
 )
 from calibration.tasks import Example, Task
 from decoder import METHODS
+from registry import Profile
 from registry.profile import library_versions
 
 # Middle of the calibration study's AttnTS grid (0.7, 0.8, 0.9): used when neither the command line
@@ -159,7 +160,7 @@ def validate(
             )
         if isinstance(dysco, DyscoConfig):
             dysco_info = {"source": "config"}
-        elif hasattr(dysco, "head_set") and hasattr(dysco, "knobs"):
+        elif isinstance(dysco, Profile):
             dysco, dysco_info = resolve_dysco(model, name, profile=dysco)
         else:
             dysco, dysco_info = resolve_dysco(model, name, heads=dysco)
