@@ -1,9 +1,9 @@
 """Calibration: dev tasks, and an Optuna study that tunes DySCO's knobs and registers the result.
 
-    >>> from calibration import CalibrationConfig, calibrate
-    >>> result = calibrate(CalibrationConfig(dev="mrcr", model="smollm2-135m", trials=20,
-    ...                                      storage="sqlite:///calibration.db"))
-    >>> print(result.table())
+    from calibration import CalibrationConfig, calibrate
+    result = calibrate(CalibrationConfig(dev="mrcr", model="smollm2-135m", trials=20,
+                                         storage="sqlite:///calibration.db"))
+    print(result.table())
 
 Modules: `tasks` (dev tasks and graders), `space` (the searched knobs), `runner` (scoring a
 method on examples with prefill reuse), `study` (the study: objective, adoption rule, trials,

@@ -8,11 +8,11 @@ trial feeds one at a time (`dysco_warmup` of each trial's config; a study takes 
 search space). On CPU the prefill is most of the cost of a long prompt, so this is what makes a
 study affordable.
 
-    >>> runner = ExampleRunner(model, tokenizer, task, dev_examples, max_new_tokens=48,
-    ...                        warmup=max(dysco_warmup(c, tokenizer) for c in configs))
-    >>> vanilla = runner.evaluate(Method.vanilla())
-    >>> tuned = runner.evaluate(Method.dysco(config), on_batch=lambda scores: ...)
-    >>> tuned.mean, tuned.tokens_per_s
+    runner = ExampleRunner(model, tokenizer, task, dev_examples, max_new_tokens=48,
+                           warmup=max(dysco_warmup(c, tokenizer) for c in configs))
+    vanilla = runner.evaluate(Method.vanilla())
+    tuned = runner.evaluate(Method.dysco(config), on_batch=lambda scores: ...)
+    tuned.mean, tuned.tokens_per_s
 """
 
 from __future__ import annotations

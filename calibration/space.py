@@ -12,7 +12,8 @@ it to V (a single choice) instead of searching it.
     >>> space = SearchSpace.for_model(context_length=8192, ranking_length=270)
     >>> space.defaults()
     {'strength': 2.0, 'top_k': 4096, 'top_p': 0.975, 'decay': 0.75, 'num_heads': 16, 'intervention_warmup': 'auto'}
-    >>> params = space.suggest(trial)       # inside an Optuna objective
+
+Inside an Optuna objective, `params = space.suggest(trial)` draws one setting.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """The calibration study: Optuna tunes DySCO's knobs on a dev task and registers the result.
 
-    >>> from calibration import CalibrationConfig, calibrate
-    >>> result = calibrate(CalibrationConfig(dev="mrcr", model="smollm2-135m", trials=20,
-    ...                                      storage="sqlite:///calibration.db"))
-    >>> result.profile_ref, result.scores["test"]
-    ('smollm2-135m@2', {'vanilla': 0.41, 'attnts': 0.43, 'dysco': 0.47})
+    from calibration import CalibrationConfig, calibrate
+    result = calibrate(CalibrationConfig(dev="mrcr", model="smollm2-135m", trials=20,
+                                         storage="sqlite:///calibration.db"))
+    result.profile_ref, result.scores["test"]   # → ('smollm2-135m@2', {'vanilla': …, 'attnts': …, 'dysco': …})
 
 What one run does, in order:
 
@@ -335,8 +334,8 @@ def _context_length(model: Any) -> int:
 class Calibration:
     """One calibration: its model, examples, study and baselines. `calibrate()` drives it.
 
-    >>> cal = Calibration(config); cal.prepare()
-    >>> cal.run_trials(); result = cal.finish()     # finish() runs the baselines once
+    cal = Calibration(config); cal.prepare()
+    cal.run_trials(); result = cal.finish()     # finish() runs the baselines once
     """
 
     def __init__(self, config: CalibrationConfig) -> None:

@@ -9,10 +9,10 @@ process that owns the study (the `calibrate` command, never its extra workers) c
 finished trial that has no run yet. So the tracking store has a single writer however many
 workers share the study, and a trial that finished just before a crash is logged on the rerun.
 
-    >>> tracker = Tracker("sqlite:///mlflow.db")
-    >>> parent = tracker.start(study, params={"dev": "mrcr"})   # reused when the study resumes
-    >>> tracker.sync_trials(study)                              # after each trial
-    >>> tracker.log_plots(study); tracker.end()
+    tracker = Tracker("sqlite:///mlflow.db")
+    parent = tracker.start(study, params={"dev": "mrcr"})   # reused when the study resumes
+    tracker.sync_trials(study)                              # after each trial
+    tracker.log_plots(study); tracker.end()
 """
 
 from __future__ import annotations

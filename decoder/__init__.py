@@ -1,9 +1,9 @@
 """decoder: load models and generate with vanilla, AttnTS or DySCO decoding.
 
-    >>> from decoder import Decoder, DyscoConfig, load_model
-    >>> model, tokenizer = load_model("smollm2-135m")
-    >>> decoder = Decoder(model, tokenizer, dysco=DyscoConfig(head_set=[(8, 2), (15, 4)]))
-    >>> decoder.generate("The secret number is 7319. The secret number is", max_new_tokens=8).text
+    from decoder import Decoder, DyscoConfig, load_model
+    model, tokenizer = load_model("smollm2-135m")
+    decoder = Decoder(model, tokenizer, dysco=DyscoConfig(head_set=[(8, 2), (15, 4)]))
+    decoder.generate("The secret number is 7319. The secret number is", max_new_tokens=8).text
 
 Modules: `attention` (the attention hook and plans), `dysco` (knobs, importance, selection, bias),
 `template` (chat-template positions), `generation` (the Decoder), `loading`/`catalogue` (models).

@@ -5,15 +5,15 @@ transformers' `AttentionInterface` (named `dysco_sdpa` or `dysco_eager`, after t
 wraps). With no plan active the wrapped implementation runs untouched, so a plain forward gives the
 same logits as before attaching. A plan changes one forward pass:
 
-    >>> attach(model)
-    >>> plan = AttentionPlan(
-    ...     logit_bias=bias,                                   # [batch, kv_len], added in every head
-    ...     capture_heads={20: torch.tensor([4, 7])},          # record layer 20, heads 4 and 7
-    ...     stop_after_layer=20,                               # probe: stop right after layer 20
-    ... )
-    >>> with use_plan(model, plan, frozen_cache=cache):
-    ...     model(input_ids=ids, attention_mask=mask, cache=cache)
-    >>> plan.captured[20].shape                                # float32 [batch, 2, 1, kv_len]
+    attach(model)
+    plan = AttentionPlan(
+        logit_bias=bias,                                   # [batch, kv_len], added in every head
+        capture_heads={20: torch.tensor([4, 7])},          # record layer 20, heads 4 and 7
+        stop_after_layer=20,                               # probe: stop right after layer 20
+    )
+    with use_plan(model, plan, frozen_cache=cache):
+        model(input_ids=ids, attention_mask=mask, cache=cache)
+    plan.captured[20].shape                                # float32 [batch, 2, 1, kv_len]
 
 Conventions a caller relies on:
 

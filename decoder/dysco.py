@@ -3,10 +3,10 @@
 `DyscoConfig` holds the head set S and the knobs. The steps are pure functions on batched tensors
 (no Python loops over positions, no host syncs), so the decoder can run them on the GPU as they are:
 
-    >>> importance = update_importance(past, cur, decay=0.75)          # [batch, n], rows sum to 1
-    >>> selected = select_positions(importance, top_p=0.975, top_k=4096)  # bool [batch, n]
-    >>> up = upweighted_positions(selected, template, real, hard=False)   # bool [batch, n]
-    >>> bias = dysco_bias(up, strength=2.0)                               # [batch, n]
+    importance = update_importance(past, cur, decay=0.75)          # [batch, n], rows sum to 1
+    selected = select_positions(importance, top_p=0.975, top_k=4096)  # bool [batch, n]
+    up = upweighted_positions(selected, template, real, hard=False)   # bool [batch, n]
+    bias = dysco_bias(up, strength=2.0)                               # [batch, n]
 
 How DySCO runs. These are the rules of the authors' published code (princeton-pli/DySCO,
 `rescale_generate`, as configured by its YAML files), which is the definition we follow token for

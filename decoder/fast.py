@@ -35,10 +35,9 @@ Measured on an H200 (docs/benchmarks.md, docs/gpu_notes.md): Qwen3-8B shape at 1
 10.3 ms/token (1.26× the bandwidth floor), DySCO 17.7 ms/token; transformers' generate 75 ms.
 Greedy decoding only (sampling, per-step diagnostics and streamers stay with the exact `Decoder`).
 
-    >>> fast = FastDecoder(model, method="dysco", dysco=DyscoConfig(head_set=[(2, 1), (3, 0)]))
-    >>> out = fast.generate_ids(input_ids, attention_mask, max_new_tokens=16)
-    >>> out.tokens.shape
-    torch.Size([batch, 16])
+    fast = FastDecoder(model, method="dysco", dysco=DyscoConfig(head_set=[(2, 1), (3, 0)]))
+    out = fast.generate_ids(input_ids, attention_mask, max_new_tokens=16)
+    out.tokens.shape   # → torch.Size([batch, 16])
 """
 
 from __future__ import annotations

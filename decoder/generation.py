@@ -1,9 +1,9 @@
 """Generation with DySCO, AttnTS or vanilla decoding, batched, on any attached transformers model.
 
-    >>> decoder = Decoder(model, tokenizer, method="dysco",
-    ...                   dysco=DyscoConfig(head_set=[(21, 31), (21, 18)], strength=2.0))
-    >>> result = decoder.generate([{"role": "user", "content": "Where does Alice live?"}], max_new_tokens=20)
-    >>> result.text, result.diagnostics[0][0]            # {"selected": 17, "mass": 0.97}
+    decoder = Decoder(model, tokenizer, method="dysco",
+                      dysco=DyscoConfig(head_set=[(21, 31), (21, 18)], strength=2.0))
+    result = decoder.generate([{"role": "user", "content": "Where does Alice live?"}], max_new_tokens=20)
+    result.text, result.diagnostics[0][0]            # {"selected": 17, "mass": 0.97}
 
 Prompts are chat conversations (one, or a list of them), strings, or token ids (one list or a list
 of lists; a 1-D or 2-D tensor). A batch is left-padded; every row keeps its own importance and
@@ -19,9 +19,9 @@ probabilities only for the heads of S; importance, selection and bias stay on th
 For calibration, `prefill` runs the knob-independent part once and `generate_from` continues from it
 without changing it (the cache is shared by reference; DynamicCache never writes in place):
 
-    >>> state = decoder.prefill(prompts, warmup=16)     # plain prefill up to the last 16 tokens
-    >>> for knobs in trials:
-    ...     Decoder(model, tokenizer, dysco=knobs).generate_from(state, max_new_tokens=64)
+    state = decoder.prefill(prompts, warmup=16)     # plain prefill up to the last 16 tokens
+    for knobs in trials:
+        Decoder(model, tokenizer, dysco=knobs).generate_from(state, max_new_tokens=64)
 
 `model.generate(**inputs, custom_generate=decoder.custom_generate, max_new_tokens=32)` runs the same
 decoding inside transformers' generate and returns its usual tensor of sequences.

@@ -5,9 +5,9 @@
         --tasks niah_single_1 --apply_chat_template --batch_size 4 --output_path results/
     dysco-lm-eval run --model dysco ...          # the same, as a console script
 
-    >>> import lm_eval
-    >>> import decoder.lm_eval_model                # importing it registers "dysco"
-    >>> lm_eval.simple_evaluate(model="dysco", model_args="pretrained=smollm2-135m,method=vanilla", tasks=[...])
+    import lm_eval
+    import decoder.lm_eval_model                # importing it registers "dysco"
+    lm_eval.simple_evaluate(model="dysco", model_args="pretrained=smollm2-135m,method=vanilla", tasks=[...])
 
 Why a wrapper instead of plain `lm_eval --model dysco`: lm_eval 0.4.13 (the version pinned in the
 `lm-eval` extra) resolves `--model` in its own registry only, which holds its built-in models and

@@ -8,9 +8,8 @@ A spec is, in the order they are tried:
 
 Anything else is an error that lists the catalogue.
 
-    >>> model, tokenizer = load_model("smollm2-135m")            # doctest: +SKIP
-    >>> model_identity(model, "smollm2-135m")["num_layers"]       # doctest: +SKIP
-    30
+    model, tokenizer = load_model("smollm2-135m")
+    model_identity(model, "smollm2-135m")["num_layers"]   # → 30
 
 Remote code (`auto_map` in a checkpoint) never runs unless `trust_remote_code=True`.
 """

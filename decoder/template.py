@@ -13,9 +13,8 @@ end markers, the generation prompt). They are found without any per-model token 
 When the skeleton cannot be matched (a template that rewrites content), each message's content is
 searched for directly instead. Tokenizers without a chat template have no template positions.
 
-    >>> ids, template = encode_chat(tokenizer, [{"role": "user", "content": "Hi"}])
-    >>> [tokenizer.decode(i) for i, t in zip(ids, template) if not t]
-    ['Hi']
+    ids, template = encode_chat(tokenizer, [{"role": "user", "content": "Hi"}])
+    [tokenizer.decode(i) for i, t in zip(ids, template) if not t]   # → ['Hi']
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """headfinder: score every attention head on synthetic probes, pick QR-head sets, check they matter.
 
-    >>> from headfinder import make_qr_probes, qr_scores, top_k_heads
-    >>> probes = make_qr_probes(tokenizer, n=16, context_tokens=1024, seed=0)
-    >>> heads = top_k_heads(qr_scores(model, probes).qr, k=16)
+    from headfinder import make_qr_probes, qr_scores, top_k_heads
+    probes = make_qr_probes(tokenizer, n=16, context_tokens=1024, seed=0)
+    heads = top_k_heads(qr_scores(model, probes).qr, k=16)
 
 Modules: `probes` (QR and needle probes), `scores` (QR, NDCG and retrieval scores), `head_sets`
 (top-k, stability), `validate` (ablation check), `plots` (heatmaps), `cli` (`headfinder`).

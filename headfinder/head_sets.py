@@ -1,8 +1,8 @@
 """Head sets: the top-k heads of a score matrix, and how stable that choice is across probe sets.
 
-    >>> heads = top_k_heads(result.qr, k=16)          # [(layer, head), ...], best first
-    >>> report = stability_report(scores_seed0, scores_seed1, k=16)
-    >>> report["top_k_shared"], report["spearman"]
+    heads = top_k_heads(result.qr, k=16)          # [(layer, head), ...], best first
+    report = stability_report(scores_seed0, scores_seed1, k=16)
+    report["top_k_shared"], report["spearman"]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Heatmaps of per-head scores (layers down, heads across), with a head set outlined.
 
-    >>> heatmap(result.qr, "smollm2-135m: QR score", Path("qr.png"), heads=top_k_heads(result.qr, 16))
+    heatmap(result.qr, "smollm2-135m: QR score", Path("qr.png"), heads=top_k_heads(result.qr, 16))
 """
 
 from __future__ import annotations

@@ -9,10 +9,9 @@ Two kinds, both seeded and deterministic, both about invented things so no world
 - `NeedleProbe`: a needle sentence inside filler text at a chosen depth, then a question whose answer
   is the needle repeated (Wu et al. 2024).
 
-    >>> probes = make_qr_probes(tokenizer, n=8, context_tokens=1024, seed=0)
-    >>> probes[0].doc_spans[probes[0].gold[0]]      # token span of the gold document
-    (211, 287)
-    >>> needles = make_needle_probes(tokenizer, n=4, context_tokens=1024, seed=0)
+    probes = make_qr_probes(tokenizer, n=8, context_tokens=1024, seed=0)
+    probes[0].doc_spans[probes[0].gold[0]]      # token span of the gold document   # → (211, 287)
+    needles = make_needle_probes(tokenizer, n=4, context_tokens=1024, seed=0)
 """
 
 from __future__ import annotations

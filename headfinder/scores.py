@@ -9,9 +9,9 @@
 The pure math takes attention tensors and is tested on hand-made ones; the drivers run a model with
 `decoder.attention` plans, capturing only the rows they need:
 
-    >>> result = qr_scores(model, make_qr_probes(tokenizer, 16, 1024))
-    >>> result.qr.shape                     # [layers, heads]
-    >>> retrieval = retrieval_scores(model, tokenizer, make_needle_probes(tokenizer, 8, 1024))
+    result = qr_scores(model, make_qr_probes(tokenizer, 16, 1024))
+    result.qr.shape                     # [layers, heads]
+    retrieval = retrieval_scores(model, tokenizer, make_needle_probes(tokenizer, 8, 1024))
 """
 
 from __future__ import annotations

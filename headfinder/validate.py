@@ -3,8 +3,8 @@
 Needle accuracy is measured with no ablation, with the chosen heads' attention outputs zeroed, and
 with `draws` sets of as many random heads (drawn from the heads outside the chosen set) zeroed.
 
-    >>> report = validate_heads(model, tokenizer, heads, make_needle_probes(tokenizer, 16, 1024), draws=5)
-    >>> report.drop, report.random_drop, report.ratio
+    report = validate_heads(model, tokenizer, heads, make_needle_probes(tokenizer, 16, 1024), draws=5)
+    report.drop, report.random_drop, report.ratio
 """
 
 from __future__ import annotations

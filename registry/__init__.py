@@ -2,10 +2,9 @@
 
 Reading a profile needs no torch (numpy, safetensors and JSON only).
 
-    >>> from registry import Registry, check_model
-    >>> profile = Registry().load("qwen3-8b")        # the shipped seed until you register one
-    >>> profile.head_set[:2], profile.knobs.strength
-    ([(21, 31), (21, 18)], 2.0)
+    from registry import Registry, check_model
+    profile = Registry().load("qwen3-8b")        # the shipped seed until you register one
+    profile.head_set[:2], profile.knobs.strength   # → ([(21, 31), (21, 18)], 2.0)
 """
 
 from registry.check import check_model

@@ -1,9 +1,9 @@
 """Does a profile belong to the model it is about to steer? The decoder asks before decoding.
 
-    >>> from registry import check_model
-    >>> check_model(profile, {"name": "smollm2-135m", "architecture": "llama", "num_layers": 30,
-    ...                       "num_heads": 9, "num_kv_heads": 3, "config_fingerprint": "…",
-    ...                       "weights_fingerprint": "…"})
+    from registry import check_model
+    check_model(profile, {"name": "smollm2-135m", "architecture": "llama", "num_layers": 30,
+                          "num_heads": 9, "num_kv_heads": 3, "config_fingerprint": "…",
+                          "weights_fingerprint": "…"})
     'config and weights fingerprints match'
 
 Rule: when both sides carry a weights fingerprint, it decides (names may differ: a local path and a

@@ -1,10 +1,9 @@
 """The on-disk registry: immutable numbered profile versions per model, tags, export and import.
 
-    >>> from registry import Registry
-    >>> reg = Registry("/tmp/my-registry")         # default: $DYSCO_REGISTRY or the user data dir
-    >>> ref = reg.register(profile, tags=["prod"])  # 'smollm2-135m@1'
-    >>> reg.load("smollm2-135m@prod") == profile
-    True
+    from registry import Registry
+    reg = Registry("/tmp/my-registry")         # default: $DYSCO_REGISTRY or the user data dir
+    ref = reg.register(profile, tags=["prod"])  # 'smollm2-135m@1'
+    reg.load("smollm2-135m@prod") == profile   # → True
 
 Layout (one directory per version, never modified after it appears):
 

@@ -1,8 +1,8 @@
 """An evaluation's report: the accuracy table with intervals and paired tests, speed, DySCO's
 selection recall; as markdown, JSON and a plot (`EvalReport`), and as an MLflow run (`log_to_mlflow`).
 
-    >>> report = EvalReport.from_dict(json.loads(Path("eval-out/results.json").read_text()))  # doctest: +SKIP
-    >>> print(report.markdown()); report.save("eval-out")                                   # doctest: +SKIP
+    report = EvalReport.from_dict(json.loads(Path("eval-out/results.json").read_text()))
+    print(report.markdown()); report.save("eval-out")
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Dev tasks for calibration and evaluation: generators, loaders and graders.
 
-    >>> from calibration.tasks import get_task, split, encode_prompt
-    >>> task = get_task("mrcr")            # or "pathtrans", "kv", "needle", a file, "openai/mrcr"
-    >>> examples = task.generate(tokenizer, n=12, context_tokens=2048, seed=0, n_needles=2)
-    >>> dev, test = split(examples, seed=0, test_fraction=0.25)
-    >>> score = task.grade(model_reply, dev[0])
+    from calibration.tasks import get_task, split, encode_prompt
+    task = get_task("mrcr")            # or "pathtrans", "kv", "needle", a file, "openai/mrcr"
+    examples = task.generate(tokenizer, n=12, context_tokens=2048, seed=0, n_needles=2)
+    dev, test = split(examples, seed=0, test_fraction=0.25)
+    score = task.grade(model_reply, dev[0])
 
 No torch here: a tokenizer object is passed in and only its encode / chat-template methods are used.
 """

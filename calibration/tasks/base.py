@@ -2,12 +2,12 @@
 
 A task makes examples sized in the model's own tokens and grades the model's answers:
 
-    >>> from calibration.tasks import get_task, split, encode_prompt
-    >>> task = get_task("kv")
-    >>> examples = task.generate(tokenizer, n=10, context_tokens=2048, seed=0)
-    >>> dev, test = split(examples, seed=0, test_fraction=0.3)
-    >>> ids = encode_prompt(tokenizer, dev[0].messages)      # what the model reads
-    >>> task.grade(response_text, dev[0])                     # a float in [0, 1]
+    from calibration.tasks import get_task, split, encode_prompt
+    task = get_task("kv")
+    examples = task.generate(tokenizer, n=10, context_tokens=2048, seed=0)
+    dev, test = split(examples, seed=0, test_fraction=0.3)
+    ids = encode_prompt(tokenizer, dev[0].messages)      # what the model reads
+    task.grade(response_text, dev[0])                     # a float in [0, 1]
 
 The prompt a model reads is always `render_prompt(tokenizer, messages)`: the tokenizer's chat
 template when it has one, plain concatenation when it has none (Gemma 3 base). Sizing, the

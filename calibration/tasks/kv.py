@@ -1,10 +1,9 @@
 """Key–value retrieval over a JSON object of random UUID-like ids.
 
-    >>> task = KVTask()
-    >>> [ex] = task.generate(tokenizer, n=1, context_tokens=2048, seed=0)
-    >>> ex.meta["key"], ex.answer       # two ids; the prompt asks for the key's value
-    >>> task.grade(f' "{ex.answer}" ', ex)
-    1.0
+    task = KVTask()
+    [ex] = task.generate(tokenizer, n=1, context_tokens=2048, seed=0)
+    ex.meta["key"], ex.answer       # two ids; the prompt asks for the key's value
+    task.grade(f' "{ex.answer}" ', ex)   # → 1.0
 
 Grading is exact match after dropping whitespace, surrounding quotes/backticks and a final full
 stop, case-insensitively (the ids are hex, so case carries no information).

@@ -12,11 +12,11 @@ A record in the published format (openai/mrcr) has the fields
 
 Usage:
 
-    >>> task = get_task("mrcr")                                   # synthetic records
-    >>> examples = task.generate(tokenizer, n=8, context_tokens=2048, seed=0, n_needles=4)
-    >>> task = get_task("data/2needle.parquet")                   # published records, same API
-    >>> examples = task.generate(tokenizer, n=8, context_tokens=8192, seed=0)
-    >>> grade_mrcr(response, answer, random_string_to_prepend)    # the official grader
+    task = get_task("mrcr")                                   # synthetic records
+    examples = task.generate(tokenizer, n=8, context_tokens=2048, seed=0, n_needles=4)
+    task = get_task("data/2needle.parquet")                   # published records, same API
+    examples = task.generate(tokenizer, n=8, context_tokens=8192, seed=0)
+    grade_mrcr(response, answer, random_string_to_prepend)    # the official grader
 
 `generate` on a file picks, by seed, records whose prompt fits in `context_tokens`; only the
 synthetic generator also guarantees the lower 90% bound (a file has the sizes it has).

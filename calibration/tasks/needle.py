@@ -1,10 +1,9 @@
 """Needle in a haystack: one sentence holding a random number, hidden in filler prose.
 
-    >>> task = NeedleTask()
-    >>> [ex] = task.generate(tokenizer, n=1, context_tokens=4096, seed=0, depth=0.5)
-    >>> ex.answer                      # e.g. '4830215'
-    >>> task.grade("It is 4830215.", ex)
-    1.0
+    task = NeedleTask()
+    [ex] = task.generate(tokenizer, n=1, context_tokens=4096, seed=0, depth=0.5)
+    ex.answer                      # e.g. '4830215'
+    task.grade("It is 4830215.", ex)   # → 1.0
 
 The filler has no digits, so the needle's number is the only number in the prompt; the grade is
 1.0 when the first number in the response is that number (commas allowed), else 0.0.

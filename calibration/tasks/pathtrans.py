@@ -5,10 +5,9 @@ which every city has exactly one outgoing connection. Following them from X reac
 `path_length` hops; distractor chains merge into that path, and the cities after Y lead back
 to X. The model writes the route inside <Route>…</Route>, one "From A, take a T to B." a step.
 
-    >>> task = PathTransTask()
-    >>> [ex] = task.generate(tokenizer, n=1, context_tokens=4096, seed=0, path_length=5)
-    >>> task.grade(ex.answer, ex), grade_exact(ex.answer, ex)
-    (1.0, 1.0)
+    task = PathTransTask()
+    [ex] = task.generate(tokenizer, n=1, context_tokens=4096, seed=0, path_length=5)
+    task.grade(ex.answer, ex), grade_exact(ex.answer, ex)   # → (1.0, 1.0)
 
 `grade` is partial accuracy (the share of gold steps matched as a prefix); `grade_exact` is 1.0
 only for exactly the gold route.
