@@ -1,7 +1,7 @@
 """lm-evaluation-harness's `dysco` model type (decoder/lm_eval_model.py) on the embedded SmolLM2, CPU.
 
 The harness's own CLI (`python -m decoder.lm_eval_model run --model dysco`, which is lm_eval's CLI
-with `dysco` registered) runs our task YAMLs (tests/lm_eval_tasks: 4 needle items answered by
+with `dysco` registered) runs our task YAMLs (tests/decoder/lm_eval_tasks: 4 needle items answered by
 generation, 4 multiple-choice items scored by log-likelihood, chat template on) for method=vanilla
 and method=dysco. Checked: the results JSON has the metrics and the settings; vanilla gives the hf
 model's generations and log-likelihoods on the same items; dysco gives the Decoder's own generation

@@ -3,7 +3,7 @@
 The PostgreSQL tests need a server: .ci/run starts a throwaway one and exports its URL as
 DYSCO_TEST_POSTGRES_URL (e.g. postgresql://postgres@127.0.0.1:5433/postgres); without it they
 are skipped with that reason. Each test gets a database of its own on that server.
-Models are the tiny random Llama of tests/test_calibration.py (mechanics, not quality).
+Models are the tiny random Llama of tests/calibration/test_calibration.py (mechanics, not quality).
 """
 
 from __future__ import annotations
