@@ -127,7 +127,8 @@ step_begin "3/4 calibrate" "calibrate --dev mrcr: $CAL_TRIALS trials on $CAL_EXA
   --max-new-tokens "$CAL_NEW_TOKENS" --trials "$CAL_TRIALS" --seed 0 \
   --storage "$STORAGE" --tracking-uri "$TRACKING" --json ${THREADS[@]+"${THREADS[@]}"} \
   >"$OUT/calibration.json"
-TUNED_REF="$("$PY" - "$OUT/calibration.json" <<'EOF'
+# -P: the current folder holds the registry folder `registry/`, which must not shadow the package.
+TUNED_REF="$("$PY" -P - "$OUT/calibration.json" <<'EOF'
 import json
 import sys
 
