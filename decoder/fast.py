@@ -476,7 +476,7 @@ class FastDecoder:
             return ["plain"]
         if self.dysco.selection == "static":
             return ["warmup", "static_first", "static_probe_first", "static"]
-        if self.dysco.lagged:  # "dysco": the first step when no importance-only step ran
+        if self.dysco.lagged:  # "dysco": the prompt's steps (and the first one when no importance-only step ran)
             return ["warmup", "lagged", "dysco"]
         return ["warmup", "dysco"]
 
@@ -648,14 +648,14 @@ class FastDecoder:
             n_importance = len(schedule.importance_only)
             if static:
                 first_kind, later_kind = ("static_first" if n_importance else "static_probe_first"), "static"
-            elif self.dysco.lagged:  # with no importance yet, the first step probes (a dynamic step)
-                first_kind, later_kind = ("lagged" if n_importance else "dysco"), "lagged"
             else:
                 first_kind, later_kind = "dysco", "dysco"
             steps = [("warmup", False)] * n_importance
             forced = len(schedule.intervened)  # prompt columns fed with a full DySCO step
             n_dysco = forced + max_new_tokens - 1  # the last forced step (or the prefill) gives the first token
             kinds = [first_kind] + [later_kind] * (n_dysco - 1) if n_dysco > 0 else []
+            if self.dysco.lagged:  # probe on the prompt's steps (and with no importance yet), lag after
+                kinds = ["dysco" if i < forced or (i == 0 and not n_importance) else "lagged" for i in range(n_dysco)]
             steps += [(kind, i >= forced - 1) for i, kind in enumerate(kinds)]
 
         # Eager steps (no graphs) run inside one activation instead of switching per step.

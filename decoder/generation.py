@@ -627,9 +627,11 @@ class _Run:
             up = self.static_set[:, :n].clone()
             up[:, -1] = True
         else:
-            if dysco.selection in ("static", "lagged") and self.importance is not None:
-                # Static selects once, lagged at every step, without a probe, from the importance of the
-                # columns before t; the current column is up-weighted but not ranked.
+            generating = t >= self.state.input_ids.shape[1]  # past the prompt: a generated token's step
+            if self.importance is not None and (dysco.selection == "static" or (dysco.lagged and generating)):
+                # Static selects once, lagged at every generated token's step, without a probe, from the
+                # importance of the columns before t; the current column is up-weighted but not ranked.
+                # Lagged probes on the prompt's DySCO steps: the first token is dynamic DySCO's.
                 selected = select_positions(self.importance, dysco.top_p, dysco.top_k, valid=real[:, :t])
                 selected = torch.nn.functional.pad(selected, (0, 1))
                 lagged = dysco.lagged
