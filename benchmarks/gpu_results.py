@@ -25,7 +25,7 @@ checks a time budget (--budget-s) before every task × length: when the next one
 ones already measured, would not fit, it runs it with fewer examples (never fewer than --min-n) or
 skips it, and says so in the log and in results.json's config.
 
-Nothing here imports optuna or mlflow (not on the GPU machine): `calibration.evaluate` and
+Nothing here imports optuna or mlflow (not on the GPU machine): `calibration.evaluation` and
 `headfinder` are imported module by module, never through `calibration.study`.
 """
 
@@ -182,7 +182,7 @@ def detect_heads(model, tokenizer, probes: int, length: int, seed: int, k: int) 
 
 def merge_reports(reports: list[Any]):
     """One EvalReport from several (disjoint task × length units, same methods and seed)."""
-    from calibration.evaluate import EvalReport, SpeedResult
+    from calibration.evaluation import EvalReport, SpeedResult
 
     first = reports[0]
     config = dict(first.config)
@@ -255,50 +255,45 @@ def write_outputs(out: Path, reports: list[Any], meta: dict[str, Any]):
 
 
 class Timings:
-    """Wraps calibration.evaluate's run_batch and _prompt_ids: per-method times per unit, ids encoded once."""
+    """`evaluate`'s hooks: per-method times per unit (`on_batch`), each example's ids encoded once (`prompt_ids`)."""
 
     def __init__(self) -> None:
-        import calibration.evaluate as ev
-
-        self.ev = ev
-        self.original_batch = ev.run_batch
-        self.original_ids = ev._prompt_ids
         self.memo: dict[str, tuple[list[int], list[bool]]] = {}
         self.units: list[dict[str, Any]] = []
         self.current = ""
         self.first = 0  # self.units[self.first:] belong to the unit being evaluated
-        ev.run_batch = self.run_batch
-        ev._prompt_ids = self.prompt_ids
 
     def begin(self, label: str) -> None:
         """Start timing a new task × length unit (or a retry of one)."""
         self.current, self.first = label, len(self.units)
 
     def prompt_ids(self, tokenizer, example):
+        """`calibration.evaluation.prompt_ids`, once per example: the exact and fast paths share the encoding."""
+        from calibration.evaluation import prompt_ids
+
         key = example.id
         if key not in self.memo:
-            self.memo[key] = self.original_ids(tokenizer, example)
+            self.memo[key] = prompt_ids(tokenizer, example)
         return self.memo[key]
 
-    def run_batch(self, decoder, task, batch, **kwargs):
-        from calibration.evaluate import example_budget
-
-        run = self.original_batch(decoder, task, batch, **kwargs)
-        unit = next((u for u in self.units[self.first:] if u["method"] == decoder.method), None)
+    def on_batch(self, done) -> None:
+        """Add one decoded batch (a `calibration.evaluation.BatchDone`) to its method's line of the unit."""
+        if done.resumed:
+            return
+        unit = next((u for u in self.units[self.first:] if u["method"] == done.method), None)
         if unit is None:
-            unit = {"unit": self.current, "method": decoder.method, "rows": 0, "steps": 0, "seconds": 0.0,
+            unit = {"unit": self.current, "method": done.method, "rows": 0, "steps": 0, "seconds": 0.0,
                     "prefill_s": 0.0, "decode_s": 0.0, "batches": 0, "tokens": 0, "scores": []}
             self.units.append(unit)
-        timing = run.timings[0]  # includes the shared prefill this method continued from, if any
-        unit["rows"] += len(batch)
-        unit["steps"] += max(example_budget(e, kwargs.get("max_new_tokens")) for e in batch)
+        timing = done.run.timings[0]  # includes the shared prefill this method continued from, if any
+        unit["rows"] += len(done.examples)
+        unit["steps"] += done.budget
         unit["seconds"] += timing.seconds
         unit["prefill_s"] += timing.ttft_s
         unit["decode_s"] += timing.seconds - timing.ttft_s
         unit["batches"] += 1
         unit["tokens"] += timing.new_tokens
-        unit["scores"] += run.scores
-        return run
+        unit["scores"] += done.run.scores
 
     def log_unit(self) -> None:
         """One line per method of the unit just finished."""
@@ -314,7 +309,7 @@ class Timings:
 
 def planned_steps(examples: list[Any], batch: int) -> int:
     """Decode steps the batches of `examples` may take at most: each batch runs to its largest budget."""
-    from calibration.evaluate import example_budget
+    from calibration.evaluation import example_budget
 
     budgets = [example_budget(e, None) for e in examples]
     return sum(max(budgets[i : i + batch]) for i in range(0, len(budgets), batch))
@@ -345,7 +340,7 @@ def estimate_seconds(done: list[dict[str, Any]], length: int, n: int, steps: int
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Generate and store the examples of every task × length with the model's own tokenizer."""
-    from calibration.evaluate import parse_lengths
+    from calibration.evaluation import parse_lengths
     from calibration.tasks import get_task
 
     tokenizer = load_tokenizer(args)
@@ -379,7 +374,7 @@ def load_tokenizer(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
-    from calibration.evaluate import EvalReport, evaluate, format_length, parse_lengths
+    from calibration.evaluation import EvalReport, evaluate, format_length, parse_lengths
     from calibration.tasks import get_task
     from decoder.dysco import DyscoConfig
     from decoder.loading import load_model
@@ -479,6 +474,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             model, tokenizer, [task], [length], args.methods, n, args.seed, dysco=dysco,
                             attnts_temperature=args.attnts_temperature, batch_size=batch, model_name=args.model_name,
                             extra_config={"unit_seconds": None}, fast=path == "fast",
+                            on_batch=timings.on_batch, prompt_ids=timings.prompt_ids,
                         )
                     except torch.cuda.OutOfMemoryError:
                         raise
@@ -550,7 +546,7 @@ def agreement(exact, fast) -> dict[str, str]:
 
 def cmd_render(args: argparse.Namespace) -> int:
     """Rewrite results.md and accuracy.png from a results.json written by `run`."""
-    from calibration.evaluate import EvalReport
+    from calibration.evaluation import EvalReport
 
     folder = Path(args.folder)
     report = EvalReport.from_dict(json.loads((folder / "results.json").read_text(encoding="utf-8")))
@@ -561,7 +557,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def parse_batch_sizes(text: str, lengths: list[int]) -> dict[int, int]:
     """'8k:25,16k:25,32640:13' or one number for all -> {length: batch}."""
-    from calibration.evaluate import parse_length
+    from calibration.evaluation import parse_length
 
     if ":" not in text:
         return {length: int(text) for length in lengths}

@@ -131,7 +131,7 @@ def decode_rate(decoder, ids: list[int], mask: list[bool], new: int, device: str
 def cmd_speed(args) -> int:
     import torch
 
-    from calibration.evaluate import _prompt_ids, parse_lengths
+    from calibration.evaluation import parse_lengths, prompt_ids
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +142,7 @@ def cmd_speed(args) -> int:
     rows = []
     for length in parse_lengths(args.lengths):
         _, (example,) = examples_for(args, tokenizer, length, 1)
-        ids, mask = _prompt_ids(tokenizer, example)
+        ids, mask = prompt_ids(tokenizer, example)
         decoders = {(v, p): make_decoder(model, tokenizer, v, heads, p) for p in paths for v in variants}
         for decoder in decoders.values():  # warm up: allocations, the fast path's buffers
             decode_rate(decoder, ids, mask, 3, args.device)
@@ -188,8 +188,8 @@ def agreement(reference: list[int], other: list[int]) -> tuple[float, int, int]:
 
 
 def cmd_agree(args) -> int:
-    from calibration.evaluate import _prompt_ids, example_budget, parse_lengths
-    from calibration.stats import paired_comparison
+    from calibration.evaluation import example_budget, parse_lengths, prompt_ids
+    from calibration.evaluation import paired_comparison
 
     model, tokenizer = load(args)
     heads = parse_heads(args.heads)
@@ -200,7 +200,7 @@ def cmd_agree(args) -> int:
     decoders = {v: make_decoder(model, tokenizer, v, heads, args.path) for v in variants}
     for length in parse_lengths(args.lengths):
         task, examples = examples_for(args, tokenizer, length, args.n)
-        encoded = [_prompt_ids(tokenizer, e) for e in examples]
+        encoded = [prompt_ids(tokenizer, e) for e in examples]
         budgets = [example_budget(e, None) for e in examples]
         out: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
         seconds = {v: 0.0 for v in variants}

@@ -6,8 +6,10 @@
     >>> print(result.table())
 
 Modules: `tasks` (dev tasks and graders), `space` (the searched knobs), `runner` (scoring a
-method on examples with prefill reuse), `study` (the study, resumable and shared by workers),
-`tracking` (MLflow), `cli` (the `calibrate` command). Imports are lazy so that
+method on examples with prefill reuse), `study` (the study: objective, adoption rule, trials,
+result), `storage` (study storages, locks, heartbeats), `workers` (extra worker processes),
+`tracking` (MLflow), `cli` (the `calibrate` command), `evaluation` (`dysco eval` and the paired
+statistics the study's adoption rule uses). Imports are lazy so that
 `calibration.tasks` stays light.
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 
 _EXPORTS = {
     "CalibrationConfig": "calibration.study",
-    "CalibrationError": "calibration.study",
+    "CalibrationError": "calibration.errors",
     "CalibrationResult": "calibration.study",
     "Calibration": "calibration.study",
     "calibrate": "calibration.study",

@@ -22,17 +22,17 @@ quiet_idle_threads()  # before anything imports torch
 from calibration.space import INTERVENTION_WARMUPS  # noqa: E402
 from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError, one_line_warnings  # noqa: E402
 from decoder.loading import DTYPE_NAMES  # noqa: E402
-from calibration.study import (
+from calibration.errors import CalibrationError  # noqa: E402
+from calibration.storage import DEFAULT_STORAGE  # noqa: E402
+from calibration.study import (  # noqa: E402
     ATTNTS_TEMPERATURES,
-    DEFAULT_STORAGE,
     CalibrationConfig,
-    CalibrationError,
     calibrate,
-    parse_devices,
     parse_heads,
     starting_profile,
     task_options,
 )
+from calibration.workers import parse_devices  # noqa: E402
 
 _EPILOG = """\
 examples:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from calibration.evaluation.statistics import EVIDENCE_FIELDS, summarize_selection
 from calibration.tasks import Example, Task
 
 
@@ -86,28 +87,6 @@ class Evaluation:
             return None
         fields = (*EVIDENCE_FIELDS, "selected")
         return {name: sum(row[name] for row in rows) / len(rows) for name in fields} | {"examples": len(rows)}
-
-
-# Per-step fields of `decoder.dysco.selection_diagnostics` that the evidence decides.
-EVIDENCE_FIELDS = ("evidence_recall", "evidence_share", "evidence_importance")
-
-
-def summarize_selection(steps: Sequence[dict[str, Any]], evidence_tokens: int) -> dict[str, Any]:
-    """One example's DySCO selection diagnostics: the mean over its generated tokens of each field.
-
-    `steps`: `Generation.diagnostics` of its row (one dict per kept token); `evidence_tokens`: how many
-    prompt positions hold its evidence (0 when unknown). The evidence fields are None when the evidence
-    is unknown (or no step was measured); `selected` and `mass` are None only without steps.
-    """
-    def mean(name: str) -> float | None:
-        values = [float(s[name]) for s in steps if s.get(name) is not None]
-        return sum(values) / len(values) if values and len(values) == len(steps) else None
-
-    out: dict[str, Any] = {"steps": len(steps), "evidence_tokens": int(evidence_tokens),
-                           "selected": mean("selected"), "mass": mean("mass")}
-    for name in EVIDENCE_FIELDS:
-        out[name] = mean(name) if evidence_tokens else None
-    return out
 
 
 OnBatch = Callable[[list[float]], None]

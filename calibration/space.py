@@ -17,7 +17,7 @@ it to V (a single choice) instead of searching it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import optuna
@@ -129,3 +129,6 @@ class SearchSpace:
         """The bounds (choices, for a categorical knob) as JSON, stored with the study so a resumed
         run can check them."""
         return {name: list(bounds) for name, bounds in asdict(self).items()}
+
+
+KNOBS = tuple(f.name for f in fields(SearchSpace))  # every trial's parameters, in the search space's order

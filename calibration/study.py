@@ -36,7 +36,8 @@ its pid is checked; another host: its heartbeat stops) is marked failed and its 
 queued again. Workers take trials under the study's lock (a file lock for one host's processes;
 on a PostgreSQL/MySQL storage also a lock in the database server, for other hosts' processes), so
 together they run exactly `trials` trials. `devices` runs one worker per listed GPU
-(docs/scaling.md, "Calibration across GPUs and hosts").
+(docs/scaling.md, "Calibration across GPUs and hosts"). Storages, locks and heartbeats live in
+`calibration.storage`, the extra worker processes in `calibration.workers`.
 """
 
 from __future__ import annotations
@@ -46,39 +47,41 @@ import hashlib
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from calibration.errors import CalibrationError
+from calibration.evaluation.statistics import paired_comparison, seed_for, sign_test
 from calibration.runner import Evaluation, ExampleRunner, Method, dysco_warmup
+from calibration.space import SearchSpace
+from calibration.storage import (
+    SERVER_BACKENDS,
+    DatabaseLock,
+    Locks,
+    backend_name,
+    heartbeat,
+    lock_path,
+    open_storage,
+    reclaim_dead_trials,
+    storage_label,
+    this_worker,
+)
+from calibration.workers import WorkerProcesses, check_devices, die_with_parent, process_configs
 from decoder.loading import context_limit, model_name
 from registry.profile import library_versions
-from calibration.stats import paired_comparison, seed_for, sign_test
-from calibration.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORAGE = "sqlite:///calibration.db"  # the CLI's default, in the working folder
 ATTNTS_TEMPERATURES = (0.7, 0.8, 0.9)
-HEARTBEAT_INTERVAL_S = 10
-HEARTBEAT_GRACE_S = 60
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-_KNOBS = tuple(f.name for f in fields(SearchSpace))  # every trial's parameters
-
-
-class CalibrationError(ValueError):
-    """Bad input to a calibration (unknown task, wrong profile, a study made differently …)."""
 
 
 @dataclass
@@ -194,7 +197,7 @@ class CalibrationResult:
     parent_ref: str | None
     mlflow: dict[str, str | None]
     pareto_front: list[dict[str, Any]] = field(default_factory=list)
-    # "<method>-<baseline>" on the test examples: paired bootstrap CI and sign test (calibration.stats)
+    # "<method>-<baseline>" on the test examples: paired bootstrap CI and sign test (calibration.evaluation.statistics)
     paired_test: dict[str, dict[str, Any]] = field(default_factory=dict)
     flat_objective: dict[str, Any] | None = None  # set when the dev objective could not tell knobs apart
     selection: dict[str, Any] = field(default_factory=dict)  # DySCO's selection recall (dev best, test)
@@ -254,45 +257,6 @@ def parse_heads(text: str) -> list[tuple[int, int]]:
         return parse_head_set(text, "--heads")
     except ProfileValidationError as err:
         raise CalibrationError(str(err)) from None
-
-
-def parse_devices(text: str) -> tuple[str, ...]:
-    """'0,1' or 'cuda:0,cuda:1' -> ('cuda:0', 'cuda:1'): syntax only (`check_devices` checks the machine)."""
-    devices = []
-    for item in (part.strip() for part in text.split(",")):
-        index = item.removeprefix("cuda:")
-        if not index.isdigit():
-            raise CalibrationError(
-                f"expected CUDA device indices, e.g. 0,1 or cuda:0,cuda:1; got {item!r} in {text!r}"
-            )
-        devices.append(f"cuda:{int(index)}")
-    return tuple(devices)
-
-
-def check_devices(devices: Sequence[str]) -> None:
-    """Raise CalibrationError unless `devices` are distinct CUDA devices ('cuda:N') this machine has."""
-    if not devices:
-        raise CalibrationError("--devices is empty")
-    bad = next((d for d in devices if not (isinstance(d, str) and d.startswith("cuda:")
-                                            and d.removeprefix("cuda:").isdigit())), None)
-    if bad is not None:
-        raise CalibrationError(f"--devices takes CUDA devices such as cuda:0, got {bad!r}")
-    if len(set(devices)) != len(devices):
-        raise CalibrationError(f"--devices lists a device twice: {','.join(devices)}")
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise CalibrationError(
-            f"--devices {','.join(devices)} asked for, but torch sees no CUDA device on this machine; "
-            "use --workers N for several CPU processes"
-        )
-    missing = [d for d in devices if int(d.removeprefix("cuda:")) >= count]
-    if missing:
-        raise CalibrationError(
-            f"--devices {','.join(devices)}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}, "
-            f"after CUDA_VISIBLE_DEVICES), so {', '.join(missing)} does not exist"
-        )
 
 
 def task_options(task: Any, needles: int | None) -> dict[str, Any]:
@@ -355,272 +319,6 @@ def _sampler_seed(seed: int, trial_index: int) -> int:
 
 def _context_length(model: Any) -> int:
     return context_limit(model.config) or 2**20
-
-
-# --------------------------------------------------------------------------- worker identity
-
-
-def _process_started(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-_HOST = socket.gethostname()
-
-
-def _this_worker() -> dict[str, Any]:
-    return {"host": _HOST, "pid": os.getpid(), "started": _process_started(os.getpid())}
-
-
-def _is_dead(worker: dict[str, Any]) -> bool:
-    """Whether a worker recorded on this host is gone (its pid ended or now names another process)."""
-    if worker.get("host") != _HOST:
-        return False  # another host: its heartbeat decides
-    started = _process_started(int(worker["pid"]))
-    return started is None or (worker.get("started") is not None and abs(started - worker["started"]) > 1.0)
-
-
-# --------------------------------------------------------------------------- storage
-
-
-SERVER_BACKENDS = ("postgresql", "mysql")  # storages several hosts can share (docs/scaling.md)
-CONNECT_TIMEOUT_S = 10  # an unreachable database server fails within this, not after the OS's minutes
-
-
-def storage_label(url: str | None) -> str | None:
-    """`url` with its password replaced by ***, for messages, MLflow and profile provenance."""
-    if url is None or "@" not in url:
-        return url
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL sqlalchemy can parse: open_storage will say so
-        return url
-
-
-def _backend(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).get_backend_name()
-
-
-def _driver(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).get_driver_name()
-
-
-def _query(url: str) -> Any:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).query
-
-
-def _connect_args(url: str) -> dict[str, Any]:
-    """Connection arguments for a server database: a connect timeout unless the URL sets one."""
-    return {} if "connect_timeout" in _query(url) else {"connect_timeout": CONNECT_TIMEOUT_S}
-
-
-def _storage_error(url: str, err: BaseException) -> CalibrationError:
-    """One line saying why `url` cannot be opened: a missing driver (and how to get it), or the server's reason."""
-    chain, cause = [], err
-    while cause is not None and len(chain) < 8:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    label = storage_label(url)
-    missing = next((e for e in chain if isinstance(e, ModuleNotFoundError)), None)
-    if missing is not None:
-        return CalibrationError(
-            f"cannot open the study storage {label}: its database driver ({missing.name}) is not installed; "
-            "`pip install 'dysco-toolkit[storage]'` brings psycopg for postgresql:// and PyMySQL for mysql+pymysql://"
-        )
-    reason = getattr(err, "orig", None) or err  # sqlalchemy wraps the driver's error and adds a help link
-    text = " ".join(str(reason).split()) or type(reason).__name__
-    return CalibrationError(f"cannot open the study storage {label}: {text}")
-
-
-class _DatabaseLock:
-    """A lock held in the storage's database server, for workers on several hosts (no shared lock file).
-
-    PostgreSQL: a session advisory lock; MySQL: GET_LOCK. Both are held by one open connection, so
-    the server frees the lock when the process dies (its connection closes). Reentrant.
-    """
-
-    def __init__(self, url: str, key: str) -> None:
-        from sqlalchemy import create_engine
-        from sqlalchemy.pool import NullPool
-
-        self.backend = _backend(url)
-        digest = hashlib.sha256(f"dysco-calibrate\0{key}".encode()).digest()
-        self.key = int.from_bytes(digest[:8], "big", signed=True)  # pg advisory locks take a bigint
-        self.name = "dysco-" + digest.hex()[:50]  # MySQL lock names hold at most 64 characters
-        connect_args = _connect_args(url)
-        if self.backend == "postgresql" and _driver(url) in ("psycopg2", "psycopg") \
-                and "options" not in _query(url):
-            # The server drops a vanished host's connection (and so its lock) within about a
-            # minute and a half, not after the OS's two-hour keepalive.
-            connect_args["options"] = "-c tcp_keepalives_idle=60 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
-        # NullPool: releasing closes the connection for real; AUTOCOMMIT: no transaction stays open while held.
-        self.engine = create_engine(url, poolclass=NullPool, connect_args=connect_args,
-                                    isolation_level="AUTOCOMMIT")
-        self.depth = 0
-        self.connection = None
-
-    def __enter__(self) -> "_DatabaseLock":
-        if self.depth == 0:
-            from sqlalchemy import text
-
-            connection = self.engine.connect()
-            try:
-                if self.backend == "postgresql":
-                    connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
-                elif connection.execute(text("SELECT GET_LOCK(:name, -1)"), {"name": self.name}).scalar() != 1:
-                    raise CalibrationError(f"the database server refused the study lock {self.name}")
-            except BaseException:
-                connection.close()
-                raise
-            self.connection = connection
-        self.depth += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.depth -= 1
-        if self.depth:
-            return
-        from sqlalchemy import text
-
-        connection, self.connection = self.connection, None
-        try:
-            with contextlib.suppress(Exception):  # closing the connection frees the lock anyway
-                if self.backend == "postgresql":
-                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
-                else:
-                    connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": self.name})
-        finally:
-            connection.close()
-
-
-class _Locks:
-    """Several reentrant locks taken together, in order (a file lock, then a database lock)."""
-
-    def __init__(self, *locks: Any) -> None:
-        self.locks = locks
-        self._held: list[contextlib.ExitStack] = []
-
-    def __enter__(self) -> "_Locks":
-        with contextlib.ExitStack() as stack:
-            for lock in self.locks:
-                stack.enter_context(lock)
-            self._held.append(stack.pop_all())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._held.pop().close()
-
-
-def open_storage(url: str | None) -> optuna.storages.BaseStorage:
-    """An Optuna storage for `url` (None: in memory), with heartbeats so dead trials get retried.
-
-    Raises CalibrationError, in one line, for a missing database driver or an unreachable server.
-    """
-    if url is None:
-        return optuna.storages.InMemoryStorage()
-    engine_kwargs: dict[str, Any] = {}
-    from filelock import FileLock
-
-    try:
-        if url.startswith("sqlite"):
-            # Workers write briefly and rarely; wait for the lock rather than fail.
-            engine_kwargs["connect_args"] = {"timeout": 120}
-        elif _backend(url) in SERVER_BACKENDS:
-            engine_kwargs["connect_args"] = _connect_args(url)
-        # Opening a new database creates its tables; two processes doing it at once (a command and
-        # the worker it started, or workers on two hosts) race, and the loser fails with "table …
-        # already exists".
-        path = _lock_path(url, "storage schema")
-        schema_lock = FileLock(path) if path and os.path.isdir(os.path.dirname(path)) else contextlib.nullcontext()
-        server_lock = _DatabaseLock(url, "storage schema") if _backend(url) in SERVER_BACKENDS \
-            else contextlib.nullcontext()
-        with schema_lock, server_lock, warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=HEARTBEAT_GRACE_S,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-            )
-    except Exception as err:  # sqlalchemy raises many kinds; all mean "cannot open this URL"
-        raise _storage_error(url, err) from None
-
-
-def _lock_path(url: str | None, key: str) -> str | None:
-    """A host-wide lock file for `key` (a study name, or the storage schema) on the storage `url`."""
-    if url is None:
-        return None
-    if url.startswith("sqlite:///"):
-        from sqlalchemy.engine import make_url
-
-        database = make_url(url).database
-        if database and database != ":memory:":
-            return os.path.abspath(database) + f".{hashlib.sha256(key.encode()).hexdigest()[:12]}.lock"
-    digest = hashlib.sha256(f"{url}\0{key}".encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"dysco-calibrate-{digest}.lock")
-
-
-@contextlib.contextmanager
-def _heartbeat(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> Iterator[None]:
-    """Record the trial's heartbeat while it runs (RDB storages), so other hosts can see it live."""
-    if not isinstance(storage, optuna.storages.RDBStorage):  # open_storage gives RDB ones heartbeats
-        yield
-        return
-    stop = threading.Event()
-    trial_id = trial._trial_id  # optuna exposes no public id; stable since optuna 1.x
-
-    def beat() -> None:
-        while True:
-            with contextlib.suppress(Exception):  # a missed beat is harmless; the next one retries
-                storage.record_heartbeat(trial_id)
-            if stop.wait(HEARTBEAT_INTERVAL_S):
-                return
-
-    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-def reclaim_dead_trials(study: optuna.Study, *, locked: bool = False) -> list[int]:
-    """Fail RUNNING trials whose process is gone and queue their parameters again.
-
-    Same host: the pid recorded in the trial's `worker` attribute is checked (it is dead, or now
-    names another process). Other hosts: Optuna's heartbeat decides. `locked`: the caller holds the
-    study's lock, under which a live worker creates a trial and records its `worker` together, so a
-    RUNNING trial without one was left by a process killed in between. Returns the failed numbers.
-    """
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker")
-        if worker is None and not locked or worker is not None and not _is_dead(worker):
-            continue
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-        failed.append(trial.number)
-        log.warning("trial %d was left running by a dead process (pid %s); re-running it",
-                    trial.number, (worker or {}).get("pid", "unrecorded"))
-        if set(trial.params) == set(_KNOBS):
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # other hosts: by heartbeat
-    return failed
 
 
 # --------------------------------------------------------------------------- the calibration
@@ -824,11 +522,11 @@ class Calibration:
             from filelock import FileLock
 
             url, key = self.config.storage, self.config.study_name or ""
-            path = _lock_path(url, key)
+            path = lock_path(url, key)
             locks = [FileLock(path)] if path else []
-            if url is not None and not url.startswith("sqlite") and _backend(url) in SERVER_BACKENDS:
-                locks.append(_DatabaseLock(url, key))
-            self._study_lock = _Locks(*locks)
+            if url is not None and not url.startswith("sqlite") and backend_name(url) in SERVER_BACKENDS:
+                locks.append(DatabaseLock(url, key))
+            self._study_lock = Locks(*locks)
         return self._study_lock
 
     # --- baselines ----------------------------------------------------------------------------
@@ -923,7 +621,7 @@ class Calibration:
             # heartbeat, so one from a host that dies here is still found (reclaim_dead_trials).
             if isinstance(self.storage, optuna.storages.RDBStorage):
                 self.storage.record_heartbeat(trial._trial_id)
-            trial.set_user_attr("worker", {**_this_worker(), "device": self.config.device})
+            trial.set_user_attr("worker", {**this_worker(), "device": self.config.device})
             return study, trial, False
 
     def run_trials(self, on_trial: Callable[[optuna.Study], None] | None = None, poll_s: float = 1.0) -> None:
@@ -937,7 +635,7 @@ class Calibration:
             if trial is None:
                 time.sleep(poll_s)
                 continue
-            with _heartbeat(self.storage, trial):
+            with heartbeat(self.storage, trial):
                 try:
                     value = self._objective(trial)
                 except optuna.TrialPruned:
@@ -1249,92 +947,6 @@ def _progress(items, enabled: bool, desc: str):
 # --------------------------------------------------------------------------- the driver
 
 
-def _die_with_parent() -> None:
-    """In a worker (Linux): get SIGTERM when the command that started it dies, even by SIGKILL."""
-    with contextlib.suppress(Exception):
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def process_configs(config: CalibrationConfig) -> list[CalibrationConfig]:
-    """The config of each process one command runs: its own first, then one per extra worker.
-
-    With `devices`, process i runs on devices[i]; otherwise all `workers` processes share `device`.
-    """
-    devices = list(config.devices) if config.devices else [config.device] * config.workers
-    own = replace(config, device=devices[0], devices=None)
-    return [own] + [replace(config, device=device, devices=None, workers=1) for device in devices[1:]]
-
-
-def worker_command(config: CalibrationConfig) -> list[str]:
-    """The command line of one extra worker process (`run_worker` on `config`)."""
-    return [sys.executable, "-m", "calibration.study", "--worker", json.dumps(asdict(config))]
-
-
-class _Workers:
-    """The extra worker processes of one command. Their stderr is kept aside and shown only when
-    one fails while the command succeeds (otherwise every error would be printed N times)."""
-
-    def __init__(self, configs: Sequence[CalibrationConfig]) -> None:
-        self.logs = [tempfile.TemporaryFile() for _ in configs]
-        self.processes = [
-            subprocess.Popen(worker_command(config), stdout=subprocess.PIPE, stderr=stream)
-            for config, stream in zip(configs, self.logs)
-        ]
-
-    def wait_ready(self, timeout_s: float = 900.0) -> None:
-        """Block until every worker has loaded its model and joined the study (or has died).
-
-        Without this the command, whose model is often loaded first, could run the whole budget
-        alone while its workers are still importing torch.
-        """
-        import select
-
-        pending = {p.stdout.fileno(): p for p in self.processes if p.stdout is not None}
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.warning("%d calibrate worker(s) not ready after %.0f s; going on without waiting",
-                            len(pending), timeout_s)
-                break
-            readable, _, _ = select.select(list(pending), [], [], left)
-            for fd in readable:
-                process = pending.pop(fd)
-                for line in iter(process.stdout.readline, b""):  # b"" when the worker died first
-                    if line.strip() == b"ready":
-                        break
-
-    def wait(self) -> None:
-        """Wait for every worker; warn with the tail of the stderr of any that failed."""
-        for process, stream in zip(self.processes, self.logs):
-            if process.stdout is not None:
-                process.stdout.close()
-            if process.wait() != 0:
-                stream.seek(0)
-                tail = stream.read().decode(errors="replace")[-2000:]
-                log.warning("worker pid %d exited with code %d:\n%s", process.pid, process.returncode, tail)
-            stream.close()
-
-    def stop(self) -> None:
-        """End the workers this command started (by their pids) and reap them."""
-        for process in self.processes:
-            if process.stdout is not None:
-                process.stdout.close()
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for stream in self.logs:
-            stream.close()
-
-
 def calibrate(config: CalibrationConfig, *, progress: bool = False) -> CalibrationResult:
     """Run (or resume) a whole calibration and return its result; see the module docstring."""
     config.validate()
@@ -1353,7 +965,7 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Calibrati
     # Extra workers start first: loading the model is slow, and they derive the same study name
     # (or create the study, whichever process comes first) on their own.
     config, *extra = process_configs(config)
-    workers = _Workers(extra) if extra else None
+    workers = WorkerProcesses(extra) if extra else None
     try:
         result = _coordinate(config, progress, workers)
     except BaseException:
@@ -1365,7 +977,7 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Calibrati
     return result
 
 
-def _coordinate(config: CalibrationConfig, progress: bool, workers: _Workers | None) -> CalibrationResult:
+def _coordinate(config: CalibrationConfig, progress: bool, workers: WorkerProcesses | None) -> CalibrationResult:
     cal = Calibration(config)
     cal.prepare(create=True, progress=progress)
     tracker = None
@@ -1467,7 +1079,7 @@ def _worker_main(argv: Sequence[str]) -> int:
     data["attnts_temperatures"] = tuple(data["attnts_temperatures"])
     if data.get("devices") is not None:
         data["devices"] = tuple(data["devices"])
-    _die_with_parent()
+    die_with_parent()
     try:
         run_worker(CalibrationConfig(**data))
     except CalibrationError as err:

@@ -21,7 +21,8 @@ import optuna
 import pytest
 
 from calibration.space import INTERVENTION_WARMUPS, PUBLISHED, SearchSpace
-from calibration.study import CalibrationConfig, CalibrationError, calibrate, head_ranking, parse_heads
+from calibration.errors import CalibrationError
+from calibration.study import CalibrationConfig, calibrate, head_ranking, parse_heads
 
 MODEL_NAME = "tiny-llama"
 COMMON = [
@@ -194,7 +195,7 @@ def test_head_ranking_follows_qr_scores_then_head_set():
 
 def test_a_trial_left_running_by_a_dead_process_is_failed_and_queued_again(tmp_path):
     from calibration.space import SearchSpace
-    from calibration.study import _this_worker, open_storage, reclaim_dead_trials
+    from calibration.storage import open_storage, reclaim_dead_trials, this_worker
 
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
@@ -203,10 +204,10 @@ def test_a_trial_left_running_by_a_dead_process_is_failed_and_queued_again(tmp_p
     dead.wait()
     orphan = study.ask()
     space.suggest(orphan)
-    orphan.set_user_attr("worker", {**_this_worker(), "pid": dead.pid})  # a process that has ended
+    orphan.set_user_attr("worker", {**this_worker(), "pid": dead.pid})  # a process that has ended
     alive = study.ask()
     space.suggest(alive)
-    alive.set_user_attr("worker", _this_worker())  # this very process: must be left alone
+    alive.set_user_attr("worker", this_worker())  # this very process: must be left alone
 
     assert reclaim_dead_trials(study) == [orphan.number]
     trials = study.get_trials()
@@ -332,7 +333,7 @@ def test_a_fixed_intervention_warmup_is_used_by_every_trial_and_registered(workd
 
 
 def test_a_study_made_before_intervention_warmup_is_refused_clearly(workdir):
-    from calibration.study import open_storage
+    from calibration.storage import open_storage
 
     storage = f"sqlite:///{workdir['dir'] / 'old.db'}"
     old = optuna.create_study(study_name="old", storage=open_storage(storage), direction="maximize")
@@ -435,7 +436,7 @@ def _nested_trial_numbers(work) -> list[int]:
 
 
 def _open_at(url: str, start: float, results) -> None:
-    from calibration.study import open_storage
+    from calibration.storage import open_storage
 
     while time.time() < start:  # every process opens the new database at the same moment
         pass

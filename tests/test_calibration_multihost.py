@@ -148,7 +148,7 @@ def test_each_listed_device_gets_one_worker_process(monkeypatch):
     import torch
 
     from calibration.cli import build_parser, config_from_args
-    from calibration.study import process_configs, worker_command
+    from calibration.workers import process_configs, worker_command
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -194,9 +194,9 @@ def _states(url: str, name: str) -> list[str]:
 
 
 def test_the_database_lock_excludes_other_hosts_and_dies_with_its_holder(postgres, tmp_path):
-    from calibration.study import _DatabaseLock
+    from calibration.storage import DatabaseLock
 
-    first, second = _DatabaseLock(postgres, "study-a"), _DatabaseLock(postgres, "study-a")
+    first, second = DatabaseLock(postgres, "study-a"), DatabaseLock(postgres, "study-a")
     got = threading.Event()
 
     def take() -> None:
@@ -207,14 +207,14 @@ def test_the_database_lock_excludes_other_hosts_and_dies_with_its_holder(postgre
         waiter = threading.Thread(target=take, daemon=True)
         waiter.start()
         assert not got.wait(1.5), "two connections held the same study lock at once"
-        with _DatabaseLock(postgres, "study-b"):  # another study's lock is independent
+        with DatabaseLock(postgres, "study-b"):  # another study's lock is independent
             pass
     assert got.wait(10), "the lock was not released"
     waiter.join(10)
 
     # A holder killed by SIGKILL (a crashed host's worker) does not keep the lock: the server frees it.
-    code = ("import sys, time; from calibration.study import _DatabaseLock\n"
-            f"lock = _DatabaseLock({postgres!r}, 'study-a'); lock.__enter__(); print('held', flush=True); time.sleep(600)")
+    code = ("import sys, time; from calibration.storage import DatabaseLock\n"
+            f"lock = DatabaseLock({postgres!r}, 'study-a'); lock.__enter__(); print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                               env=_other_host_env(tmp_path / "host-b"))
     try:
@@ -235,14 +235,14 @@ def test_a_trial_of_a_dead_worker_on_another_host_is_failed_by_heartbeat_and_ret
     import sqlalchemy
 
     from calibration.space import SearchSpace
-    from calibration.study import HEARTBEAT_GRACE_S, _this_worker, open_storage, reclaim_dead_trials
+    from calibration.storage import HEARTBEAT_GRACE_S, open_storage, reclaim_dead_trials, this_worker
 
     storage = open_storage(postgres)
     study = optuna.create_study(study_name="hb", storage=storage, direction="maximize")
     space = SearchSpace.for_model(4096, 16)
     trial = study.ask()
     params = space.suggest(trial)
-    trial.set_user_attr("worker", {**_this_worker(), "host": "another-host", "pid": 1})
+    trial.set_user_attr("worker", {**this_worker(), "host": "another-host", "pid": 1})
     storage.record_heartbeat(trial._trial_id)
 
     assert reclaim_dead_trials(study) == []  # a fresh heartbeat: alive, whatever its pid means here
@@ -263,7 +263,7 @@ def test_a_trial_of_a_dead_worker_on_another_host_is_failed_by_heartbeat_and_ret
 def test_a_trial_killed_before_its_worker_was_recorded_is_failed_under_the_lock(tmp_path):
     """A process SIGKILLed between creating its trial and recording itself on it leaves a RUNNING trial
     with no pid or heartbeat; under the study's lock (where live workers do both together) it is failed."""
-    from calibration.study import open_storage, reclaim_dead_trials
+    from calibration.storage import open_storage, reclaim_dead_trials
 
     study = optuna.create_study(study_name="s", storage=open_storage(f"sqlite:///{tmp_path / 's.db'}"))
     orphan = study.ask()
@@ -310,7 +310,7 @@ def test_two_hosts_share_one_postgres_study_exactly(workdir, postgres, tmp_path)
 def test_a_killed_worker_trial_is_failed_and_retried_on_postgres(workdir, postgres):
     import sqlalchemy
 
-    from calibration.study import _KNOBS
+    from calibration.space import KNOBS
 
     cmd = _cli(workdir, postgres, "--trials", "8", "--max-new-tokens", "24")
     first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -320,7 +320,7 @@ def test_a_killed_worker_trial_is_failed_and_retried_on_postgres(workdir, postgr
         "SELECT (SELECT count(*) FROM trials WHERE state = 'COMPLETE'), "
         "(SELECT count(*) FROM trials t WHERE state = 'RUNNING' "
         " AND (SELECT count(*) FROM trial_params p WHERE p.trial_id = t.trial_id) = :knobs)"
-    ).bindparams(knobs=len(_KNOBS))
+    ).bindparams(knobs=len(KNOBS))
     deadline, done, busy = time.monotonic() + 300, 0, 0
     while time.monotonic() < deadline and first.poll() is None and not (done >= 2 and busy):
         try:

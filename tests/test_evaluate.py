@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from calibration.evaluate import (
+from calibration.evaluation import (
     ANSWER_MARGIN_TOKENS,
     CellResult,
     EvalError,
@@ -25,7 +25,7 @@ from calibration.evaluate import (
     parse_lengths,
     resolve_dysco,
 )
-from calibration.stats import sign_test  # its home; evaluate no longer re-exports it
+from calibration.evaluation.statistics import sign_test
 from decoder.tiny import tiny_model
 
 # Smallest sizes the tasks can fill with the tiny tokenizer (kv needs ~500 tokens, needle ~250).
@@ -159,7 +159,7 @@ def test_shared_prefill_gives_what_each_method_gives_alone(tiny):
 def test_shared_prefill_leaves_out_the_intervention_warmup_too(tiny, intervention_warmup):
     """The shared prefill stops before DySCO's context plus intervention warmup, and DySCO from it
     answers as it does alone, whatever the intervention warmup."""
-    from calibration.evaluate import shared_prefill
+    from calibration.evaluation.batches import shared_prefill
     from calibration.tasks import get_task
     from decoder.dysco import DyscoConfig
     from decoder.generation import Decoder
@@ -489,41 +489,46 @@ def test_partial_grid_report_renders_each_tasks_own_lengths(tmp_path):
     assert report.plot(tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_interrupted_eval_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatch):
-    """A run killed mid-way leaves its finished batches; the same call again decodes only the rest."""
-    import calibration.evaluate as ev
+def _decoded(calls):
+    """An `on_batch` hook that records the method of every batch decoded (not read back)."""
+    return lambda done: None if done.resumed else calls.append(done.method)
 
+
+def test_interrupted_eval_resumes_from_its_checkpoint(tiny, tmp_path):
+    """A run killed mid-way leaves its finished batches; the same call again decodes only the rest."""
     model, tokenizer = tiny
     kw = dict(dysco=HEADS, max_new_tokens=4, bootstrap_resamples=200)
     whole = evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 3, 7, **kw)
 
     checkpoint = tmp_path / "progress.jsonl"
     calls = []
-    original = ev.run_batch
 
-    def dies_after_four(*args, **kwargs):
+    def dies_after_four(done):
+        calls.append(done.method)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        calls.append(args[0].method)
-        return original(*args, **kwargs)
 
-    monkeypatch.setattr(ev, "run_batch", dies_after_four)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 3, 7, checkpoint=checkpoint, **kw)
+        evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 3, 7, checkpoint=checkpoint,
+                 on_batch=dies_after_four, **kw)
     with open(checkpoint, "a") as handle:
         handle.write('{"fingerprint": "cut sh')  # a write cut by the kill
-    monkeypatch.setattr(ev, "run_batch", original)
 
     calls.clear()
-    monkeypatch.setattr(ev, "run_batch", lambda *a, **k: (calls.append(a[0].method), original(*a, **k))[1])
-    resumed = evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 3, 7, checkpoint=checkpoint, **kw)
+    seen = []
+    resumed = evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 3, 7, checkpoint=checkpoint,
+                       on_batch=lambda done: (seen.append(done), _decoded(calls)(done)), **kw)
     assert len(calls) == 9 - 4 and resumed.config["resumed_batches"] == 4
+    # The hook sees every batch in order, read back or decoded, with its own scores.
+    assert [(d.method, d.start, d.resumed) for d in seen] == [
+        (m, start, i < 4) for i, (start, m) in enumerate((s, m) for s in range(3) for m in ("vanilla", "attnts", "dysco"))]
+    assert [score for d in seen if d.method == "dysco" for score in d.run.scores] == resumed.scores("needle", 512, "dysco")
     assert [e["responses"] for e in resumed.examples] == [e["responses"] for e in whole.examples]
     assert [(c.mean, c.low, c.high) for c in resumed.cells] == [(c.mean, c.low, c.high) for c in whole.cells]
 
     # Other settings (another seed here) share the file but none of its batches.
     calls.clear()
-    evaluate(model, tokenizer, "needle", "512", "vanilla", 2, 3, checkpoint=checkpoint, **kw)
+    evaluate(model, tokenizer, "needle", "512", "vanilla", 2, 3, checkpoint=checkpoint, on_batch=_decoded(calls), **kw)
     assert len(calls) == 2
 
 
@@ -531,14 +536,12 @@ def test_resume_reads_back_only_batches_of_the_same_example_content(tiny, tmp_pa
     """Same ids and settings but other examples (an edited MRCR file, another needle depth): decoded again."""
     import dataclasses
 
-    import calibration.evaluate as ev
     from calibration.tasks import get_task
 
     model, tokenizer = tiny
-    kw = dict(dysco=HEADS, max_new_tokens=2, bootstrap_resamples=200, checkpoint=tmp_path / "progress.jsonl")
     calls = []
-    original = ev.run_batch
-    monkeypatch.setattr(ev, "run_batch", lambda *a, **k: (calls.append(a[0].method), original(*a, **k))[1])
+    kw = dict(dysco=HEADS, max_new_tokens=2, bootstrap_resamples=200, checkpoint=tmp_path / "progress.jsonl",
+              on_batch=_decoded(calls))
     first = evaluate(model, tokenizer, "needle", "512", "vanilla", 2, 0, **kw)
     assert len(calls) == 2
 
@@ -615,7 +618,7 @@ def test_selection_recall_is_one_when_everything_is_selected(tiny):
 
 
 def test_selection_recall_round_trips_through_json(report, tmp_path):
-    from calibration.evaluate import SelectionResult
+    from calibration.evaluation import SelectionResult
 
     paths = report.save(tmp_path / "out")
     data = json.loads(paths["json"].read_text())
@@ -675,7 +678,7 @@ def test_fast_path_says_the_selection_recall_needs_the_exact_path(tiny):
 
 
 def test_selection_results_groups_by_outcome_and_skips_the_unmeasured():
-    from calibration.evaluate import selection_results, summarize_selection
+    from calibration.evaluation import selection_results, summarize_selection
 
     steps = [{"selected": 4, "mass": 0.9, "evidence_recall": 1.0, "evidence_share": 0.5, "evidence_importance": 0.4},
              {"selected": 2, "mass": 0.7, "evidence_recall": 0.5, "evidence_share": 0.25, "evidence_importance": 0.2}]
