@@ -175,3 +175,28 @@ def test_device_map_over_two_gpus_equals_one_gpu(tmp_path):
             assert decodes[method]["tokens"] == expected["tokens"], (path, method)
             for got, want in zip(decodes[method]["logits"], expected["logits"]):
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The two-GPU benchmark's CPU dry run
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tp_speed_benchmark_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/tp_speed.py --tiny: every placement runs (TP on two gloo ranks) and decodes what one device does."""
+    import json
+
+    script = Path(__file__).parents[1] / "benchmarks" / "tp_speed.py"
+    command = [sys.executable, str(script), "--tiny", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "ckpt"),
+               "--contexts", "64", "--steps", "4", "--hooks"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    result = json.loads((tmp_path / "tp_speed.json").read_text())
+    rows = {(p["placement"], r["method"]): r for p in result["placements"] for r in p["rows"]}
+    assert set(rows) == {(p, m) for p in ("single", "tp", "device_map") for m in ("vanilla", "dysco")}
+    for (placement, method), row in rows.items():
+        assert row["decode_ms"] > 0 and len(row["tokens"]) == 4
+        assert row["tokens"] == rows[("single", method)]["tokens"], (placement, method)  # float32: same greedy tokens
+    table = (tmp_path / "tp_speed.md").read_text()
+    assert "| tp | dysco | 64 |" in table and "4/4" in table

@@ -1,6 +1,7 @@
 """One rank of tests/test_tensor_parallel.py: runs under `torchrun --nproc-per-node 2`.
 
-Loads each checkpoint with transformers' own tensor parallelism (`from_pretrained(path, tp_plan="auto")`),
+Loads each checkpoint with transformers' own tensor parallelism (`from_pretrained(path, tp_plan="auto")`,
+spelled `distributed_config=DistributedConfig(tp_plan="auto")`),
 runs the checks' forwards and decodes, and saves what it saw to OUT/rank{r}.pt; the test compares it
 with the same work done by one unsharded process.
 
@@ -112,11 +113,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DistributedConfig
 
     results = {}
     for path in args.checkpoints:
-        model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto", dtype=torch.float32)
+        # The same as tp_plan="auto", the spelling transformers deprecates from 5.18.
+        model = AutoModelForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"),
+                                                     dtype=torch.float32)
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         results[path] = {**captures_and_ablation(model, tokenizer), "decodes": decodes(model, tokenizer),
