@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoder.tensor_parallel import HeadShard, gather_captured, head_shard, localize
+from decoder.tensor_parallel import HeadShard, gather_captured, head_shard, is_sharded, localize
 
 __all__ = [
     "AttentionPlan",
@@ -177,7 +177,7 @@ def attach(model: torch.nn.Module) -> None:
             "cannot reach its attention logits (a model with a hand-written attention needs porting to the "
             "interface first)"
         )
-    if _is_distributed(model):
+    if is_sharded(model):
         n_heads = _text_config(model).num_attention_heads
         for layer, heads in sorted(seen.items()):
             shard = attachment.shards.get(layer)
@@ -222,15 +222,6 @@ def attention_group(model: torch.nn.Module):
 def _text_config(model: torch.nn.Module):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _is_distributed(model: torch.nn.Module) -> bool:
-    """Whether any parameter is a DTensor (a model sharded with tensor parallelism)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _head_shards(model: torch.nn.Module, modules: list[torch.nn.Module]) -> dict[int, HeadShard]:

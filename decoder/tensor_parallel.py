@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HeadShard", "gather_captured", "head_shard", "localize"]
+__all__ = ["HeadShard", "gather_captured", "head_shard", "is_sharded", "localize"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,11 @@ def gather_captured(captured: dict[int, torch.Tensor], group) -> None:
         n = captured[layer].numel()
         captured[layer] = flat[offset : offset + n].view_as(captured[layer])
         offset += n
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether any parameter of `model` is a DTensor (a model loaded with a tp_plan)."""
+    return any(_is_dtensor(p) for p in model.parameters())
 
 
 def _is_dtensor(tensor) -> bool:

@@ -123,6 +123,7 @@ def test_refusals_and_seeded_sampling(runs):
         for result in ranks:
             assert "whole heads" in result[path]["split_error"]
             assert "needs a seed" in result[path]["sample_error"]
+            assert "fast path does not run tensor-parallel" in result[path]["fast_error"]
         assert ranks[0][path]["seeded"] == ranks[1][path]["seeded"]  # the same seed draws the same tokens
 
 

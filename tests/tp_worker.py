@@ -103,8 +103,16 @@ def shard_checks(model, tokenizer) -> dict:
     except ValueError as err:
         sample_error = str(err)
     seeded = decoder.generate([[1, 2, 3]], max_new_tokens=4, do_sample=True, seed=3).token_ids
+    from decoder.fast import FastDecoder
+
+    try:
+        FastDecoder(model, tokenizer, "vanilla")
+        fast_error = None
+    except ValueError as err:
+        fast_error = str(err)
     return {"rank": rank, "shards": shards, "gathered": {k: v.cpu() for k, v in pattern.items()},
-            "split_error": split_error, "sample_error": sample_error, "seeded": seeded}
+            "split_error": split_error, "sample_error": sample_error, "seeded": seeded,
+            "fast_error": fast_error}
 
 
 def main() -> None:
