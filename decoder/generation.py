@@ -14,7 +14,10 @@ model's DynamicCache concatenates each layer's keys and values on every forward,
 own generate does; the probe concatenates too (up to the deepest layer of S) and its writes are
 undone by restoring references, never by copying the cache. Finished rows are dropped from the cache
 once (`batch_select_indices`). The bias is applied inside the attention call and the probe computes
-probabilities only for the heads of S; importance, selection and bias stay on the model's device.
+probabilities only for the heads of S; importance, selection and bias stay on the input embedding's
+device (captures and logits are brought there from the layers of a model spread with a device_map).
+On a tensor-parallel model (transformers' `tp_plan`, one process per GPU) every rank runs the same
+Decoder: the attention hook gathers the QR heads' captures across the ranks (`docs/scaling.md`).
 
 For calibration, `prefill` runs the knob-independent part once and `generate_from` continues from it
 without changing it (the cache is shared by reference; DynamicCache never writes in place):
