@@ -88,6 +88,7 @@ def ensure_checkpoint(path: str, tiny: bool) -> None:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(qwen3_config(tiny), dtype=torch.float32 if tiny else torch.bfloat16)
     model.generation_config.pad_token_id = 0
+    model.to("cpu")  # random init is fast on the GPU; the file is written from host memory
     tmp = path + ".partial"
     model.save_pretrained(tmp, max_shard_size="4GB")
     os.replace(tmp, path)

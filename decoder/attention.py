@@ -147,7 +147,7 @@ def attach(model: torch.nn.Module) -> None:
             "model whose attention goes through transformers' AttentionInterface"
         )
 
-    # A two-token forward proves which layers really call the interface.
+    # Which heads this rank holds, when a tp_plan sharded the attention.
     try:
         attachment.shards = _head_shards(model, modules)
     except ValueError as err:
