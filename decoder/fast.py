@@ -252,6 +252,13 @@ class FastDecoder:
             self.intervention_warmup = 0
         self.temperature = temperature if method == "attnts" else 1.0
         self.sync_every = sync_every
+        from decoder.tensor_parallel import is_sharded
+
+        if is_sharded(model):
+            raise ValueError(
+                "the fast path does not run tensor-parallel models (a tp_plan); decode them with the exact path, "
+                "decoder.generation.Decoder, which gathers the QR heads across the ranks"
+            )
         self.decoder = model.get_decoder()
         if not hasattr(self.decoder, "layers"):
             raise TypeError(f"{type(self.decoder).__name__} has no `layers` list; the fast path cannot cut the probe")
