@@ -30,6 +30,11 @@ in how the work is laid out:
 - **Fused small ops** (`decoder.fast_fused`, CUDA only): RMSNorm, rotary, SiLU·mul and the q/k/v
   projections as one GEMV, each swapped in only where it reproduces the module on random inputs, and
   only while the fast path runs.
+- **Levers** (`levers=`, default all of `decoder.fast_kernels.LEVERS`): exact speed-ups that can each be
+  turned off, so `benchmarks/levers.py` can measure every one's share. Two live here: `kv_write` (the
+  decode kernel writes the step's K/V column itself) and `probe_tail` (the probe's deepest layer runs
+  the capture alone, then `_ProbeDone` ends the forward: that layer's V read, o_proj and MLP and the
+  final norm are never used); the others are fused ops (`decoder.fast_fused`).
 
 Measured on an H200 (docs/benchmarks.md, docs/gpu_notes.md): Qwen3-8B shape at 128K, batch 1, vanilla
 10.3 ms/token (1.26× the bandwidth floor), DySCO 17.7 ms/token; transformers' generate 75 ms.
