@@ -30,6 +30,11 @@ in how the work is laid out:
 - **Fused small ops** (`decoder.fast_fused`, CUDA only): RMSNorm, rotary, SiLU·mul and the q/k/v
   projections as one GEMV, each swapped in only where it reproduces the module on random inputs, and
   only while the fast path runs.
+- **Levers** (`levers=`, default all of `decoder.fast_kernels.LEVERS`): exact speed-ups that can each be
+  turned off, so `benchmarks/levers.py` can measure every one's share. Two live here: `kv_write` (the
+  decode kernel writes the step's K/V column itself) and `probe_tail` (the probe's deepest layer runs
+  the capture alone, then `_ProbeDone` ends the forward: that layer's V read, o_proj and MLP and the
+  final norm are never used); the others are fused ops (`decoder.fast_fused`).
 
 Measured on an H200 (docs/benchmarks.md, docs/gpu_notes.md): Qwen3-8B shape at 128K, batch 1, vanilla
 10.3 ms/token (1.26× the bandwidth floor), DySCO 17.7 ms/token; transformers' generate 75 ms.
@@ -46,7 +51,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +59,7 @@ import torch.nn.functional as F
 
 from decoder import METHODS
 from decoder.dysco import DyscoConfig, dysco_bias, feed_schedule, select_positions, update_importance, upweighted_positions
-from decoder.fast_kernels import decode_attention
+from decoder.fast_kernels import LEVERS, decode_attention, decode_scores
 from decoder.loading import context_limit
 
 __all__ = ["FastDecoder", "FastOutput", "FAST_IMPLEMENTATION"]
@@ -94,6 +99,12 @@ class _Run:
     bias: dict[torch.device, torch.Tensor | None] = field(default_factory=dict)
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> (head_to_row, scores)
     fused: object | None = None  # decoder.fast_fused.FusedOps swapped in while active
+    levers: frozenset[str] = frozenset(LEVERS)  # decoder.fast_kernels.LEVERS in use
+    probe_last: int | None = None  # probe_tail: the layer whose captured logits end the probe
+
+
+class _ProbeDone(Exception):
+    """Raised by the probe's deepest layer once its logits are captured: nothing after them is used."""
 
 
 _ACTIVE: _Run | None = None
@@ -133,10 +144,16 @@ def _fast_attention(
     # decode: one token per row, written at column t, attended over columns 0..t
     t = run.t[query.device]
     k_buf, v_buf = run.k[layer], run.v[layer]
-    k_buf.index_copy_(2, t, key)
-    v_buf.index_copy_(2, t, value)
+    new_kv = (key[:, :, 0], value[:, :, 0])  # [batch, kv_heads, head_dim]: the kernel writes them at t
+    if "kv_write" not in run.levers:
+        k_buf.index_copy_(2, t, key)
+        v_buf.index_copy_(2, t, value)
+        new_kv = None
     capture = run.capture.get(layer) if run.capture is not None else None
-    out = decode_attention(query[:, :, 0], k_buf, v_buf, run.bias[query.device], t, scale, window, capture)
+    if layer == run.probe_last:
+        decode_scores(query[:, :, 0], k_buf, v_buf, t, scale, capture, new_kv)
+        raise _ProbeDone
+    out = decode_attention(query[:, :, 0], k_buf, v_buf, run.bias[query.device], t, scale, window, capture, new_kv)
     return out.unsqueeze(1), None  # [batch, 1, heads, head_dim]
 
 
@@ -233,6 +250,7 @@ class FastDecoder:
         *,
         cuda_graphs: bool | None = None,
         fuse: bool | None = None,
+        levers: Collection[str] | None = None,
         sync_every: int = 16,
     ):
         if method not in METHODS:
@@ -241,6 +259,9 @@ class FastDecoder:
             raise ValueError("method 'dysco' needs a DyscoConfig (its head set and knobs)")
         if temperature <= 0:
             raise ValueError(f"attention temperature must be > 0, got {temperature}")
+        levers = frozenset(LEVERS if levers is None else levers)
+        if not levers <= LEVERS.keys():
+            raise ValueError(f"unknown levers {sorted(levers - LEVERS.keys())}; the levers are {', '.join(LEVERS)}")
         self.model, self.tokenizer, self.method = model, tokenizer, method
         self.dysco = dysco if method == "dysco" else None
         if self.dysco is not None:
@@ -262,7 +283,7 @@ class FastDecoder:
         self.decoder = model.get_decoder()
         if not hasattr(self.decoder, "layers"):
             raise TypeError(f"{type(self.decoder).__name__} has no `layers` list; the fast path cannot cut the probe")
-        self.run = _Run(temperature=self.temperature)
+        self.run = _Run(temperature=self.temperature, levers=levers)
         self._discover()
         devices = {info.device for info in self.run.layers.values()}
         self.device = model.get_input_embeddings().weight.device
@@ -277,7 +298,7 @@ class FastDecoder:
         if fuse:
             from decoder.fast_fused import FusedOps
 
-            self.run.fused = FusedOps(model)
+            self.run.fused = FusedOps(model, levers=levers)
         if self.dysco is not None:
             heads = model.config.num_attention_heads
             self.dysco.check_model(model.config.num_hidden_layers, heads, self.run.layers.keys())
@@ -393,7 +414,14 @@ class FastDecoder:
 
     def _forward_probe(self, shape: _Shape, ids, positions) -> None:
         with _truncated(self.decoder, self.dysco.deepest_layer + 1):
-            self.decoder(input_ids=ids, position_ids=positions, use_cache=False)
+            # probe_tail: the deepest layer's attention captures its logits and ends the forward there.
+            self.run.probe_last = self.dysco.deepest_layer if "probe_tail" in self.run.levers else None
+            try:
+                self.decoder(input_ids=ids, position_ids=positions, use_cache=False)
+            except _ProbeDone:
+                pass
+            finally:
+                self.run.probe_last = None
 
     def _set_bias(self, bias: torch.Tensor) -> None:
         self.run.bias[self.device].copy_(bias)
