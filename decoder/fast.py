@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from decoder import METHODS
 from decoder.dysco import DyscoConfig, dysco_bias, feed_schedule, select_positions, update_importance, upweighted_positions
-from decoder.fast_kernels import LEVERS, decode_attention, decode_scores
+from decoder.fast_kernels import LEVERS, decode_attention, decode_scores, default_levers
 from decoder.loading import context_limit
 
 __all__ = ["FastDecoder", "FastOutput", "FAST_IMPLEMENTATION"]
@@ -259,7 +259,7 @@ class FastDecoder:
             raise ValueError("method 'dysco' needs a DyscoConfig (its head set and knobs)")
         if temperature <= 0:
             raise ValueError(f"attention temperature must be > 0, got {temperature}")
-        levers = frozenset(LEVERS if levers is None else levers)
+        levers = default_levers() if levers is None else frozenset(levers)
         if not levers <= LEVERS.keys():
             raise ValueError(f"unknown levers {sorted(levers - LEVERS.keys())}; the levers are {', '.join(LEVERS)}")
         self.model, self.tokenizer, self.method = model, tokenizer, method

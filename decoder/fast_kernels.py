@@ -48,7 +48,7 @@ except Exception:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
 
 __all__ = ["decode_attention", "decode_attention_torch", "decode_scores", "decode_scores_torch", "HAVE_TRITON",
-           "LEVERS", "triton_usable"]
+           "LEVERS", "LEVERS_ENV", "default_levers", "triton_usable"]
 
 _LOG2E = 1.4426950408889634
 
@@ -60,6 +60,23 @@ LEVERS = {
     "splitk_gemv": "a split-K Triton GEMV for the decode-time q/k/v and o projections",
 }
 """Every optional speed-up of the fast path, name -> what it does; each is exact (same function)."""
+
+LEVERS_ENV = "DYSCO_FAST_LEVERS"
+
+
+def default_levers() -> frozenset[str]:
+    """The levers a FastDecoder uses when none are given: all, or the comma list in $DYSCO_FAST_LEVERS
+    ("none" for none), so a run through a CLI or a benchmark can turn one off without code."""
+    import os
+
+    text = os.environ.get(LEVERS_ENV)
+    if text is None:
+        return frozenset(LEVERS)
+    names = frozenset(n.strip() for n in text.split(",") if n.strip() and n.strip() != "none")
+    if not names <= LEVERS.keys():
+        raise ValueError(f"${LEVERS_ENV}: unknown levers {sorted(names - LEVERS.keys())}; the levers are "
+                         f"{', '.join(LEVERS)} (or 'none')")
+    return names
 
 
 def triton_usable(device: torch.device) -> bool:

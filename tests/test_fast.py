@@ -228,6 +228,18 @@ def test_levers_unknown_name():
         FastDecoder(model, tok, "vanilla", levers={"kv_write", "warp_drive"})
 
 
+def test_levers_from_the_environment(monkeypatch):
+    """$DYSCO_FAST_LEVERS picks the default levers (a CLI run can drop one); a typo is named."""
+    model, tok = tiny_model("qwen3")
+    monkeypatch.setenv("DYSCO_FAST_LEVERS", "probe_tail, kv_write")
+    assert FastDecoder(model, tok, "vanilla").run.levers == {"probe_tail", "kv_write"}
+    monkeypatch.setenv("DYSCO_FAST_LEVERS", "none")
+    assert FastDecoder(model, tok, "vanilla").run.levers == set()
+    monkeypatch.setenv("DYSCO_FAST_LEVERS", "kv_writes")
+    with pytest.raises(ValueError, match=r"DYSCO_FAST_LEVERS.*kv_writes"):
+        FastDecoder(model, tok, "vanilla")
+
+
 @pytest.mark.parametrize("levers", [(), ("kv_write",), ("probe_tail",)])
 def test_fast_levers_off_matches_exact(levers):
     """With the K/V write and the probe tail each off (the PyTorch paths on the CPU), still the exact tokens."""
