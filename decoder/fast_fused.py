@@ -61,7 +61,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _silu_mul_kernel(G, U, Y, n_cols, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # a long prefill has > 2**31 elements: 64-bit row offsets
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < n_cols
         g = tl.load(G + row * stride_g + offs, mask=ok, other=0.0).to(tl.float32)
@@ -154,8 +154,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` in one kernel."""
     gate, up = gate.contiguous(), up.contiguous()
     y = torch.empty_like(gate)
-    n = gate.numel()
-    _silu_mul_kernel[(1, triton.cdiv(n, 1024))](gate, up, y, n, 0, 0, 0, BLOCK=1024)
+    n = gate.shape[-1]
+    rows = gate.numel() // n  # rows on the grid's first axis (2**31 - 1 programs), columns on the second (65535)
+    _silu_mul_kernel[(rows, triton.cdiv(n, 1024))](gate, up, y, n, n, n, n, BLOCK=1024)
     return y
 
 
