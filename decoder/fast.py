@@ -95,8 +95,10 @@ class _Run:
     layers: dict[int, _LayerInfo] = field(default_factory=dict)
     k: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [batch, kv_heads, max_len, head_dim]
     v: dict[int, torch.Tensor] = field(default_factory=dict)
-    # prefill of a left-padded batch: per device, each row's padding length [batch] (None: no padding),
-    # and the masks built from it, once per forward and shared by its layers (device, window) -> mask
+    # prefill: the first column this forward writes (> 0: continuing a kept prefill), per device each
+    # row's padding length [batch] (None: no padding and offset 0, the plain causal call), and the
+    # masks built from them, once per forward and shared by its layers: (device, window) -> mask
+    offset: int = 0
     pads: dict[torch.device, torch.Tensor] | None = None
     masks: dict[tuple[torch.device, int | None], torch.Tensor] = field(default_factory=dict)
     # decode: per device, the current column [1] int64 and the bias [batch, max_len] float32 (or None)
@@ -135,19 +137,18 @@ def _fast_attention(
         return _prefill_attention(query, key, value, scale, window), None
 
     if run.mode == "prefill":
-        q_len = key.shape[-2]
+        start, end = run.offset, run.offset + key.shape[-2]
         if run.pads is None:
-            run.k[layer][:, :, :q_len] = key
-            run.v[layer][:, :, :q_len] = value
+            run.k[layer][:, :, :end] = key
+            run.v[layer][:, :, :end] = value
             return _prefill_attention(query, key, value, scale, window), None
         pads = run.pads[query.device]
-        real = torch.arange(q_len, device=query.device)[None, :] >= pads[:, None]  # [batch, q_len]
+        real = torch.arange(start, end, device=query.device)[None, :] >= pads[:, None]  # [batch, q_len]
         # Padding columns stay zero in the buffers, as if never written (decode masks them anyway).
-        key = key.masked_fill(~real[:, None, :, None], 0.0)
-        value = value.masked_fill(~real[:, None, :, None], 0.0)
-        run.k[layer][:, :, :q_len] = key
-        run.v[layer][:, :, :q_len] = value
-        return _padded_prefill_attention(query, key, value, scale, window, pads, run.masks), None
+        run.k[layer][:, :, start:end] = key.masked_fill(~real[:, None, :, None], 0.0)
+        run.v[layer][:, :, start:end] = value.masked_fill(~real[:, None, :, None], 0.0)
+        return _padded_prefill_attention(query, run.k[layer][:, :, :end], run.v[layer][:, :, :end], scale, window,
+                                         pads, start, run.masks), None
 
     # decode: one token per row, written at column t, attended over columns 0..t
     t = run.t[query.device]
@@ -182,35 +183,37 @@ def _prefill_attention(query, key, value, scale: float, window: int | None) -> t
 _MASK_BUDGET = 1 << 27
 
 
-def _padded_prefill_attention(query, key, value, scale: float, window: int | None, pads: torch.Tensor,
+def _padded_prefill_attention(query, key, value, scale: float, window: int | None, pads: torch.Tensor, offset: int,
                               masks: dict) -> torch.Tensor:
-    """Causal attention of a left-padded batch in one SDPA call per query block: [batch, q_len, heads, head_dim].
+    """Causal attention of a left-padded batch, one SDPA call per query block: [batch, q_len, heads, head_dim].
 
-    Row b's real tokens are columns [pads[b], q_len); a query sees the real keys at or before it (and
-    within the window). A padding query sees only itself (a zero key and value), so no row of
-    the softmax is empty and nothing is NaN; its output is never read by a real token.
+    query [batch, heads, q_len, head_dim] holds columns offset..offset+q_len; key and value hold
+    columns 0..offset+q_len. Row b's real tokens start at column pads[b]; a query sees the real keys
+    at or before it (and within the window). A padding query sees only itself (a zero key and
+    value), so no row of the softmax is empty and nothing is NaN; no real token reads its output.
     """
     batch, heads, q_len, head_dim = query.shape
+    n_keys = key.shape[-2]
     if key.shape[1] != heads:  # SDPA's masked kernels take no GQA: repeat the KV heads (prefill only)
         n_rep = heads // key.shape[1]
         key, value = key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)
-    block = max(1, min(q_len, _MASK_BUDGET // max(1, batch * q_len)))
+    block = max(1, min(q_len, _MASK_BUDGET // max(1, batch * n_keys)))
     out = torch.empty_like(query)  # [batch, heads, q_len, head_dim]
     for start in range(0, q_len, block):
         end = min(q_len, start + block)
-        # Keys past the block's last query are masked for all of its rows: leave them out.
         mask = masks.get((query.device, window)) if block == q_len else None
         if mask is None:
-            mask = _padding_mask(pads, start, end, window, query.device)
-            if block == q_len:  # the whole mask fits: build once per forward, share across layers
+            mask = _padding_mask(pads, offset + start, offset + end, window, query.device)
+            if block == q_len:  # the whole mask fits: build it once per forward, share it across layers
                 masks[(query.device, window)] = mask
+        # Keys past the block's last query are masked for all of its rows: leave them out.
         out[:, :, start:end] = F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, :end], value[:, :, :end], attn_mask=mask, scale=scale)
+            query[:, :, start:end], key[:, :, : offset + end], value[:, :, : offset + end], attn_mask=mask, scale=scale)
     return out.transpose(1, 2).contiguous()
 
 
 def _padding_mask(pads: torch.Tensor, start: int, end: int, window: int | None, device) -> torch.Tensor:
-    """bool [batch, 1, end - start, end]: query i (columns start..end) may attend to key j."""
+    """bool [batch, 1, end - start, end]: whether the query at column i (start..end) may attend to key j (0..end)."""
     i = torch.arange(start, end, device=device)[:, None]  # [q, 1]
     j = torch.arange(end, device=device)[None, :]  # [1, k]
     allowed = j <= i
@@ -831,7 +834,7 @@ class FastDecoder:
         """`generate_ids` continuing a `prefill_ids` state: its K/V prefix is copied back into the buffers.
 
         Columns between the state's prefill and this decoder's own (a state prefilled for a longer
-        warmup) are fed as plain steps, which compute what the prefill would have.
+        warmup) are prefilled in one more forward over them, attending to the restored prefix.
         """
         batch, prompt = state.input_ids.shape
         if state.temperature != self.temperature:
@@ -859,23 +862,24 @@ class FastDecoder:
         for layer, prefix in state.k.items():
             self.run.k[layer][:, :, : state.prefilled].copy_(prefix)
             self.run.v[layer][:, :, : state.prefilled].copy_(state.v[layer])
-        return self._continue(shape, prompt, state.prefilled, state.last_logits, max_new_tokens, eos_token_id,
-                              pad_token_id, return_logits, timer, fill_to=n_prefill)
+        first_logits = state.last_logits
+        if n_prefill > state.prefilled:  # the columns the state left before this decoder's warmup
+            first_logits = self._prefill(shape, state.input_ids, pads, n_prefill, start=state.prefilled)
+        return self._continue(shape, prompt, n_prefill, first_logits, max_new_tokens, eos_token_id, pad_token_id,
+                              return_logits, timer)
 
     def _continue(self, shape: _Shape, prompt: int, prefilled: int, first_logits, max_new_tokens: int, eos_token_id,
-                  pad_token_id, return_logits: bool, timer: _Timer, fill_to: int | None = None) -> FastOutput:
-        """Decode from column `prefilled` (buffers written before it): plain steps up to `fill_to`, then the method's."""
+                  pad_token_id, return_logits: bool, timer: _Timer) -> FastOutput:
+        """Decode from column `prefilled` (this decoder's prefill end; the buffers hold the columns before it)."""
         dev = self.device
-        fill_to = prefilled if fill_to is None else fill_to
         self.run.t[dev].fill_(prefilled)
         self._sync_devices()
         timer.mark("prefill")
 
-        # (kind, produces a token): plain columns of the prompt, importance-only and teacher-forced DySCO
-        # steps produce none; a plain step on the last prompt column gives the first token.
-        steps: list[tuple[str, bool]] = [("plain", column == prompt - 1) for column in range(prefilled, fill_to)]
+        # (kind, produces a token): importance-only and teacher-forced DySCO steps on the prompt produce none.
+        steps: list[tuple[str, bool]] = []
         if self.dysco is None:
-            steps += [("plain", True)] * (max_new_tokens - 1)
+            steps = [("plain", True)] * (max_new_tokens - 1)
         else:
             schedule = feed_schedule(prompt, self.dysco.context_warmup, self.intervention_warmup)
             static = self.dysco.selection == "static"
@@ -950,27 +954,30 @@ class FastDecoder:
         shape.importance.zero_()
         shape.static_selected.zero_()
 
-    def _prefill(self, shape: _Shape, ids: torch.Tensor, pads: torch.Tensor, n_prefill: int) -> torch.Tensor | None:
-        """Prefill columns [0, n_prefill) of every row in one forward (padding keys masked when padded).
+    def _prefill(self, shape: _Shape, ids: torch.Tensor, pads: torch.Tensor, n_prefill: int,
+                 start: int = 0) -> torch.Tensor | None:
+        """Prefill columns [start, n_prefill) of every row in one forward (buffers hold the columns before `start`).
 
-        Each row's positions start at 0 at its first real token, as if it were prefilled alone.
-        Returns the float32 logits [batch, vocab] of the last prefilled column when it is the last
-        prompt column (the first generated token comes from them), else None.
+        Each row's positions start at 0 at its first real token, as if it were prefilled alone; padding
+        keys are masked. Returns the float32 logits [batch, vocab] of the last prefilled column when
+        it is the last prompt column (the first generated token comes from them), else None.
         """
         prompt = ids.shape[1]
-        if n_prefill == 0:
+        if n_prefill <= start:
             return None
         run = self.run
-        padded = bool((pads > 0).any())  # one host read per generation, not per step
-        positions = (torch.arange(n_prefill, device=self.device)[None, :] - pads[:, None]).clamp_min(0)  # [batch, n]
+        masked = start > 0 or bool((pads > 0).any())  # one host read per generation, not per step
+        columns = torch.arange(start, n_prefill, device=self.device)
+        positions = (columns[None, :] - pads[:, None]).clamp_min(0)  # [batch, n_prefill - start]
         with _activated(self.model, run):
-            run.mode = "prefill"
-            if padded:
+            run.mode, run.offset = "prefill", start
+            if masked:
                 run.pads = {device: pads.to(device) for device in run.t}
             try:
-                out = self.model(input_ids=ids[:, :n_prefill], position_ids=positions, use_cache=False, logits_to_keep=1)
+                out = self.model(input_ids=ids[:, start:n_prefill], position_ids=positions, use_cache=False,
+                                 logits_to_keep=1)
             finally:
-                run.pads = None
+                run.offset, run.pads = 0, None
                 run.masks.clear()
         return out.logits[:, -1].float().to(self.device) if n_prefill == prompt else None
 

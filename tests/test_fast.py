@@ -285,6 +285,21 @@ def test_generate_from_shared_prefill_matches_from_scratch(case):
     assert all(torch.equal(state.k[layer], k) for layer, k in before.items())
 
 
+@pytest.mark.parametrize("arch", ["gemma3_text", "qwen2"])
+def test_generate_from_shared_prefill_other_architectures(arch):
+    """The columns between the shared prefill and a decoder's own warmup are prefilled over the restored
+    prefix (sliding-window layers keep their window): from-scratch tokens, exact-path logits."""
+    model, tok = tiny_model(arch)
+    state = FastDecoder(model, tok, "vanilla").prefill(PROMPTS, warmup=SHARED_WARMUP, max_new_tokens=6)
+    for case in ("vanilla", "dysco_lagged_biased"):
+        method, kw = CASES[case]
+        got = FastDecoder(model, tok, method, **kw).generate_from(state, max_new_tokens=6, return_logits=True, eos=[])
+        exact = Decoder(model, tok, method, **kw).generate(PROMPTS, max_new_tokens=6, return_logits=True, eos=[])
+        assert got.token_ids == exact.token_ids
+        for a, b in zip(exact.logits, got.logits):
+            assert (a - b).abs().max().item() < TOL
+
+
 def test_generate_from_one_state_many_trials():
     """Trials in a row from one state (different knobs, different decoders) each give their own from-scratch tokens."""
     model, tok = tiny_model("qwen3")
