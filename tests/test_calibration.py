@@ -405,14 +405,23 @@ def test_speed_objective_gives_a_pareto_front_and_a_changed_study_is_refused(wor
     assert _versions(workdir) == [1, 2]
 
 
-def test_a_fast_path_study_scores_every_trial_as_the_exact_path_and_keeps_to_its_path(workdir):
+def test_a_fast_path_study_scores_every_trial_as_the_exact_path_and_keeps_to_its_path(workdir, capsys):
     """`calibrate --fast`: the same trials, per-example scores and baselines as the exact path; a study
     is continued only on the path it was made with (the default names differ, so they never mix)."""
+    from types import SimpleNamespace
+
     storage = f"sqlite:///{workdir['dir'] / 'paths.db'}"
     base = dict(dev="kv", model=workdir["model"], profile=workdir["ref"], trials=3, examples=3, test_examples=1,
                 context=300, max_new_tokens=4, batch_size=2, storage=storage, tracking=False, register=False,
                 registry=str(workdir["registry"]), attnts_temperatures=(0.8,), threads=1)
-    results = {fast: calibrate(CalibrationConfig(**base, fast=fast)) for fast in (False, True)}
+    results = {False: calibrate(CalibrationConfig(**base))}
+    # The fast study through the command line, as on a GPU (there with --device cuda --dtype bfloat16).
+    assert _run_main("--dev", "kv", "--model", workdir["model"], "--profile", workdir["ref"], "--trials", "3",
+                     "--examples", "3", "--test-examples", "1", "--context", "300", "--max-new-tokens", "4",
+                     "--batch-size", "2", "--storage", storage, "--no-tracking", "--no-register", "--registry",
+                     str(workdir["registry"]), "--attnts-temperatures", "0.8", "--threads", "1", "--quiet",
+                     "--json", "--fast") == 0
+    results[True] = SimpleNamespace(**json.loads(capsys.readouterr().out))
     assert results[True].study_name != results[False].study_name
     studies = {fast: optuna.load_study(study_name=r.study_name, storage=storage) for fast, r in results.items()}
     for exact, fast in zip(studies[False].trials, studies[True].trials, strict=True):
@@ -422,6 +431,7 @@ def test_a_fast_path_study_scores_every_trial_as_the_exact_path_and_keeps_to_its
         studies[False].user_attrs["baselines"]["vanilla"]["scores"]
     assert results[True].scores == results[False].scores
     assert results[True].selection["dev_best"] is None  # no per-step diagnostics on the fast path
+    assert results[False].selection["dev_best"] is not None
     with pytest.raises(CalibrationError, match="different path"):
         calibrate(CalibrationConfig(**base, study_name=results[True].study_name))
     with pytest.raises(CalibrationError, match="different path"):
