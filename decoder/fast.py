@@ -10,9 +10,10 @@ in how the work is laid out:
   mask function, so transformers builds no masks: prefill runs SDPA on the prompt, unchanged by
   DySCO — plain causal (flash where available) when no row is padded, else one forward for the
   whole left-padded batch with a boolean mask (padding keys hidden, each row's positions from 0 at
-  its first real token; built once per forward, in query blocks when it would be large); decode runs `decode_attention` (a split-KV Triton kernel on CUDA) over the
-  buffers with one additive bias `[batch, max_len]` shared by every head of every layer: padding
-  (-inf) plus, for DySCO, log(strength) on the up-weighted columns.
+  its first real token; built once per forward, in query blocks when it would be large); decode
+  runs `decode_attention` (a split-KV Triton kernel on CUDA) over the buffers with one additive bias
+  `[batch, max_len]` shared by every head of every layer: padding (-inf) plus, for DySCO,
+  log(strength) on the up-weighted columns.
 - **The probe** runs the model's own decoder with its layer list cut after the deepest layer of S
   and plain attention. The decode kernel also writes the raw logits of the heads in S (no second pass
   over K); softmax over them gives `cur`. The probe writes column `t` of the layers it runs; the full
@@ -817,8 +818,8 @@ class FastDecoder:
         last_logits = self._prefill(shape, input_ids, pads, n_prefill)
         k = {layer: buf[:, :, :n_prefill].clone() for layer, buf in self.run.k.items()}
         v = {layer: buf[:, :, :n_prefill].clone() for layer, buf in self.run.v.items()}
-        return FastPrefill(model=self.model, input_ids=input_ids, attention_mask=attention_mask, template=template, prefilled=n_prefill,
-                           temperature=self.temperature, k=k, v=v, last_logits=last_logits)
+        return FastPrefill(model=self.model, input_ids=input_ids, attention_mask=attention_mask, template=template,
+                           prefilled=n_prefill, temperature=self.temperature, k=k, v=v, last_logits=last_logits)
 
     @torch.no_grad()
     def generate_ids_from(
