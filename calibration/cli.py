@@ -42,7 +42,7 @@ examples:
   calibrate --dev mrcr --model smollm2-135m --storage sqlite:///study.db --workers 4
   calibrate --dev mrcr --model qwen3-8b --dtype bfloat16 --devices 0,1 --storage postgresql://me@dbhost/dysco
   calibrate --dev kv --model qwen2.5-coder-0.5b --context 16384 --examples 24 --trials 30 \
-      --fast --device cuda --dtype bfloat16 --batch-size 8
+      --fast --device cuda --dtype bfloat16 --batch-size 12
   (the same command on another host joins the study: docs/scaling.md)
 
 The study is stored in --storage (default: %(storage)s in this folder) under --study-name
