@@ -115,7 +115,9 @@ def sync(device: str) -> None:
 
 def decode_rate(decoder, ids: list[int], mask: list[bool], new: int, device: str) -> float:
     """Decode tokens/s of one greedy generation of `new` tokens (no EOS stop), first token excluded."""
-    if hasattr(decoder, "generate_from"):  # exact path: the clock at every produced token
+    from decoder.fast import FastDecoder
+
+    if not isinstance(decoder, FastDecoder):  # exact path: the clock at every produced token
         marks: list[float] = []
 
         def on_step(event) -> None:

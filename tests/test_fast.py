@@ -325,3 +325,127 @@ def test_fused_levers_under_interpreter():
     result = subprocess.run([sys.executable, "-c", _INTERPRETED_FUSED], env=env, capture_output=True, text=True,
                             timeout=900, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+# --------------------------------------------------------------------------------------------------
+# The batched (masked) prefill of a left-padded batch
+# --------------------------------------------------------------------------------------------------
+
+
+def _padded(prompts):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_padded_prefill_writes_what_each_row_alone_writes(arch):
+    """One masked forward for the batch = each row prefilled alone (positions from 0 at its first real
+    token): the same K/V in its real columns, zeros in its padding, the same last logits; no NaN."""
+    model, tok = tiny_model(arch)  # gemma3_text: sliding window 8, shorter than the longest prompt
+    prompts = [list(range(10, 40)), list(range(50, 62)), list(range(100, 103))]
+    ids, mask = _padded(prompts)
+    fast = FastDecoder(model, tok, "vanilla")
+    batch = fast.prefill_ids(ids, mask, warmup=0)
+    for row, prompt in enumerate(prompts):
+        alone = fast.prefill_ids(torch.tensor([prompt]), warmup=0)
+        pad = ids.shape[1] - len(prompt)
+        for layer in batch.k:
+            for got, want in ((batch.k[layer], alone.k[layer]), (batch.v[layer], alone.v[layer])):
+                assert torch.isfinite(got).all()
+                assert (got[row, :, :pad] == 0).all()
+                assert (got[row, :, pad:] - want[0]).abs().max().item() < 1e-5
+        assert (batch.last_logits[row] - alone.last_logits[0]).abs().max().item() < TOL
+
+
+def test_padded_prefill_in_query_blocks(monkeypatch):
+    """A mask too big for one SDPA call runs in query blocks: same tokens and logits as the exact path."""
+    import decoder.fast as fast_module
+
+    monkeypatch.setattr(fast_module, "_MASK_BUDGET", 3 * 30 * 7)  # blocks of 7 query rows for 3 rows × 30 columns
+    model, tok = tiny_model("gemma3_text")
+    for case in ("vanilla", "dysco"):
+        method, kw = CASES[case]
+        _compare(model, tok, method, kw, PROMPTS)
+
+
+def test_padded_prefill_runs_one_forward():
+    """A padded batch is prefilled by one model forward, not one per row."""
+    model, tok = tiny_model("qwen3")
+    fast = FastDecoder(model, tok, "vanilla")
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fast.prefill_ids(*_padded(PROMPTS), warmup=0)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefill once, generate many times (calibration trials)
+# --------------------------------------------------------------------------------------------------
+
+SHARED_WARMUP = 16  # at least every case's context + intervention warmup below (auto = 9 on the tiny template)
+
+
+@pytest.mark.parametrize("case", ["vanilla", "dysco", "dysco_hard", "dysco_static", "dysco_static_warm", "dysco_iw0",
+                                  "dysco_lagged", "dysco_lagged_probe_first"])
+def test_generate_from_shared_prefill_matches_from_scratch(case):
+    """One plain prefill up to the longest warmup, then any method from it: the tokens of a generation
+    from scratch (fast and exact) and logits within tolerance; the state is left as it was."""
+    model, tok = tiny_model("qwen3")
+    method, kw = CASES[case]
+    state = FastDecoder(model, tok, "vanilla").prefill(PROMPTS, warmup=SHARED_WARMUP, max_new_tokens=6)
+    before = {layer: k.clone() for layer, k in state.k.items()}
+    fast = FastDecoder(model, tok, method, **kw)
+    got = fast.generate_from(state, max_new_tokens=6, return_logits=True, eos=[511])
+    scratch = fast.generate(PROMPTS, max_new_tokens=6, return_logits=True, eos=[511])
+    exact = Decoder(model, tok, method, **kw).generate(PROMPTS, max_new_tokens=6, return_logits=True, eos=[511])
+    assert got.token_ids == scratch.token_ids == exact.token_ids
+    assert got.prompt_ids == exact.prompt_ids
+    for a, b in zip(exact.logits, got.logits):
+        assert (a - b).abs().max().item() < TOL
+    assert all(torch.equal(state.k[layer], k) for layer, k in before.items())
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "qwen2"])
+def test_generate_from_shared_prefill_other_architectures(arch):
+    """The columns between the shared prefill and a decoder's own warmup are prefilled over the restored
+    prefix (sliding-window layers keep their window): from-scratch tokens, exact-path logits."""
+    model, tok = tiny_model(arch)
+    state = FastDecoder(model, tok, "vanilla").prefill(PROMPTS, warmup=SHARED_WARMUP, max_new_tokens=6)
+    for case in ("vanilla", "dysco_lagged_biased"):
+        method, kw = CASES[case]
+        got = FastDecoder(model, tok, method, **kw).generate_from(state, max_new_tokens=6, return_logits=True, eos=[])
+        exact = Decoder(model, tok, method, **kw).generate(PROMPTS, max_new_tokens=6, return_logits=True, eos=[])
+        assert got.token_ids == exact.token_ids
+        for a, b in zip(exact.logits, got.logits):
+            assert (a - b).abs().max().item() < TOL
+
+
+def test_generate_from_one_state_many_trials():
+    """Trials in a row from one state (different knobs, different decoders) each give their own from-scratch tokens."""
+    model, tok = tiny_model("qwen3")
+    state = FastDecoder(model, tok, "vanilla").prefill(PROMPTS, warmup=SHARED_WARMUP, max_new_tokens=5)
+    for strength, top_p in [(2.0, 0.9), (100.0, 0.5), (1.5, 0.99), (2.0, 0.9)]:
+        config = DyscoConfig(head_set=[(1, 0), (2, 3)], strength=strength, top_p=top_p, context_warmup=4)
+        fast = FastDecoder(model, tok, "dysco", dysco=config)
+        assert fast.generate_from(state, max_new_tokens=5).token_ids == fast.generate(PROMPTS, max_new_tokens=5).token_ids
+    vanilla = FastDecoder(model, tok, "vanilla")
+    assert vanilla.generate_from(state, max_new_tokens=5).token_ids == vanilla.generate(PROMPTS, max_new_tokens=5).token_ids
+
+
+def test_generate_from_refuses_what_the_state_cannot_continue():
+    model, tok = tiny_model("qwen3")
+    state = FastDecoder(model, tok, "vanilla").prefill(PROMPTS, warmup=2)
+    with pytest.raises(ValueError, match="warmup >= 13"):  # context 4 + auto 9
+        FastDecoder(model, tok, "dysco", dysco=CASES["dysco"][1]["dysco"]).generate_from(state)
+    with pytest.raises(ValueError, match="AttnTS changes the prefill"):
+        FastDecoder(model, tok, "attnts", temperature=0.7).generate_from(state)
+    attnts = FastDecoder(model, tok, "attnts", temperature=0.7)
+    hot = attnts.prefill(PROMPTS, max_new_tokens=4)
+    assert attnts.generate_from(hot, max_new_tokens=4).token_ids == attnts.generate(PROMPTS, max_new_tokens=4).token_ids
+    other, other_tok = tiny_model("llama")
+    with pytest.raises(ValueError, match="another model"):
+        FastDecoder(other, other_tok, "vanilla").generate_from(state)

@@ -125,7 +125,9 @@ def run_batch(
         if event.step == 0 and not first:
             first.append(time.perf_counter())
 
-    exact = hasattr(decoder, "generate_from")
+    from decoder.fast import FastDecoder
+
+    exact = not isinstance(decoder, FastDecoder)  # the fast path is greedy, timed inside, no diagnostics
     encoded = [encode(tokenizer, example) for example in batch] if not exact or prefilled is None else None
     measure: dict[str, Any] = {}
     evidence: list[list[int]] = []
@@ -179,7 +181,7 @@ def shared_prefill(
     """
     sharing = [decoders[m] for m in ("vanilla", "dysco") if m in decoders]
     if len(sharing) < 2 or not all(hasattr(d, "prefill") and hasattr(d, "_warmup") for d in sharing):
-        return None, 0.0  # the fast path (no `prefill`) prefills inside its own generate
+        return None, 0.0  # the fast path (no `_warmup`) prefills inside its own generate
     plain = decoders["vanilla"]
     encoded = [encode(plain.tokenizer, example) for example in batch]
     budget = max(example_budget(example, max_new_tokens) for example in batch)
