@@ -16,7 +16,11 @@
 # and a registry under /tmp (they outlive the call while the machine stays warm, so a rerun of the
 # same command resumes the study), and copies into OUT the study, the result JSON and the registered
 # profile as an archive. `import` adds a profile archive to that registry; `eval` runs `dysco eval`
-# against it.
+# against it. Options after OUT go to the command unchanged, e.g. for a long-context study on the
+# fast path (issue 12):
+#
+#   MODEL=qwen2.5-coder-0.5b bash benchmarks/gpu_research_loop.sh calibrate PARTS_DIR OUT --dev kv \
+#       --context 16384 --examples 24 --trials 30 --batch-size 12 --fast --device cuda --dtype bfloat16
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DYSCO_CACHE="${DYSCO_CACHE:-/tmp/dysco-cache}" DYSCO_REGISTRY="${DYSCO_REGISTRY:-/tmp/dysco-registry}"
@@ -55,5 +59,5 @@ case "${1:-}" in
     py decoder.cli eval --model "$MODEL" --registry "$DYSCO_REGISTRY" --out "$out" "$@"
     ;;
   *)
-    sed -n 2,21p "$0"; exit 2 ;;
+    sed -n 2,23p "$0"; exit 2 ;;
 esac

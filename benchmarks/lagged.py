@@ -89,17 +89,17 @@ def load(args):
 
 
 def examples_for(args, tokenizer, length: int, n: int):
-    """The needle task and `n` of its examples at `length` (stored ones when --examples has them)."""
+    """The --task and `n` of its examples at `length` (stored ones when --examples has them)."""
     from calibration.tasks import get_task
 
-    task = get_task("needle")
+    task = get_task(args.task)
     if args.examples:
         from gpu_results import load_example_sets
 
         stored, seed = load_example_sets(Path(args.examples))
-        if ("needle", length) in stored and seed == args.seed and len(stored[("needle", length)]) >= n:
-            return task, stored[("needle", length)][:n]
-        log(f"needle {length}: not in {args.examples} (seed {args.seed}, n {n}); generating here")
+        if (args.task, length) in stored and seed == args.seed and len(stored[(args.task, length)]) >= n:
+            return task, stored[(args.task, length)][:n]
+        log(f"{args.task} {length}: not in {args.examples} (seed {args.seed}, n {n}); generating here")
     return task, task.generate(tokenizer, n, length, args.seed)
 
 
@@ -115,7 +115,9 @@ def sync(device: str) -> None:
 
 def decode_rate(decoder, ids: list[int], mask: list[bool], new: int, device: str) -> float:
     """Decode tokens/s of one greedy generation of `new` tokens (no EOS stop), first token excluded."""
-    if hasattr(decoder, "generate_from"):  # exact path: the clock at every produced token
+    from decoder.fast import FastDecoder
+
+    if not isinstance(decoder, FastDecoder):  # exact path: the clock at every produced token
         marks: list[float] = []
 
         def on_step(event) -> None:
@@ -218,7 +220,7 @@ def cmd_agree(args) -> int:
                         kept = kept[:-1]
                     text = tokenizer.decode(kept, skip_special_tokens=True)
                     out[variant].append({"tokens": kept, "text": text, "score": float(task.grade(text, examples[i]))})
-            log(f"needle {length}: {rows.stop}/{len(examples)} done; " + ", ".join(
+            log(f"{args.task} {length}: {rows.stop}/{len(examples)} done; " + ", ".join(
                 f"{v} {sum(r['score'] for r in out[v]) / len(out[v]):.2f}" for v in variants))
         for i, example in enumerate(examples):
             records.append({"length": length, "id": example.id, "answer": example.answer,
@@ -228,6 +230,8 @@ def cmd_agree(args) -> int:
             scores = [r["score"] for r in out[variant]]
             row = {"length": length, "n": len(scores), "variant": variant, "accuracy": sum(scores) / len(scores),
                    "seconds": seconds[variant]}
+            if variant != "vanilla" and "vanilla" in out:
+                row["vs_vanilla"] = paired_comparison(scores, [r["score"] for r in out["vanilla"]], seed=args.seed)
             if variant != "dynamic":
                 row["vs_dynamic"] = paired_comparison(scores, [r["score"] for r in ref], seed=args.seed)
                 parts = [agreement(a["tokens"], b["tokens"]) for a, b in zip(ref, out[variant])]
@@ -238,21 +242,25 @@ def cmd_agree(args) -> int:
     meta = run_meta(args, model)
     lines = [f"### benchmarks/lagged.py agree — {meta['date']}", "", f"- machine: {meta['machine']}",
              f"- software: {meta['software']}", f"- command: `{meta['command']}`",
-             f"- model: {meta['model']} ({args.dtype}), {args.path} path, batch {args.batch}, needle (seed {args.seed}), "
-             "greedy, each example's budget = its answer's tokens + 24; DySCO: 16 QR heads, the published knobs", "",
-             "| length | method | n | accuracy | − dynamic (95% CI), W/L/T, sign p | identical responses | "
-             "agreeing prefix (share of tokens) | equal token positions | seconds |",
-             "|---:|---|---:|---:|---|---:|---:|---:|---:|"]
+             f"- model: {meta['model']} ({args.dtype}), {args.path} path, batch {args.batch}, {args.task} (seed {args.seed}), "
+             f"greedy, each example's budget = its answer's tokens + 24; DySCO: {len(heads)} QR heads, the published knobs", "",
+             "| length | method | n | accuracy | − vanilla (95% CI), W/L/T, sign p | − dynamic (95% CI), W/L/T, sign p | "
+             "identical responses | agreeing prefix (share of tokens) | equal token positions | seconds |",
+             "|---:|---|---:|---:|---|---|---:|---:|---:|---:|"]
+
+    def paired_text(c) -> str:
+        return (f"{100 * c['mean_difference']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}], "
+                f"{c['wins']}W/{c['losses']}L/{c['ties']}T, p = {c['p_value']:.2g}")
+
     for r in summary:
+        versus_vanilla = paired_text(r["vs_vanilla"]) if "vs_vanilla" in r else ""
         if r["variant"] == "dynamic":
             paired = identical = prefix = positions = ""
         else:
-            c = r["vs_dynamic"]
-            paired = (f"{100 * c['mean_difference']:+.1f} [{100 * c['low']:+.1f}, {100 * c['high']:+.1f}], "
-                      f"{c['wins']}W/{c['losses']}L/{c['ties']}T, p = {c['p_value']:.2g}")
+            paired = paired_text(r["vs_dynamic"])
             identical = f"{r['identical']}/{r['n']}"
             prefix, positions = f"{r['prefix_share']:.3f}", f"{r['position_agreement']:.3f}"
-        lines.append(f"| {r['length']} | {r['variant']} | {r['n']} | {100 * r['accuracy']:.1f} | {paired} | {identical} | "
+        lines.append(f"| {r['length']} | {r['variant']} | {r['n']} | {100 * r['accuracy']:.1f} | {versus_vanilla} | {paired} | {identical} | "
                      f"{prefix} | {positions} | {r['seconds']:.1f} |")
     write(args.out, "agree", {"meta": meta, "summary": summary, "examples": records}, "\n".join(lines) + "\n")
     return 0
@@ -262,9 +270,12 @@ def cmd_agree(args) -> int:
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
-    from decoder.generate_cli import parse_heads as parse
+    """`L:H,…`, or `@PROFILE.json` for the head set of a profile file (e.g. a seed in registry/seeds/)."""
+    from registry import parse_head_set
 
-    return parse(text)
+    if text.startswith("@"):
+        return [tuple(pair) for pair in json.loads(Path(text[1:]).read_text(encoding="utf-8"))["head_set"]]
+    return parse_head_set(text, "--heads")
 
 
 def run_meta(args, model) -> dict[str, Any]:
@@ -307,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--size", type=int, default=0, help="expected size in bytes of the joined GGUF")
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-        p.add_argument("--heads", default=SMOLLM2_HEADS, help="DySCO head set L:H,… (default: SmolLM2's 16 QR heads)")
+        p.add_argument("--heads", default=SMOLLM2_HEADS,
+                       help="DySCO head set L:H,… or @PROFILE.json (default: SmolLM2's 16 QR heads)")
+        p.add_argument("--task", default="needle", help="dev task of calibration.tasks (default: needle)")
         p.add_argument("--examples", default=None, help="examples file of `benchmarks/gpu_results.py prepare`")
         p.add_argument("--lengths", default=lengths)
         p.add_argument("--seed", type=int, default=0)
@@ -322,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_speed)
 
-    p = sub.add_parser("agree", help="accuracy and token agreement with dynamic DySCO on needle examples")
+    p = sub.add_parser("agree", help="accuracy and token agreement with dynamic DySCO on a task's examples")
     common(p, "1k,2k")
     p.add_argument("--variants", default="vanilla,dynamic,lagged-plain,lagged-biased")
     p.add_argument("--n", type=int, default=10)

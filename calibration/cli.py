@@ -51,6 +51,8 @@ examples:
   calibrate --dev mrcr_2needles.parquet --model qwen2.5-coder-0.5b --profile qwen2.5-coder-0.5b@1
   calibrate --dev mrcr --model smollm2-135m --storage sqlite:///study.db --workers 4
   calibrate --dev mrcr --model qwen3-8b --dtype bfloat16 --devices 0,1 --storage postgresql://me@dbhost/dysco
+  calibrate --dev kv --model qwen2.5-coder-0.5b --context 16384 --examples 24 --trials 30 \
+      --fast --device cuda --dtype bfloat16 --batch-size 12
   (the same command on another host joins the study: docs/scaling.md)
 
 The study is stored in --storage (default: %(storage)s in this folder) under --study-name
@@ -186,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--devices", type=_devices, metavar="N,…",
                        help="one worker process per listed GPU on the same study, this one on the first: 0,1 or "
                        "cuda:0,cuda:1 (--workers is then their number)")
+    study.add_argument("--fast", action="store_true",
+                       help="decode trials, baselines and the test on the fast path (static KV buffers, masked "
+                       "batched prefill shared by every trial, CUDA graphs on one GPU; greedy, no selection "
+                       "diagnostic); a study is continued only on the path it was made with")
     study.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                        help="model dtype (default: the checkpoint's own; bfloat16 is the usual choice on a GPU)")
     study.add_argument("--threads", type=_at_least(1), metavar="N",
@@ -214,7 +220,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         register=not args.no_register, seed=args.seed, speed_objective=args.speed_objective,
         attnts_temperatures=args.attnts_temperatures, threads=args.threads,
         intervention_warmup=args.intervention_warmup, device=args.device, dtype=args.dtype,
-        loss_penalty=args.loss_penalty, adopt_p=args.adopt_p,
+        loss_penalty=args.loss_penalty, adopt_p=args.adopt_p, fast=args.fast,
     )
 
 

@@ -6,7 +6,9 @@ before them is the same in every trial: it is computed once per batch of example
 trial decodes from it. `warmup` is how many columns that prefill leaves out: at least the most any
 trial feeds one at a time (`dysco_warmup` of each trial's config; a study takes the maximum over its
 search space). On CPU the prefill is most of the cost of a long prompt, so this is what makes a
-study affordable.
+study affordable. `fast=True` runs everything on the fast path (`decoder.fast.FastDecoder`: greedy,
+static KV buffers, CUDA graphs on one GPU) with the same sharing: each batch's K/V prefix is kept
+once and copied back into the buffers for every trial (`FastDecoder.prefill` / `generate_from`).
 
     runner = ExampleRunner(model, tokenizer, task, dev_examples, max_new_tokens=48,
                            warmup=max(dysco_warmup(c, tokenizer) for c in configs))
@@ -106,6 +108,7 @@ class ExampleRunner:
         max_new_tokens: int,
         batch_size: int = 1,
         warmup: int,
+        fast: bool = False,
     ) -> None:
         if not examples:
             raise ValueError("ExampleRunner needs at least one example")
@@ -118,6 +121,8 @@ class ExampleRunner:
         self.max_new_tokens = int(max_new_tokens)
         self.batch_size = int(batch_size)
         self.warmup = warmup
+        self.fast = bool(fast)
+        self._fast_decoder: tuple[Method, Any] | None = None  # the fast path's decoder of the last method
         self.batches = [
             self.examples[i : i + self.batch_size] for i in range(0, len(self.examples), self.batch_size)
         ]
@@ -125,7 +130,8 @@ class ExampleRunner:
         self._evidence: dict[int, list[list[int]] | None] = {}
         self.prefill_seconds = 0.0
 
-    def _prefill(self, index: int) -> Any:
+    def _prefill(self, index: int, decoder: Any = None) -> Any:
+        """Batch `index`'s shared prefill, made on first use (on the fast path by `decoder`, any non-AttnTS one)."""
         from decoder.generation import Decoder
 
         if index not in self._prefills:
@@ -133,15 +139,36 @@ class ExampleRunner:
             prompts = [example.messages for example in self.batches[index]]
             # A plain prefill up to the warmup: what DySCO (any knobs within `warmup`) and vanilla
             # both start from. A DySCO config needing more refuses it in generate_from.
-            self._prefills[index] = Decoder(self.model, self.tokenizer, method="vanilla").prefill(
-                prompts, warmup=self.warmup, max_new_tokens=self.max_new_tokens
-            )
+            if self.fast:
+                state = (decoder or self._fast(Method.vanilla())).prefill(
+                    prompts, warmup=self.warmup, max_new_tokens=self.max_new_tokens)
+                if state.input_ids.is_cuda:  # kernels run asynchronously: stop the clock when they are done
+                    import torch
+
+                    torch.cuda.synchronize(state.input_ids.device)
+            else:
+                state = Decoder(self.model, self.tokenizer, method="vanilla").prefill(
+                    prompts, warmup=self.warmup, max_new_tokens=self.max_new_tokens
+                )
+            self._prefills[index] = state
             self.prefill_seconds += time.perf_counter() - start
         return self._prefills[index]
+
+    def _fast(self, method: Method) -> Any:
+        """The fast path's decoder for `method`, kept while the method stays (its buffers and graphs too)."""
+        from decoder.fast import FastDecoder
+
+        if self._fast_decoder is None or self._fast_decoder[0] != method:
+            self._fast_decoder = None  # free the previous one's buffers before allocating the next
+            decoder = FastDecoder(self.model, self.tokenizer, method=method.name, dysco=method.dysco,
+                                  temperature=method.temperature or 1.0)
+            self._fast_decoder = (method, decoder)
+        return self._fast_decoder[1]
 
     def release(self) -> None:
         """Drop the cached prefills (their KV caches hold GPU memory; a later `evaluate` prefills again)."""
         self._prefills.clear()
+        self._fast_decoder = None
         import torch
 
         if torch.cuda.is_available():
@@ -162,6 +189,14 @@ class ExampleRunner:
         from decoder.generation import Decoder
 
         selection: list[dict[str, float] | None] = [None] * len(self.batches[index])
+        if self.fast:  # greedy, no per-step diagnostics: no selection summary on this path
+            decoder = self._fast(method)
+            if method.name == "attnts":  # AttnTS changes the prefill: a full run
+                out = decoder.generate([example.messages for example in self.batches[index]],
+                                       max_new_tokens=self.max_new_tokens)
+            else:
+                out = decoder.generate_from(self._prefill(index, decoder), max_new_tokens=self.max_new_tokens)
+            return list(out.texts), sum(len(ids) for ids in out.token_ids), selection
         if method.name == "attnts":
             # AttnTS changes the prefill too, so nothing cached applies: a full run.
             decoder = Decoder(self.model, self.tokenizer, method="attnts", temperature=method.temperature)
@@ -182,8 +217,8 @@ class ExampleRunner:
         """Decode every example with `method`, grade it, and report after each batch."""
         result = Evaluation(scores=[], responses=[], new_tokens=0, decode_seconds=0.0)
         for index, batch in enumerate(self.batches):
-            if method.name != "attnts":
-                self._prefill(index)  # kept out of the decode timing on purpose
+            if method.name != "attnts":  # kept out of the decode timing on purpose
+                self._prefill(index, self._fast(method) if self.fast else None)
             start = time.perf_counter()
             texts, new_tokens, selection = self._decode(index, method)
             result.decode_seconds += time.perf_counter() - start

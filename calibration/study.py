@@ -132,6 +132,7 @@ class CalibrationConfig:
     dtype: str | None = None  # None: the checkpoint's own (catalogue models: float32); "bfloat16" on a GPU
     loss_penalty: float = 1.0  # extra cost of a dev example vanilla gets right and the trial wrong
     adopt_p: float = 0.05  # the best trial replaces the published knobs only below this sign-test p
+    fast: bool = False  # decode trials, baselines and the test on the fast path (decoder.fast.FastDecoder)
 
     def validate(self) -> None:
         """Raise `CalibrationError` naming the first bad setting."""
@@ -392,7 +393,7 @@ class Calibration:
         warmup = self.base_knobs.context_warmup + self.space.intervention_warmup_tokens(self.tokenizer)
         self.dev_runner = ExampleRunner(
             self.model, self.tokenizer, self.task, self.dev,
-            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, warmup=warmup,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, warmup=warmup, fast=cfg.fast,
         )
         self.definition = self._definition(examples=[e.to_dict() for e in self.dev + self.test])
         if cfg.study_name is None:
@@ -446,6 +447,8 @@ class Calibration:
             "attnts_temperatures": list(cfg.attnts_temperatures),
             "seed": cfg.seed,
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            # Only when fast, so that exact-path studies keep their definition (and default name).
+            **({"path": "fast"} if cfg.fast else {}),
         }
 
     @property
@@ -707,7 +710,7 @@ class Calibration:
             methods["dysco_published"] = Method.dysco(self._dysco_config(published))
         test_runner = ExampleRunner(
             self.model, self.tokenizer, self.task, self.test, max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size,
+            batch_size=cfg.batch_size, fast=cfg.fast,
             warmup=max(dysco_warmup(m.dysco, self.tokenizer) for m in methods.values() if m.name == "dysco"),
         )
         test = {name: test_runner.evaluate(m) for name, m in _progress(methods.items(), progress, "test")}
@@ -986,7 +989,8 @@ def _coordinate(config: CalibrationConfig, progress: bool, workers: WorkerProces
                 tracker.start(
                     cal.study,
                     params={**cal.definition, "model": config.model, "study_name": config.study_name,
-                            "storage": storage_label(config.storage), "parent_profile": cal.parent_ref},
+                            "storage": storage_label(config.storage), "parent_profile": cal.parent_ref,
+                            "path": "fast" if config.fast else "exact"},
                     tags={"dysco.model": cal.identity.name, "dysco.dev_task": cal.task.name},
                 )
         except Exception as err:  # mlflow raises many kinds for a bad URI or an unreachable server

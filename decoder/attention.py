@@ -36,6 +36,12 @@ Conventions a caller relies on:
   static sliding layers.
 - Models on `flash_attention_*` or `flex_attention` are switched to SDPA by `attach`: a plan needs a
   dense additive mask. SDPA still takes its flash path for plain prefill.
+- Heads are global indices, also on a model sharded with transformers' tensor parallelism (`tp_plan`):
+  `attach` reads which heads each rank holds (`decoder.tensor_parallel`), a rank captures (and
+  ablates) only the heads it holds, and `use_plan` gathers the captures across the ranks when the
+  forward ends, so every rank sees the complete captures. Every rank must run the same plans.
+- Bias, heads and captures move to each layer's device (a model spread over devices with a
+  `device_map`); a capture stays on the device of its layer.
 """
 
 from __future__ import annotations
@@ -47,10 +53,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from decoder.tensor_parallel import HeadShard, gather_captured, head_shard, is_sharded, localize
+
 __all__ = [
     "AttentionPlan",
     "UnsupportedModelError",
     "attach",
+    "attention_group",
     "attention_layers",
     "detach",
     "is_attached",
@@ -85,8 +94,10 @@ class _Attachment:
     original: str  # the implementation wrapped: "sdpa" or "eager"
     previous: str  # what the config said before attaching (restored by `detach`)
     plan: AttentionPlan | None = None
-    seen_layers: set[int] | None = None  # filled while `attach` checks that every layer comes through
+    seen_layers: dict[int, int] | None = None  # layer -> query heads, filled while `attach` checks every layer
     layers: tuple[int, ...] = ()
+    shards: dict[int, HeadShard] = field(default_factory=dict)  # layer -> this rank's heads (tensor parallelism)
+    group: object = None  # the process group the heads are split over; None when every rank holds every head
 
 
 class _StopForward(Exception):
@@ -136,8 +147,22 @@ def attach(model: torch.nn.Module) -> None:
             "model whose attention goes through transformers' AttentionInterface"
         )
 
-    # A two-token forward proves which layers really call the interface.
-    attachment.seen_layers = set()
+    # Which heads this rank holds, when a tp_plan sharded the attention.
+    try:
+        attachment.shards = _head_shards(model, modules)
+    except ValueError as err:
+        _strip(model, modules)
+        model.set_attn_implementation(attachment.previous)
+        raise UnsupportedModelError(f"{type(model).__name__}: {err}") from None
+    groups = {id(shard.group): shard.group for shard in attachment.shards.values()}
+    if len(groups) > 1:
+        _strip(model, modules)
+        model.set_attn_implementation(attachment.previous)
+        raise UnsupportedModelError(f"{type(model).__name__}: its attention heads are split over several process groups")
+    attachment.group = next(iter(groups.values()), None)
+
+    # A two-token forward proves which layers really call the interface (and with how many heads).
+    attachment.seen_layers = {}
     device = model.get_input_embeddings().weight.device
     try:
         with torch.no_grad():
@@ -152,6 +177,19 @@ def attach(model: torch.nn.Module) -> None:
             "cannot reach its attention logits (a model with a hand-written attention needs porting to the "
             "interface first)"
         )
+    if is_sharded(model):
+        n_heads = _text_config(model).num_attention_heads
+        for layer, heads in sorted(seen.items()):
+            shard = attachment.shards.get(layer)
+            expected = shard.count if shard is not None else n_heads
+            if heads != expected:
+                model.set_attn_implementation(attachment.previous)
+                _strip(model, modules)
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}: layer {layer} computes attention for {heads} query heads on this rank, "
+                    f"but its q_proj sharding says {expected}; DySCO reads heads by global index and supports the "
+                    "colwise tensor-parallel plan (a sharded q_proj) or replicated attention"
+                )
     attachment.layers = tuple(sorted(seen))
     setattr(model, _ATTACHMENT_ATTR, attachment)
 
@@ -174,6 +212,29 @@ def is_attached(model: torch.nn.Module) -> bool:
 def attention_layers(model: torch.nn.Module) -> tuple[int, ...]:
     """Indices of the layers whose attention goes through the interface (the model must be attached)."""
     return _attachment(model).layers
+
+
+def attention_group(model: torch.nn.Module):
+    """The process group the model's attention heads are split over (tensor parallelism), or None."""
+    return _attachment(model).group
+
+
+def _text_config(model: torch.nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _head_shards(model: torch.nn.Module, modules: list[torch.nn.Module]) -> dict[int, HeadShard]:
+    """layer -> the query heads this rank holds, for every attention layer whose q_proj is sharded."""
+    config = _text_config(model)
+    n_heads = config.num_attention_heads
+    shards = {}
+    for module in modules:
+        head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        shard = head_shard(module, n_heads, head_dim)
+        if shard is not None:
+            shards[module.layer_idx] = shard
+    return shards
 
 
 def _strip(model: torch.nn.Module, modules: list[torch.nn.Module]) -> None:
@@ -206,13 +267,17 @@ def use_plan(model: torch.nn.Module, plan: AttentionPlan, *, frozen_cache=None) 
     undo = _freeze(frozen_cache) if frozen_cache is not None else None
     attachment.plan = plan
     try:
-        yield plan
-    except _StopForward:
-        pass
+        try:
+            yield plan
+        except _StopForward:
+            pass
     finally:
         attachment.plan = None
         if undo is not None:
             undo()
+    # Reached only when the forward ended normally (or at its stop), which it does on every rank.
+    if attachment.group is not None:
+        gather_captured(plan.captured, attachment.group)
 
 
 def _freeze(cache) -> Callable[[], None]:
@@ -304,7 +369,7 @@ def _dysco_attention(
     inner = _inner_function(module, attachment.original)
     layer = module.layer_idx
     if attachment.seen_layers is not None:
-        attachment.seen_layers.add(layer)
+        attachment.seen_layers[layer] = query.shape[1]
     plan = attachment.plan
     if plan is None:
         return inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
@@ -324,14 +389,28 @@ def _dysco_attention(
     output, weights = inner(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     # output: [batch, q_len, heads, head_dim]
 
+    shard = attachment.shards.get(layer)  # None: this rank holds every head of the layer
     heads = plan.capture_heads.get(layer)
     if heads is not None:
         captured_bias = None if plan.capture_plain else bias
-        plan.captured[layer] = _capture(query, key, attention_mask, captured_bias, heads, plan.capture_rows, scaling, total,
-                                        kwargs)
+        heads = heads.to(query.device)
+        if shard is None:
+            plan.captured[layer] = _capture(query, key, attention_mask, captured_bias, heads, plan.capture_rows, scaling,
+                                            total, kwargs)
+        else:  # the heads other ranks hold stay zero here; `use_plan` sums the ranks' captures
+            local, held = localize(heads, shard)
+            probs = _capture(query, key, attention_mask, captured_bias, local, plan.capture_rows, scaling, total, kwargs)
+            plan.captured[layer] = torch.where(held[None, :, None, None], probs, 0.0)
     ablate = plan.ablate_heads.get(layer)
     if ablate is not None:
-        output = output.index_fill(2, ablate.to(output.device), 0.0)
+        ablate = ablate.to(output.device)
+        if shard is None:
+            output = output.index_fill(2, ablate, 0.0)
+        else:
+            local, held = localize(ablate, shard)
+            slots = torch.where(held, local, shard.count)  # a head held elsewhere goes to a spare slot
+            zeroed = torch.zeros(shard.count + 1, dtype=torch.bool, device=output.device).scatter(0, slots, True)
+            output = output.masked_fill(zeroed[None, None, : shard.count, None], 0.0)
     if plan.stop_after_layer is not None and layer >= plan.stop_after_layer:
         raise _StopForward(layer)
     return output, weights

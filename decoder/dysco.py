@@ -43,7 +43,7 @@ token; `docs/design.md` lists them with the places where the paper's prose reads
 8. `context_warmup=0` and `intervention_warmup=0`: prefill everything; the first token comes from the
    plain prefill logits, and importance starts at the first decode step. A prompt shorter than T is fed
    token by token from its first token.
-9. `selection="lagged"` (ours, not the authors'; issue 13): a DySCO step runs no probe. Step t selects
+9. `selection="lagged"` (ours, not the authors'; issue 13): a generated token's DySCO step runs no probe. Step t selects
    from the importance as it stood after step t - 1 (columns 0..t-1; the current column is up-weighted
    but not ranked), then runs the full biased pass, which also returns the heads of S's attention
    probabilities of the current query; their mean over S updates the importance for step t + 1.
@@ -51,11 +51,14 @@ token; `docs/design.md` lists them with the places where the paper's prose reads
    q·k without the DySCO bias (padding still masked), i.e. what the probe would have read; "biased" =
    the probabilities of the biased softmax the pass actually used (measured on SmolLM2 needles at 1–2K:
    the same tokens as plain on every example, docs/benchmarks.md; plain is the default because it has
-   no feedback of the selection into the importance). The first DySCO step selects from the importance the importance-only steps built,
-   exactly as static's first step does (same set, no probe); with no importance yet (`context_warmup
-   <= 1`) it is a dynamic step (probe, update, select, biased pass; its full pass then adds nothing).
-   Cost: one pass per token, like vanilla. With `strength=1` lagged and dynamic build the same importance
-   one step apart; with `max_new_tokens=1` and `intervention_warmup=0` lagged equals static.
+   no feedback of the selection into the importance). The prompt's DySCO steps (the teacher-forced
+   generation prompt, whose last step gives the first token) are dynamic steps, probe included, so the
+   first token and the importance it leaves are dynamic DySCO's: on SmolLM2 needles at 4K a lag there
+   changed the first token of 38 of 200 answers and lost 30 of them, while the answers whose first
+   token agreed scored as dynamic's (docs/results.md, "Lagged DySCO on the GPU"). With no importance
+   yet (`context_warmup <= 1`) the first generated token's step is a dynamic step too.
+   Cost: one pass per generated token, like vanilla, plus `intervention_warmup + 1` probes per prompt.
+   With `max_new_tokens=1` lagged equals dynamic.
 """
 
 from __future__ import annotations

@@ -7,10 +7,13 @@ in how the work is laid out:
   on that layer's device. Prefill writes them; each decode step writes one column (`index_copy_` at a
   device-side column index `t`). No per-step concatenation, no O(context) copy.
 - **One attention function** registered in transformers' `AttentionInterface` (`dysco_fast`) and no
-  mask function, so transformers builds no masks: prefill runs SDPA (flash where available) on the
-  prompt, unchanged by DySCO; decode runs `decode_attention` (a split-KV Triton kernel on CUDA) over the
-  buffers with one additive bias `[batch, max_len]` shared by every head of every layer: padding
-  (-inf) plus, for DySCO, log(strength) on the up-weighted columns.
+  mask function, so transformers builds no masks: prefill runs SDPA on the prompt, unchanged by
+  DySCO — plain causal (flash where available) when no row is padded, else one forward for the
+  whole left-padded batch with a boolean mask (padding keys hidden, each row's positions from 0 at
+  its first real token; built once per forward, in query blocks when it would be large); decode
+  runs `decode_attention` (a split-KV Triton kernel on CUDA) over the buffers with one additive bias
+  `[batch, max_len]` shared by every head of every layer: padding (-inf) plus, for DySCO,
+  log(strength) on the up-weighted columns.
 - **The probe** runs the model's own decoder with its layer list cut after the deepest layer of S
   and plain attention. The decode kernel also writes the raw logits of the heads in S (no second pass
   over K); softmax over them gives `cur`. The probe writes column `t` of the layers it runs; the full
@@ -25,11 +28,20 @@ in how the work is laid out:
   captured once per (batch, max_len) and replayed; the step reads its input token from a device-side
   token buffer and writes the next one back, so the host only launches replays. The host syncs every
   `sync_every` steps to check EOS.
+- **Prefill once, decode many times.** `prefill` keeps a batch's K/V prefix up to a warmup
+  (`FastPrefill`); `generate_from` on any FastDecoder of the model (vanilla, DySCO with any knobs
+  within that warmup) copies it back into the buffers and decodes, as `Decoder.prefill` /
+  `generate_from` do on the exact path (calibration trials share one prefill per batch).
 - **device_map.** A model spread over several devices keeps working (eager, no graphs): buffers, the
   bias and the column index live on each layer's device.
 - **Fused small ops** (`decoder.fast_fused`, CUDA only): RMSNorm, rotary, SiLU·mul and the q/k/v
   projections as one GEMV, each swapped in only where it reproduces the module on random inputs, and
   only while the fast path runs.
+- **Levers** (`levers=`, default all of `decoder.fast_kernels.LEVERS`): exact speed-ups that can each be
+  turned off, so `benchmarks/levers.py` can measure every one's share. Two live here: `kv_write` (the
+  decode kernel writes the step's K/V column itself) and `probe_tail` (the probe's deepest layer runs
+  the capture alone, then `_ProbeDone` ends the forward: that layer's V read, o_proj and MLP and the
+  final norm are never used); the others are fused ops (`decoder.fast_fused`).
 
 Measured on an H200 (docs/benchmarks.md, docs/gpu_notes.md): Qwen3-8B shape at 128K, batch 1, vanilla
 10.3 ms/token (1.26× the bandwidth floor), DySCO 17.7 ms/token; transformers' generate 75 ms.
@@ -38,6 +50,9 @@ Greedy decoding only (sampling, per-step diagnostics and streamers stay with the
     fast = FastDecoder(model, method="dysco", dysco=DyscoConfig(head_set=[(2, 1), (3, 0)]))
     out = fast.generate_ids(input_ids, attention_mask, max_new_tokens=16)
     out.tokens.shape   # → torch.Size([batch, 16])
+    state = FastDecoder(model, tokenizer, "vanilla").prefill(prompts, warmup=16, max_new_tokens=16)
+    for config in trials:   # each continues the same prefill, which stays as it was
+        FastDecoder(model, tokenizer, "dysco", dysco=config).generate_from(state, max_new_tokens=16)
 """
 
 from __future__ import annotations
@@ -45,7 +60,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -53,10 +68,10 @@ import torch.nn.functional as F
 
 from decoder import METHODS
 from decoder.dysco import DyscoConfig, dysco_bias, feed_schedule, select_positions, update_importance, upweighted_positions
-from decoder.fast_kernels import decode_attention
+from decoder.fast_kernels import LEVERS, decode_attention, decode_scores, default_levers
 from decoder.loading import context_limit
 
-__all__ = ["FastDecoder", "FastOutput", "FAST_IMPLEMENTATION"]
+__all__ = ["FastDecoder", "FastOutput", "FastPrefill", "FAST_IMPLEMENTATION"]
 
 FAST_IMPLEMENTATION = "dysco_fast"
 
@@ -85,14 +100,23 @@ class _Run:
     layers: dict[int, _LayerInfo] = field(default_factory=dict)
     k: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [batch, kv_heads, max_len, head_dim]
     v: dict[int, torch.Tensor] = field(default_factory=dict)
-    # prefill: which batch rows and which first column this forward writes
-    rows: slice = field(default_factory=lambda: slice(None))
+    # prefill: the first column this forward writes (> 0: continuing a kept prefill), per device each
+    # row's padding length [batch] (None: no padding and offset 0, the plain causal call), and the
+    # masks built from them, once per forward and shared by its layers: (device, window) -> mask
     offset: int = 0
+    pads: dict[torch.device, torch.Tensor] | None = None
+    masks: dict[tuple[torch.device, int | None], torch.Tensor] = field(default_factory=dict)
     # decode: per device, the current column [1] int64 and the bias [batch, max_len] float32 (or None)
     t: dict[torch.device, torch.Tensor] = field(default_factory=dict)
     bias: dict[torch.device, torch.Tensor | None] = field(default_factory=dict)
     capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> (head_to_row, scores)
     fused: object | None = None  # decoder.fast_fused.FusedOps swapped in while active
+    levers: frozenset[str] = frozenset(LEVERS)  # decoder.fast_kernels.LEVERS in use
+    probe_last: int | None = None  # probe_tail: the layer whose captured logits end the probe
+
+
+class _ProbeDone(Exception):
+    """Raised by the probe's deepest layer once its logits are captured: nothing after them is used."""
 
 
 _ACTIVE: _Run | None = None
@@ -124,18 +148,32 @@ def _fast_attention(
         return _prefill_attention(query, key, value, scale, window), None
 
     if run.mode == "prefill":
-        q_len = key.shape[-2]
-        run.k[layer][run.rows, :, run.offset : run.offset + q_len] = key
-        run.v[layer][run.rows, :, run.offset : run.offset + q_len] = value
-        return _prefill_attention(query, key, value, scale, window), None
+        start, end = run.offset, run.offset + key.shape[-2]
+        if run.pads is None:
+            run.k[layer][:, :, :end] = key
+            run.v[layer][:, :, :end] = value
+            return _prefill_attention(query, key, value, scale, window), None
+        pads = run.pads[query.device]
+        real = torch.arange(start, end, device=query.device)[None, :] >= pads[:, None]  # [batch, q_len]
+        # Padding columns stay zero in the buffers, as if never written (decode masks them anyway).
+        run.k[layer][:, :, start:end] = key.masked_fill(~real[:, None, :, None], 0.0)
+        run.v[layer][:, :, start:end] = value.masked_fill(~real[:, None, :, None], 0.0)
+        return _padded_prefill_attention(query, run.k[layer][:, :, :end], run.v[layer][:, :, :end], scale, window,
+                                         pads, start, run.masks), None
 
     # decode: one token per row, written at column t, attended over columns 0..t
     t = run.t[query.device]
     k_buf, v_buf = run.k[layer], run.v[layer]
-    k_buf.index_copy_(2, t, key)
-    v_buf.index_copy_(2, t, value)
+    new_kv = (key[:, :, 0], value[:, :, 0])  # [batch, kv_heads, head_dim]: the kernel writes them at t
+    if "kv_write" not in run.levers:
+        k_buf.index_copy_(2, t, key)
+        v_buf.index_copy_(2, t, value)
+        new_kv = None
     capture = run.capture.get(layer) if run.capture is not None else None
-    out = decode_attention(query[:, :, 0], k_buf, v_buf, run.bias[query.device], t, scale, window, capture)
+    if layer == run.probe_last:
+        decode_scores(query[:, :, 0], k_buf, v_buf, t, scale, capture, new_kv)
+        raise _ProbeDone
+    out = decode_attention(query[:, :, 0], k_buf, v_buf, run.bias[query.device], t, scale, window, capture, new_kv)
     return out.unsqueeze(1), None  # [batch, 1, heads, head_dim]
 
 
@@ -155,6 +193,52 @@ def _prefill_attention(query, key, value, scale: float, window: int | None) -> t
         key, value = key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scale)
     return out.transpose(1, 2).contiguous()
+
+
+# Mask elements ([batch, query block, keys]) one SDPA call may take: a padded 16K prefill at batch 8
+# runs in query blocks of 1024 (SDPA turns a boolean mask into an additive one of the query's dtype).
+_MASK_BUDGET = 1 << 27
+
+
+def _padded_prefill_attention(query, key, value, scale: float, window: int | None, pads: torch.Tensor, offset: int,
+                              masks: dict) -> torch.Tensor:
+    """Causal attention of a left-padded batch, one SDPA call per query block: [batch, q_len, heads, head_dim].
+
+    query [batch, heads, q_len, head_dim] holds columns offset..offset+q_len; key and value hold
+    columns 0..offset+q_len. Row b's real tokens start at column pads[b]; a query sees the real keys
+    at or before it (and within the window). A padding query sees only itself (a zero key and
+    value), so no row of the softmax is empty and nothing is NaN; no real token reads its output.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    n_keys = key.shape[-2]
+    if key.shape[1] != heads:  # SDPA's masked kernels take no GQA: repeat the KV heads (prefill only)
+        n_rep = heads // key.shape[1]
+        key, value = key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)
+    block = max(1, min(q_len, _MASK_BUDGET // max(1, batch * n_keys)))
+    out = torch.empty_like(query)  # [batch, heads, q_len, head_dim]
+    for start in range(0, q_len, block):
+        end = min(q_len, start + block)
+        mask = masks.get((query.device, window)) if block == q_len else None
+        if mask is None:
+            mask = _padding_mask(pads, offset + start, offset + end, window, query.device)
+            if block == q_len:  # the whole mask fits: build it once per forward, share it across layers
+                masks[(query.device, window)] = mask
+        # Keys past the block's last query are masked for all of its rows: leave them out.
+        out[:, :, start:end] = F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, : offset + end], value[:, :, : offset + end], attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous()
+
+
+def _padding_mask(pads: torch.Tensor, start: int, end: int, window: int | None, device) -> torch.Tensor:
+    """bool [batch, 1, end - start, end]: whether the query at column i (start..end) may attend to key j (0..end)."""
+    i = torch.arange(start, end, device=device)[:, None]  # [q, 1]
+    j = torch.arange(end, device=device)[None, :]  # [1, k]
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (i - j < window)
+    allowed = allowed[None] & (j >= pads[:, None, None])  # [batch, q, k]
+    allowed = allowed | (i == j)[None]  # a padding query sees itself
+    return allowed[:, None]
 
 
 def _register() -> None:
@@ -210,6 +294,23 @@ class FastOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class FastPrefill:
+    """A left-padded batch prefilled once up to column `prefilled` (`FastDecoder.prefill`); generations
+    continue from it with any method whose warmup it leaves, and never change it."""
+
+    model: torch.nn.Module = field(repr=False)  # the model whose K/V these are
+    input_ids: torch.Tensor  # [batch, P] on the decoder's device
+    attention_mask: torch.Tensor  # bool [batch, P], True = real token
+    template: torch.Tensor | None  # bool [batch, P] chat-template positions, or None
+    prefilled: int  # columns [0, prefilled) are in k and v
+    temperature: float  # attention temperature of the prefill (AttnTS), 1.0 otherwise
+    k: dict[int, torch.Tensor]  # layer -> [batch, kv_heads, prefilled, head_dim], on that layer's device
+    v: dict[int, torch.Tensor]
+    last_logits: torch.Tensor | None  # float32 [batch, vocab] when the whole prompt is prefilled
+    prompt_ids: list[list[int]] | None = None  # per row, unpadded (set by `prefill`)
+
+
 class _Shape:
     """Buffers and captured graphs for one (batch, max_len)."""
 
@@ -232,6 +333,7 @@ class FastDecoder:
         *,
         cuda_graphs: bool | None = None,
         fuse: bool | None = None,
+        levers: Collection[str] | None = None,
         sync_every: int = 16,
     ):
         if method not in METHODS:
@@ -240,6 +342,9 @@ class FastDecoder:
             raise ValueError("method 'dysco' needs a DyscoConfig (its head set and knobs)")
         if temperature <= 0:
             raise ValueError(f"attention temperature must be > 0, got {temperature}")
+        levers = default_levers() if levers is None else frozenset(levers)
+        if not levers <= LEVERS.keys():
+            raise ValueError(f"unknown levers {sorted(levers - LEVERS.keys())}; the levers are {', '.join(LEVERS)}")
         self.model, self.tokenizer, self.method = model, tokenizer, method
         self.dysco = dysco if method == "dysco" else None
         if self.dysco is not None:
@@ -251,10 +356,17 @@ class FastDecoder:
             self.intervention_warmup = 0
         self.temperature = temperature if method == "attnts" else 1.0
         self.sync_every = sync_every
+        from decoder.tensor_parallel import is_sharded
+
+        if is_sharded(model):
+            raise ValueError(
+                "the fast path does not run tensor-parallel models (a tp_plan); decode them with the exact path, "
+                "decoder.generation.Decoder, which gathers the QR heads across the ranks"
+            )
         self.decoder = model.get_decoder()
         if not hasattr(self.decoder, "layers"):
             raise TypeError(f"{type(self.decoder).__name__} has no `layers` list; the fast path cannot cut the probe")
-        self.run = _Run(temperature=self.temperature)
+        self.run = _Run(temperature=self.temperature, levers=levers)
         self._discover()
         devices = {info.device for info in self.run.layers.values()}
         self.device = model.get_input_embeddings().weight.device
@@ -269,7 +381,7 @@ class FastDecoder:
         if fuse:
             from decoder.fast_fused import FusedOps
 
-            self.run.fused = FusedOps(model)
+            self.run.fused = FusedOps(model, levers=levers)
         if self.dysco is not None:
             heads = model.config.num_attention_heads
             self.dysco.check_model(model.config.num_hidden_layers, heads, self.run.layers.keys())
@@ -385,7 +497,14 @@ class FastDecoder:
 
     def _forward_probe(self, shape: _Shape, ids, positions) -> None:
         with _truncated(self.decoder, self.dysco.deepest_layer + 1):
-            self.decoder(input_ids=ids, position_ids=positions, use_cache=False)
+            # probe_tail: the deepest layer's attention captures its logits and ends the forward there.
+            self.run.probe_last = self.dysco.deepest_layer if "probe_tail" in self.run.levers else None
+            try:
+                self.decoder(input_ids=ids, position_ids=positions, use_cache=False)
+            except _ProbeDone:
+                pass
+            finally:
+                self.run.probe_last = None
 
     def _set_bias(self, bias: torch.Tensor) -> None:
         self.run.bias[self.device].copy_(bias)
@@ -475,7 +594,7 @@ class FastDecoder:
             return ["plain"]
         if self.dysco.selection == "static":
             return ["warmup", "static_first", "static_probe_first", "static"]
-        if self.dysco.lagged:  # "dysco": the first step when no importance-only step ran
+        if self.dysco.lagged:  # "dysco": the prompt's steps (and the first one when no importance-only step ran)
             return ["warmup", "lagged", "dysco"]
         return ["warmup", "dysco"]
 
@@ -541,6 +660,14 @@ class FastDecoder:
             self._exact_decoder = Decoder(self.model, self.tokenizer, self.method, self.dysco, method_temperature)
         return self._exact_decoder
 
+    def _encode(self, prompts, template_mask):
+        """Prompts (the forms `Decoder.generate` takes) as left-padded tensors, with their unpadded ids."""
+        from decoder.generation import left_pad
+
+        ids, masks = self._exact().encode(prompts, template_mask)
+        input_ids, real, template = left_pad(ids, masks, self._exact().pad_id)
+        return ids, input_ids, real, template
+
     def generate(
         self,
         prompts,
@@ -552,14 +679,53 @@ class FastDecoder:
         template_mask: Sequence[Sequence[bool]] | None = None,
     ):
         """Greedy generation for a batch of prompts (the forms `Decoder.generate` takes): a `Generation`."""
-        from decoder.generation import Generation, left_pad
-
-        exact = self._exact()
-        ids, masks = exact.encode(prompts, template_mask)
-        input_ids, real, template = left_pad(ids, masks, exact.pad_id)
-        eos_ids = sorted(exact._eos_ids(eos))
+        ids, input_ids, real, template = self._encode(prompts, template_mask)
+        eos_ids = sorted(self._exact()._eos_ids(eos))
         out = self.generate_ids(input_ids, real, max_new_tokens=max_new_tokens, template=template,
                                 eos_token_id=eos_ids or None, return_logits=return_logits)
+        return self._generation(out, ids, eos_ids, stop_strings, return_logits)
+
+    def prefill(
+        self,
+        prompts,
+        *,
+        template_mask: Sequence[Sequence[bool]] | None = None,
+        warmup: int | None = None,
+        max_new_tokens: int = 1,
+    ) -> FastPrefill:
+        """Prefill all but the last `warmup` prompt columns once (`Decoder.prefill`'s contract): a `FastPrefill`.
+
+        Default warmup: this decoder's own. `max_new_tokens` sizes the buffers as the later
+        generations will (same bucket, so this decoder's buffers are reused).
+        """
+        ids, input_ids, real, template = self._encode(prompts, template_mask)
+        state = self.prefill_ids(input_ids, real, template=template, warmup=warmup, max_new_tokens=max_new_tokens)
+        state.prompt_ids = [list(row) for row in ids]
+        return state
+
+    def generate_from(
+        self,
+        state: FastPrefill,
+        *,
+        max_new_tokens: int = 64,
+        eos: int | Sequence[int] | None = None,
+        stop_strings: Sequence[str] | str | None = None,
+        return_logits: bool = False,
+    ):
+        """Greedy generation continuing a `prefill` state (left unchanged) with this decoder's method: a `Generation`."""
+        eos_ids = sorted(self._exact()._eos_ids(eos))
+        out = self.generate_ids_from(state, max_new_tokens=max_new_tokens, eos_token_id=eos_ids or None,
+                                     return_logits=return_logits)
+        prompt_ids = state.prompt_ids
+        if prompt_ids is None:  # a state made by prefill_ids: its rows without their padding
+            prompt_ids = [row[mask].tolist() for row, mask in zip(state.input_ids, state.attention_mask)]
+        return self._generation(out, prompt_ids, eos_ids, stop_strings, return_logits)
+
+    def _generation(self, out: FastOutput, prompt_ids, eos_ids, stop_strings, return_logits: bool):
+        """`FastOutput` → `decoder.generation.Generation`: cut at EOS or a stop string, decode the text."""
+        from decoder.generation import Generation
+
+        exact = self._exact()
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
         stop_strings = [s for s in (stop_strings or []) if s]
@@ -581,8 +747,40 @@ class FastDecoder:
             reasons.append(reason)
             if return_logits:
                 logits.append(out.logits[row, : len(kept)].cpu())
-        return Generation(texts=texts, token_ids=token_ids, prompt_ids=ids, finish_reasons=reasons,
-                          logits=logits if return_logits else None, timings=out.timings)
+        return Generation(texts=texts, token_ids=token_ids, prompt_ids=[list(p) for p in prompt_ids],
+                          finish_reasons=reasons, logits=logits if return_logits else None, timings=out.timings)
+
+    def _check_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                   max_len: int | None) -> tuple[torch.Tensor, int]:
+        """Refuse what the fast path cannot run; returns the bool mask on the device and the buffer length."""
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt = input_ids.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device).bool()
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+        if not attention_mask.any(-1).all():
+            raise ValueError("every row needs at least one real token")
+        if (attention_mask.long().diff(dim=-1) < 0).any():
+            raise ValueError("the fast path needs left padding (padding first, then the prompt)")
+        need = prompt + max_new_tokens
+        max_len = max_len or self.bucket(need)
+        if max_len < need:
+            raise ValueError(f"max_len {max_len} < prompt + max_new_tokens = {need}")
+        limit = context_limit(self.model.config)  # the text config of a multimodal model too
+        if limit is not None and need > limit:
+            raise ValueError(f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) exceeds the model's context {limit}")
+        return attention_mask, max_len
+
+    def _n_prefill(self, prompt: int) -> int:
+        """Prompt columns this decoder prefills at once: all but its feed schedule's one-at-a-time columns."""
+        if self.dysco is None:
+            return prompt
+        return feed_schedule(prompt, self.dysco.context_warmup, self.intervention_warmup).prefill_end
 
     @torch.no_grad()
     def generate_ids(
@@ -598,28 +796,9 @@ class FastDecoder:
         max_len: int | None = None,
     ) -> FastOutput:
         """Greedy generation from left-padded `input_ids` [batch, P] (mask: 1 = real token)."""
-        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        attention_mask, max_len = self._check_ids(input_ids, attention_mask, max_new_tokens, max_len)
         batch, prompt = input_ids.shape
         dev = self.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(dev).bool()
-        if not attention_mask.any(-1).all():
-            raise ValueError("every row needs at least one real token")
-        if (attention_mask.long().diff(dim=-1) < 0).any():
-            raise ValueError("the fast path needs left padding (padding first, then the prompt)")
-        need = prompt + max_new_tokens
-        max_len = max_len or self.bucket(need)
-        if max_len < need:
-            raise ValueError(f"max_len {max_len} < prompt + max_new_tokens = {need}")
-        limit = context_limit(self.model.config)  # the text config of a multimodal model too
-        if limit is not None and need > limit:
-            raise ValueError(f"prompt ({prompt}) + max_new_tokens ({max_new_tokens}) exceeds the model's context {limit}")
-
-        timings: dict[str, float] = {}
         timer = _Timer(dev)
         timer.mark("start")
         self.prepare(batch, max_len)
@@ -627,14 +806,101 @@ class FastDecoder:
         shape = self._shape
         pads = (~attention_mask).sum(-1)  # [batch]
         self._load_prompt(shape, input_ids.to(dev), attention_mask, pads, template)
-
-        if self.dysco is not None:
-            schedule = feed_schedule(prompt, self.dysco.context_warmup, self.intervention_warmup)
-            n_prefill = schedule.prefill_end
-        else:
-            n_prefill = prompt
+        n_prefill = self._n_prefill(prompt)
         first_logits = self._prefill(shape, input_ids.to(dev), pads, n_prefill)
-        self.run.t[dev].fill_(n_prefill)
+        return self._continue(shape, prompt, n_prefill, first_logits, max_new_tokens, eos_token_id, pad_token_id,
+                              return_logits, timer)
+
+    @torch.no_grad()
+    def prefill_ids(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        template: torch.Tensor | None = None,
+        warmup: int | None = None,
+        max_new_tokens: int = 1,
+        max_len: int | None = None,
+    ) -> FastPrefill:
+        """Prefill columns [0, P - warmup) of left-padded `input_ids` once and keep them (a `FastPrefill`).
+
+        The prefill is plain attention (AttnTS's temperature when this decoder is AttnTS); a later
+        `generate_ids_from` by any FastDecoder of this model whose own warmup is at most `warmup`
+        (and whose temperature is the same) continues from it. The K/V prefix is copied out of
+        the static buffers, so those stay free for other batches.
+        """
+        attention_mask, max_len = self._check_ids(input_ids, attention_mask, max_new_tokens, max_len)
+        batch, prompt = input_ids.shape
+        warmup = prompt - self._n_prefill(prompt) if warmup is None else int(warmup)
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        n_prefill = prompt - min(warmup, prompt)
+        dev = self.device
+        self.prepare(batch, max_len)
+        shape = self._shape
+        input_ids = input_ids.to(dev)
+        pads = (~attention_mask).sum(-1)
+        template = template.to(dev).bool() if template is not None else None
+        self._load_prompt(shape, input_ids, attention_mask, pads, template)
+        last_logits = self._prefill(shape, input_ids, pads, n_prefill)
+        k = {layer: buf[:, :, :n_prefill].clone() for layer, buf in self.run.k.items()}
+        v = {layer: buf[:, :, :n_prefill].clone() for layer, buf in self.run.v.items()}
+        return FastPrefill(model=self.model, input_ids=input_ids, attention_mask=attention_mask, template=template,
+                           prefilled=n_prefill, temperature=self.temperature, k=k, v=v, last_logits=last_logits)
+
+    @torch.no_grad()
+    def generate_ids_from(
+        self,
+        state: FastPrefill,
+        *,
+        max_new_tokens: int = 32,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        return_logits: bool = False,
+        max_len: int | None = None,
+    ) -> FastOutput:
+        """`generate_ids` continuing a `prefill_ids` state: its K/V prefix is copied back into the buffers.
+
+        Columns between the state's prefill and this decoder's own (a state prefilled for a longer
+        warmup) are prefilled in one more forward over them, attending to the restored prefix.
+        """
+        batch, prompt = state.input_ids.shape
+        if state.temperature != self.temperature:
+            raise ValueError(
+                f"this state was prefilled with attention temperature {state.temperature}, but this decoder uses "
+                f"{self.temperature}; AttnTS changes the prefill, so prefill again with this decoder"
+            )
+        n_prefill = self._n_prefill(prompt)
+        if state.prefilled > n_prefill:
+            raise ValueError(
+                f"this state was prefilled up to column {state.prefilled} of {prompt}, past this decoder's warmup start "
+                f"({n_prefill}); prefill with warmup >= {prompt - n_prefill}"
+            )
+        if state.model is not self.model:
+            raise ValueError("this state was prefilled by a FastDecoder of another model; prefill with this one's model")
+        _, max_len = self._check_ids(state.input_ids, state.attention_mask, max_new_tokens, max_len)
+        dev = self.device
+        timer = _Timer(dev)
+        timer.mark("start")
+        self.prepare(batch, max_len)
+        timer.mark("prepared")
+        shape = self._shape
+        pads = (~state.attention_mask).sum(-1)
+        self._load_prompt(shape, state.input_ids, state.attention_mask, pads, state.template)
+        for layer, prefix in state.k.items():
+            self.run.k[layer][:, :, : state.prefilled].copy_(prefix)
+            self.run.v[layer][:, :, : state.prefilled].copy_(state.v[layer])
+        first_logits = state.last_logits
+        if n_prefill > state.prefilled:  # the columns the state left before this decoder's warmup
+            first_logits = self._prefill(shape, state.input_ids, pads, n_prefill, start=state.prefilled)
+        return self._continue(shape, prompt, n_prefill, first_logits, max_new_tokens, eos_token_id, pad_token_id,
+                              return_logits, timer)
+
+    def _continue(self, shape: _Shape, prompt: int, prefilled: int, first_logits, max_new_tokens: int, eos_token_id,
+                  pad_token_id, return_logits: bool, timer: _Timer) -> FastOutput:
+        """Decode from column `prefilled` (this decoder's prefill end; the buffers hold the columns before it)."""
+        dev = self.device
+        self.run.t[dev].fill_(prefilled)
         self._sync_devices()
         timer.mark("prefill")
 
@@ -643,18 +909,19 @@ class FastDecoder:
         if self.dysco is None:
             steps = [("plain", True)] * (max_new_tokens - 1)
         else:
+            schedule = feed_schedule(prompt, self.dysco.context_warmup, self.intervention_warmup)
             static = self.dysco.selection == "static"
             n_importance = len(schedule.importance_only)
             if static:
                 first_kind, later_kind = ("static_first" if n_importance else "static_probe_first"), "static"
-            elif self.dysco.lagged:  # with no importance yet, the first step probes (a dynamic step)
-                first_kind, later_kind = ("lagged" if n_importance else "dysco"), "lagged"
             else:
                 first_kind, later_kind = "dysco", "dysco"
-            steps = [("warmup", False)] * n_importance
+            steps += [("warmup", False)] * n_importance
             forced = len(schedule.intervened)  # prompt columns fed with a full DySCO step
             n_dysco = forced + max_new_tokens - 1  # the last forced step (or the prefill) gives the first token
             kinds = [first_kind] + [later_kind] * (n_dysco - 1) if n_dysco > 0 else []
+            if self.dysco.lagged:  # probe on the prompt's steps (and with no importance yet), lag after
+                kinds = ["dysco" if i < forced or (i == 0 and not n_importance) else "lagged" for i in range(n_dysco)]
             steps += [(kind, i >= forced - 1) for i, kind in enumerate(kinds)]
 
         # Eager steps (no graphs) run inside one activation instead of switching per step.
@@ -715,32 +982,32 @@ class FastDecoder:
         shape.importance.zero_()
         shape.static_selected.zero_()
 
-    def _prefill(self, shape: _Shape, ids: torch.Tensor, pads: torch.Tensor, n_prefill: int) -> torch.Tensor | None:
-        """Prefill columns [0, n_prefill) row by row (or all rows at once when none is padded there).
+    def _prefill(self, shape: _Shape, ids: torch.Tensor, pads: torch.Tensor, n_prefill: int,
+                 start: int = 0) -> torch.Tensor | None:
+        """Prefill columns [start, n_prefill) of every row in one forward (buffers hold the columns before `start`).
 
-        Returns the float32 logits [batch, vocab] of the last prefilled column when it is the last
-        prompt column (the first generated token comes from them), else None.
+        Each row's positions start at 0 at its first real token, as if it were prefilled alone; padding
+        keys are masked. Returns the float32 logits [batch, vocab] of the last prefilled column when
+        it is the last prompt column (the first generated token comes from them), else None.
         """
-        batch, prompt = ids.shape
-        if n_prefill == 0:
+        prompt = ids.shape[1]
+        if n_prefill <= start:
             return None
         run = self.run
-        last = torch.zeros(batch, shape.logits.shape[-1], dtype=torch.float32, device=self.device)
-        pad_list = pads.tolist()  # one host read per generation, not per step
+        masked = start > 0 or bool((pads > 0).any())  # one host read per generation, not per step
+        columns = torch.arange(start, n_prefill, device=self.device)
+        positions = (columns[None, :] - pads[:, None]).clamp_min(0)  # [batch, n_prefill - start]
         with _activated(self.model, run):
-            run.mode = "prefill"
-            if max(pad_list) == 0:
-                groups = [(slice(None), 0)]
-            else:
-                groups = [(slice(b, b + 1), pad_list[b]) for b in range(batch) if pad_list[b] < n_prefill]
-            for rows, start in groups:
-                run.rows, run.offset = rows, start
-                chunk = ids[rows, start:n_prefill]
-                positions = torch.arange(n_prefill - start, device=self.device)[None].expand(chunk.shape[0], -1)
-                out = self.model(input_ids=chunk, position_ids=positions, use_cache=False, logits_to_keep=1)
-                last[rows] = out.logits[:, -1].float().to(self.device)
-            run.rows, run.offset = slice(None), 0
-        return last if n_prefill == prompt else None
+            run.mode, run.offset = "prefill", start
+            if masked:
+                run.pads = {device: pads.to(device) for device in run.t}
+            try:
+                out = self.model(input_ids=ids[:, start:n_prefill], position_ids=positions, use_cache=False,
+                                 logits_to_keep=1)
+            finally:
+                run.offset, run.pads = 0, None
+                run.masks.clear()
+        return out.logits[:, -1].float().to(self.device) if n_prefill == prompt else None
 
 
 class _Timer:

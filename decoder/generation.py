@@ -14,7 +14,10 @@ model's DynamicCache concatenates each layer's keys and values on every forward,
 own generate does; the probe concatenates too (up to the deepest layer of S) and its writes are
 undone by restoring references, never by copying the cache. Finished rows are dropped from the cache
 once (`batch_select_indices`). The bias is applied inside the attention call and the probe computes
-probabilities only for the heads of S; importance, selection and bias stay on the model's device.
+probabilities only for the heads of S; importance, selection and bias stay on the input embedding's
+device (captures and logits are brought there from the layers of a model spread with a device_map).
+On a tensor-parallel model (transformers' `tp_plan`, one process per GPU) every rank runs the same
+Decoder: the attention hook gathers the QR heads' captures across the ranks (`docs/scaling.md`).
 
 For calibration, `prefill` runs the knob-independent part once and `generate_from` continues from it
 without changing it (the cache is shared by reference; DynamicCache never writes in place):
@@ -38,7 +41,7 @@ from typing import Any
 import torch
 
 from decoder import METHODS
-from decoder.attention import AttentionPlan, attach, attention_layers, use_plan
+from decoder.attention import AttentionPlan, attach, attention_group, attention_layers, use_plan
 from decoder.loading import cache_kwarg, context_limit, eos_token_ids, model_identity, model_shape  # model facts: their one home
 from decoder.dysco import (
     DyscoConfig, dysco_bias, feed_schedule, select_positions, selection_diagnostics, update_importance,
@@ -168,6 +171,8 @@ class Decoder:
         self.intervention_warmup = resolve_intervention_warmup(dysco.intervention_warmup, tokenizer) if self.dysco else 0
         self.temperature = float(temperature)
         self.device = model.get_input_embeddings().weight.device
+        # Sharded heads (transformers' tp_plan): each rank runs this decoder; the hook gathers the captures.
+        self.tensor_parallel = attention_group(model) is not None
         self.pad_id = next(
             (i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)) if i is not None), 0
         )
@@ -273,12 +278,13 @@ class Decoder:
             use_cache=True, logits_to_keep=1,
         )
         kwargs[cache_kwarg(self.model)] = cache
+        # Logits come back to the input device: with a device_map the head may sit on another one.
         with torch.no_grad():
             if plan is None:
-                return self.model(**kwargs).logits[:, -1].float()
+                return self.model(**kwargs).logits[:, -1].float().to(self.device)
             with use_plan(self.model, plan, frozen_cache=cache if frozen else None):
                 output = self.model(**kwargs)
-                return output.logits[:, -1].float()
+                return output.logits[:, -1].float().to(self.device)
         return None  # a stopped probe forward
 
     # ------------------------------------------------------------------------------------------
@@ -336,6 +342,11 @@ class Decoder:
         """Continue a `prefill` state (left unchanged) with this decoder's method and knobs."""
         _check_positive_int(max_new_tokens, "max_new_tokens")
         if do_sample:
+            if self.tensor_parallel and seed is None:
+                raise ValueError(
+                    "sampling on a tensor-parallel model needs a seed (the same on every rank), so that every rank "
+                    "draws the same token; pass seed=..., or decode greedily"
+                )
             if not (isinstance(temperature, (int, float)) and temperature > 0):
                 raise ValueError(f"sampling temperature must be > 0, got {temperature!r}")
             if not 0 < top_p <= 1:
@@ -592,7 +603,9 @@ class _DecodeState:
 
     def _current(self, plan: AttentionPlan) -> torch.Tensor:
         """`cur`: mean over the heads of S of the current query's probabilities, [active, column + 1]."""
-        by_layer = torch.cat([plan.captured[layer][:, :, -1, :] for layer in self.heads], dim=1)  # [active, |S|, n]
+        # Each capture sits on its layer's device (device_map); the importance lives on the input device.
+        device = self.decoder.device
+        by_layer = torch.cat([plan.captured[layer][:, :, -1, :].to(device) for layer in self.heads], dim=1)  # [active, |S|, n]
         # Averaged in the head set's own order, as the published code stacks them: same float sums.
         return by_layer[:, self.head_order].mean(dim=1)
 
@@ -618,9 +631,11 @@ class _DecodeState:
             up = self.static_set[:, :n].clone()
             up[:, -1] = True
         else:
-            if dysco.selection in ("static", "lagged") and self.importance is not None:
-                # Static selects once, lagged at every step, without a probe, from the importance of the
-                # columns before t; the current column is up-weighted but not ranked.
+            generating = t >= self.state.input_ids.shape[1]  # past the prompt: a generated token's step
+            if self.importance is not None and (dysco.selection == "static" or (dysco.lagged and generating)):
+                # Static selects once, lagged at every generated token's step, without a probe, from the
+                # importance of the columns before t; the current column is up-weighted but not ranked.
+                # Lagged probes on the prompt's DySCO steps: the first token is dynamic DySCO's.
                 selected = select_positions(self.importance, dysco.top_p, dysco.top_k, valid=real[:, :t])
                 selected = torch.nn.functional.pad(selected, (0, 1))
                 lagged = dysco.lagged

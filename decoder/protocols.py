@@ -1,8 +1,10 @@
 """Typed contracts between the decoders and the code that drives them (no torch: checked with isinstance).
 
 `ResumableDecoder` is what a decoder offers when a prompt's plain prefill can be computed once and
-continued from by several methods or knob settings: `decoder.generation.Decoder` is one;
-`decoder.fast.FastDecoder` is not (it prefills inside its own greedy `generate`).
+continued from by several methods or knob settings, and says how many prompt columns that prefill
+must leave out for it (`warmup_columns`): `decoder.generation.Decoder` is one. `decoder.fast.FastDecoder`
+continues prefills of its own static cache (calibration trials) but has no `warmup_columns`, so
+`dysco eval` does not share a prefill between fast decoders.
 
     >>> from decoder.generation import Decoder
     >>> from decoder.tiny import tiny_model

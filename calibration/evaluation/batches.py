@@ -126,7 +126,9 @@ def run_batch(
         if event.step == 0 and not first:
             first.append(time.perf_counter())
 
-    exact = isinstance(decoder, ResumableDecoder)  # else the fast path: its own prefill, greedy
+    from decoder.fast import FastDecoder  # torch and the kernels: only once decoding starts
+
+    exact = not isinstance(decoder, FastDecoder)  # the fast path is greedy, timed inside, no diagnostics
     encoded = [encode(tokenizer, example) for example in batch] if not exact or prefilled is None else None
     measure: dict[str, Any] = {}
     evidence: list[list[int]] = []
@@ -180,7 +182,7 @@ def shared_prefill(
     """
     sharing = [decoders[m] for m in ("vanilla", "dysco") if m in decoders]
     if len(sharing) < 2 or not all(isinstance(d, ResumableDecoder) for d in sharing):
-        return None, 0.0  # the fast path (no `prefill`) prefills inside its own generate
+        return None, 0.0  # the fast path (no `warmup_columns`) prefills inside its own generate
     plain = decoders["vanilla"]
     encoded = [encode(plain.tokenizer, example) for example in batch]
     budget = max(example_budget(example, max_new_tokens) for example in batch)

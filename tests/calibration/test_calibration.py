@@ -179,6 +179,36 @@ def test_one_prefill_serves_trials_with_different_intervention_warmups():
         short.evaluate(Method.dysco(configs[0]))
 
 
+def test_fast_path_runner_gives_the_exact_runners_responses_and_scores():
+    """`ExampleRunner(fast=True)`: one fast prefill per batch serves every trial, and every method gives the
+    exact path's responses and per-example scores (a padded batch and a batch of one)."""
+    from calibration.runner import ExampleRunner, Method
+    from calibration.tasks import get_task
+    from decoder.dysco import DyscoConfig
+    from decoder.tiny import tiny_model
+
+    model, tokenizer = tiny_model("llama")
+    task = get_task("kv")
+    examples = task.generate(tokenizer, 3, 360, 1) + task.generate(tokenizer, 1, 280, 2)
+    examples = [examples[0], examples[3], examples[1]]  # batch 0 pads its shorter second row
+    space = SearchSpace.for_model(4096, 16)
+    runners = {fast: ExampleRunner(model, tokenizer, task, examples, max_new_tokens=5, batch_size=2,
+                                   warmup=5 + space.intervention_warmup_tokens(tokenizer), fast=fast)
+               for fast in (False, True)}
+    methods = [Method.vanilla(), Method.attnts(0.8)] + [
+        Method.dysco(DyscoConfig(head_set=[(1, 0), (2, 3)], context_warmup=5, intervention_warmup=w, strength=s,
+                                 top_p=p, selection=selection))
+        for w, s, p, selection in (("auto", 2.0, 0.975, "dynamic"), (0, 100.0, 0.6, "dynamic"),
+                                   (4, 3.0, 0.9, "lagged"), (8, 2.0, 0.8, "static"))]
+    for method in methods:
+        exact, fast = (runners[f].evaluate(method) for f in (False, True))
+        assert fast.responses == exact.responses, method
+        assert fast.scores == exact.scores and fast.new_tokens == exact.new_tokens
+    assert len(runners[True]._prefills) == 2  # one per batch, shared by every method but AttnTS
+    assert not runners[True]._prefills[0].attention_mask.all()  # the first batch was padded
+    assert runners[True]._prefills[0].prefilled == runners[False]._prefills[0].prefilled
+
+
 def test_head_ranking_follows_qr_scores_then_head_set():
     from registry import ModelIdentity, Profile
 
@@ -373,6 +403,39 @@ def test_speed_objective_gives_a_pareto_front_and_a_changed_study_is_refused(wor
     with pytest.raises(CalibrationError, match="different examples_sha256, n_dev, objectives"):
         calibrate(changed)
     assert _versions(workdir) == [1, 2]
+
+
+def test_a_fast_path_study_scores_every_trial_as_the_exact_path_and_keeps_to_its_path(workdir, capsys):
+    """`calibrate --fast`: the same trials, per-example scores and baselines as the exact path; a study
+    is continued only on the path it was made with (the default names differ, so they never mix)."""
+    from types import SimpleNamespace
+
+    storage = f"sqlite:///{workdir['dir'] / 'paths.db'}"
+    base = dict(dev="kv", model=workdir["model"], profile=workdir["ref"], trials=3, examples=3, test_examples=1,
+                context=300, max_new_tokens=4, batch_size=2, storage=storage, tracking=False, register=False,
+                registry=str(workdir["registry"]), attnts_temperatures=(0.8,), threads=1)
+    results = {False: calibrate(CalibrationConfig(**base))}
+    # The fast study through the command line, as on a GPU (there with --device cuda --dtype bfloat16).
+    assert _run_main("--dev", "kv", "--model", workdir["model"], "--profile", workdir["ref"], "--trials", "3",
+                     "--examples", "3", "--test-examples", "1", "--context", "300", "--max-new-tokens", "4",
+                     "--batch-size", "2", "--storage", storage, "--no-tracking", "--no-register", "--registry",
+                     str(workdir["registry"]), "--attnts-temperatures", "0.8", "--threads", "1", "--quiet",
+                     "--json", "--fast") == 0
+    results[True] = SimpleNamespace(**json.loads(capsys.readouterr().out))
+    assert results[True].study_name != results[False].study_name
+    studies = {fast: optuna.load_study(study_name=r.study_name, storage=storage) for fast, r in results.items()}
+    for exact, fast in zip(studies[False].trials, studies[True].trials, strict=True):
+        assert fast.params == exact.params and fast.state == exact.state
+        assert fast.user_attrs["scores"] == exact.user_attrs["scores"]
+    assert studies[True].user_attrs["baselines"]["vanilla"]["scores"] == \
+        studies[False].user_attrs["baselines"]["vanilla"]["scores"]
+    assert results[True].scores == results[False].scores
+    assert results[True].selection["dev_best"] is None  # no per-step diagnostics on the fast path
+    assert results[False].selection["dev_best"] is not None
+    with pytest.raises(CalibrationError, match="different path"):
+        calibrate(CalibrationConfig(**base, study_name=results[True].study_name))
+    with pytest.raises(CalibrationError, match="different path"):
+        calibrate(CalibrationConfig(**base, study_name=results[False].study_name, fast=True))
 
 
 # --------------------------------------------------------------------------- resume and workers
@@ -671,3 +734,24 @@ def test_bad_objective_options_are_usage_errors(capsys, flag, value, expected):
         _run_main("--dev", "kv", flag, value)
     assert exit_info.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.embedded
+def test_fast_path_trials_match_the_exact_path_on_smollm2(smollm2):
+    """Real weights, real chat prompts of two lengths in one padded batch: fast-path trials from the
+    shared prefill give the exact path's responses and scores (vanilla and the published knobs)."""
+    from calibration.runner import ExampleRunner, Method
+    from calibration.tasks import get_task
+    from decoder.dysco import DyscoConfig
+
+    model, tokenizer = smollm2
+    task = get_task("kv")
+    examples = task.generate(tokenizer, 1, 400, 0) + task.generate(tokenizer, 1, 250, 1)
+    heads = [(8, 2), (15, 4), (20, 1), (21, 7)]
+    methods = [Method.vanilla(), Method.dysco(DyscoConfig(head_set=heads))]  # warmups 0 and 12 of the shared 16
+    runners = [ExampleRunner(model, tokenizer, task, examples, max_new_tokens=5, batch_size=2, warmup=16, fast=fast)
+               for fast in (False, True)]
+    for method in methods:
+        exact, fast = (runner.evaluate(method) for runner in runners)
+        assert fast.responses == exact.responses, method
+        assert fast.scores == exact.scores

@@ -111,9 +111,10 @@ def reference_dysco(model, prompt: list[int], template: list[bool], config: Dysc
         if logits is None:  # a DySCO step at `position`
             lagged = False  # lagged: this step's full pass reads the importance for the next step
             if static is None:
-                if config.selection in ("static", "lagged") and importance:
+                lag = config.selection == "lagged" and position >= P  # lagged probes on the prompt's steps
+                if importance and (config.selection == "static" or lag):
                     chosen = _reference_select(importance, config.top_p, config.top_k)  # no probe: columns < position
-                    lagged = config.selection == "lagged"
+                    lagged = lag
                 else:
                     run(position + 1, capture=True)  # probe: the row of `position` has no bias yet
                     update(cur())
@@ -524,14 +525,16 @@ def test_feed_schedule_runs_probe_and_bias_on_the_published_columns(chat_templat
 
 
 def test_lagged_runs_no_probe_and_reads_importance_from_its_full_passes():
-    """Lagged: the importance-only columns as before, then one biased pass per column (capturing S), never a probe."""
+    """Lagged: the importance-only columns as before, dynamic steps (probe + biased pass) on the prompt's
+    DySCO columns, then one biased pass per generated token (capturing S), never a probe."""
     model, tokenizer = tiny_model("llama")
     config = DyscoConfig(head_set=_heads(model), context_warmup=4, intervention_warmup=2, selection="lagged")
     decoder = Decoder(model, tokenizer, dysco=config)
     P = 30
     log = _feed_log(decoder, list(range(10, 10 + P)), steps=3)
     expected = [("prefill", (0, P - 6))] + [("importance", c) for c in range(P - 6, P - 3)]
-    expected += [("biased", c) for c in range(P - 3, P + 2)]
+    expected += [step for c in range(P - 3, P) for step in (("probe", c), ("biased", c))]
+    expected += [("biased", c) for c in range(P, P + 2)]
     assert log == expected
     # With no importance-only step the first DySCO step probes (a dynamic step), and only that one.
     decoder = Decoder(model, tokenizer, dysco=config.replace(context_warmup=0, intervention_warmup=0))
@@ -541,19 +544,17 @@ def test_lagged_runs_no_probe_and_reads_importance_from_its_full_passes():
 
 @pytest.mark.parametrize("lagged_probs", ["plain", "biased"])
 def test_lagged_degenerates_to_known_decoders(lagged_probs):
-    """Strength 1 (no bias): lagged = dynamic = vanilla. Its first DySCO step is static's first step (same set,
-    no probe), so with intervention_warmup 0 the first token and its logits are static's, bit for bit."""
+    """Strength 1 (no bias): lagged = dynamic = vanilla. Its prompt steps are dynamic steps, so the first token
+    and its logits are dynamic DySCO's, bit for bit; the lag shows from the second token on."""
     model, tokenizer = tiny_model("qwen2")
     lagged = DyscoConfig(head_set=_heads(model), strength=3.0, top_p=0.6, top_k=6, context_warmup=5,
                          intervention_warmup=0, selection="lagged", lagged_probs=lagged_probs)
-    first = Decoder(model, tokenizer, dysco=lagged).generate(PROMPTS, max_new_tokens=1, eos=[], return_logits=True)
-    static = Decoder(model, tokenizer, dysco=lagged.replace(selection="static")).generate(
-        PROMPTS, max_new_tokens=1, eos=[], return_logits=True)
+    got = Decoder(model, tokenizer, dysco=lagged).generate(PROMPTS, max_new_tokens=2, eos=[], return_logits=True)
     dynamic = Decoder(model, tokenizer, dysco=lagged.replace(selection="dynamic")).generate(
-        PROMPTS, max_new_tokens=1, eos=[], return_logits=True)
-    assert first.token_ids == static.token_ids
-    assert all(torch.equal(a, b) for a, b in zip(first.logits, static.logits))
-    assert any((a - b).abs().max() > 1e-3 for a, b in zip(first.logits, dynamic.logits))  # the lag shows
+        PROMPTS, max_new_tokens=2, eos=[], return_logits=True)
+    assert [ids[0] for ids in got.token_ids] == [ids[0] for ids in dynamic.token_ids]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got.logits, dynamic.logits))
+    assert any((a[1] - b[1]).abs().max() > 1e-3 for a, b in zip(got.logits, dynamic.logits))  # the lag shows
     one = lagged.replace(strength=1.0, intervention_warmup="auto")
     vanilla = Decoder(model, tokenizer, method="vanilla").generate(PROMPTS, max_new_tokens=5, eos=[], return_logits=True)
     for config in (one, one.replace(selection="dynamic")):

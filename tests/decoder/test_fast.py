@@ -19,7 +19,7 @@ import torch
 
 from decoder.dysco import DyscoConfig
 from decoder.fast import FastDecoder
-from decoder.fast_kernels import decode_attention_torch
+from decoder.fast_kernels import LEVERS, decode_attention_torch
 from decoder.generation import Decoder
 from decoder.tiny import tiny_model
 
@@ -81,7 +81,7 @@ def test_fast_matches_exact_other_architectures(arch, case):
 
 
 def test_fast_lagged_runs_no_probe():
-    """After the importance-only steps, a lagged generation runs one (full) pass per token: no truncated probe."""
+    """A lagged generation probes only on the prompt's DySCO steps; each generated token is one (full) pass."""
     model, tok = tiny_model("qwen3")
     fast = FastDecoder(model, tok, "dysco", dysco=CASES["dysco_lagged"][1]["dysco"])
     kinds = []
@@ -91,8 +91,9 @@ def test_fast_lagged_runs_no_probe():
     probe = fast._forward_probe
     fast._forward_probe = lambda *a: (probes.append(1), probe(*a))[1]
     fast.generate([PROMPTS[0]], max_new_tokens=5, eos=[])
-    assert not probes
-    assert kinds == ["warmup"] * 3 + ["lagged"] * (fast.intervention_warmup + 1 + 4)
+    prompt_steps = fast.intervention_warmup + 1  # the last of them gives the first token
+    assert len(probes) == prompt_steps
+    assert kinds == ["warmup"] * 3 + ["dysco"] * prompt_steps + ["lagged"] * 4
 
 
 @pytest.mark.parametrize("case", ["dysco", "dysco_hard", "dysco_static_warm", "dysco_lagged", "dysco_lagged_hard"])
@@ -158,7 +159,8 @@ _INTERPRETED = textwrap.dedent("""
         _orig(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
     _i._patch_lang_tensor = _patched
-    from decoder.fast_kernels import decode_attention_torch, decode_attention_triton
+    from decoder.fast_kernels import (decode_attention_torch, decode_attention_triton, decode_scores_torch,
+                                      decode_scores_triton)
     torch.manual_seed(0)
     for B, H, KV, D, T, t, win, per_sm in [(1, 4, 2, 16, 300, 250, None, 4), (3, 8, 2, 32, 200, 199, None, 4),
                                             (2, 4, 1, 16, 130, 40, 17, 4), (1, 8, 2, 32, 3000, 2900, None, 40)]:
@@ -173,6 +175,25 @@ _INTERPRETED = textwrap.dedent("""
         assert (o1 - o2).abs().max() < 1e-4, (o1 - o2).abs().max()
         assert (s1 - s2)[..., lo:t + 1].abs().max() < 1e-4
         assert (s1[..., t + 1:] == 7.0).all()
+        # kv_write: the kernel writes this step's K/V at column t itself (new_v strided as the model's are).
+        new_k, new_v = torch.randn(B, KV, D), torch.randn(B, 1, KV, D).transpose(1, 2)[:, :, 0]
+        k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
+        s3 = torch.full((B, 2, T), 7.0); s4 = s3.clone()
+        o3 = decode_attention_triton(q, k1, v1, bias, tt, 0.3, win, (rows, s3), (new_k, new_v), programs_per_sm=per_sm)
+        o4 = decode_attention_torch(q, k2, v2, bias, tt, 0.3, win, (rows, s4), (new_k, new_v))
+        assert torch.equal(k1, k2) and torch.equal(v1, v2) and torch.equal(k1[:, :, t], new_k)
+        assert torch.equal(k1[:, :, :t], k[:, :, :t]) and torch.equal(k1[:, :, t + 1:], k[:, :, t + 1:])
+        assert (o3 - o4).abs().max() < 1e-4 and not torch.allclose(o3, o1)
+        assert (s3 - s4)[..., lo:t + 1].abs().max() < 1e-4
+        # probe_tail: the capture alone, K/V column written the same way.
+        k5, v5 = k.clone(), v.clone()
+        s5 = torch.full((B, 2, T), 7.0)
+        decode_scores_triton(q, k5, v5, tt, 0.3, (rows, s5), (new_k, new_v), programs_per_sm=per_sm)
+        assert torch.equal(k5, k1) and torch.equal(v5, v1)
+        assert (s5 - s4)[..., lo:t + 1].abs().max() < 1e-4 and (s5[..., t + 1:] == 7.0).all()
+        s6 = torch.full((B, 2, T), 7.0)
+        decode_scores_torch(q, k.clone(), v.clone(), tt, 0.3, (rows, s6), (new_k, new_v))
+        assert (s5 - s6)[..., :t + 1].abs().max() < 1e-4
     print("ok")
 """)
 
@@ -200,3 +221,232 @@ def test_fast_lagged_matches_exact_on_smollm2(smollm2, lagged_probs):
     assert fast.token_ids == exact.token_ids
     for a, b in zip(exact.logits, fast.logits):
         assert (a - b).abs().max().item() < 5e-4
+
+
+def test_levers_unknown_name():
+    model, tok = tiny_model("qwen3")
+    with pytest.raises(ValueError, match="unknown levers.*kv_write"):
+        FastDecoder(model, tok, "vanilla", levers={"kv_write", "warp_drive"})
+
+
+def test_levers_from_the_environment(monkeypatch):
+    """$DYSCO_FAST_LEVERS picks the default levers (a CLI run can drop one); a typo is named."""
+    model, tok = tiny_model("qwen3")
+    monkeypatch.setenv("DYSCO_FAST_LEVERS", "probe_tail, kv_write")
+    assert FastDecoder(model, tok, "vanilla").run.levers == {"probe_tail", "kv_write"}
+    monkeypatch.setenv("DYSCO_FAST_LEVERS", "none")
+    assert FastDecoder(model, tok, "vanilla").run.levers == set()
+    monkeypatch.setenv("DYSCO_FAST_LEVERS", "kv_writes")
+    with pytest.raises(ValueError, match=r"DYSCO_FAST_LEVERS.*kv_writes"):
+        FastDecoder(model, tok, "vanilla")
+
+
+@pytest.mark.parametrize("levers", [(), ("kv_write",), ("probe_tail",)])
+def test_fast_levers_off_matches_exact(levers):
+    """With the K/V write and the probe tail each off (the PyTorch paths on the CPU), still the exact tokens."""
+    model, tok = tiny_model("qwen3")
+    method, kw = CASES["dysco"]
+    exact = Decoder(model, tok, method, **kw).generate(PROMPTS, max_new_tokens=5, return_logits=True, eos=[])
+    fast = FastDecoder(model, tok, method, levers=levers, **kw).generate(PROMPTS, max_new_tokens=5, return_logits=True,
+                                                                          eos=[])
+    assert fast.token_ids == exact.token_ids
+    for a, b in zip(exact.logits, fast.logits):
+        assert (a - b).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("probe_tail", [True, False])
+def test_probe_tail_skips_the_deepest_mlp(probe_tail):
+    """probe_tail: the probe stops at the deepest layer's attention, so that layer's MLP runs in full passes only."""
+    model, tok = tiny_model("qwen3")
+    config = CASES["dysco"][1]["dysco"]
+    levers = set(LEVERS) if probe_tail else set(LEVERS) - {"probe_tail"}
+    fast = FastDecoder(model, tok, "dysco", dysco=config, levers=levers)
+    calls = {"mlp": 0, "full": 0, "probe": 0}
+    hook = model.model.layers[config.deepest_layer].mlp.register_forward_hook(
+        lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1))
+    for name in ("full", "probe"):
+        method = getattr(fast, f"_forward_{name}")
+        setattr(fast, f"_forward_{name}", lambda *a, m=method, n=name: (calls.__setitem__(n, calls[n] + 1), m(*a))[1])
+    try:
+        fast.generate_ids(torch.tensor([PROMPTS[0]]), max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert calls["probe"] > 0
+    # The prefill runs the MLP once too.
+    assert calls["mlp"] == 1 + calls["full"] + (0 if probe_tail else calls["probe"])
+
+
+_INTERPRETED_FUSED = textwrap.dedent("""
+    import torch
+    from decoder.dysco import DyscoConfig
+    from decoder.fast import FastDecoder
+    from decoder.fast_fused import add_rmsnorm, gemv, silu_mul_halves
+    from decoder.generation import Decoder
+    from decoder.tiny import tiny_model
+    torch.manual_seed(0)
+    # splitk_gemv: split 1 writes directly, more splits reduce their partial sums; a K not divisible by the tile.
+    for m, n, k, split, bias in [(1, 96, 64, 2, False), (3, 100, 300, 3, True), (16, 48, 64, 1, True)]:
+        x, w, b = torch.randn(m, k), torch.randn(n, k), (torch.randn(n) if bias else None)
+        got = gemv(x, w, b, split_k=split, block_k=64, block_n=32)
+        assert (got - torch.nn.functional.linear(x, w, b)).abs().max() < 1e-4, (m, n, k, split)
+    model, tok = tiny_model("qwen3")
+    norm = model.model.layers[0].post_attention_layernorm
+    norm.weight.data.uniform_(0.5, 1.5)
+    x, r = torch.randn(2, 1, 64), torch.randn(2, 1, 64)
+    total, normed = add_rmsnorm(x, r, norm)
+    assert torch.equal(total, r + x) and (normed - norm(r + x)).abs().max() < 1e-5
+    gu = torch.randn(2, 1, 256)
+    want = torch.nn.functional.silu(gu[..., :128]) * gu[..., 128:]
+    assert (silu_mul_halves(gu) - want).abs().max() < 1e-5
+    # Every lever on, the fused ops included: the exact path's tokens and logits, padding rows included.
+    prompts = [list(range(10, 30)), list(range(50, 58)), list(range(100, 103))]
+    config = DyscoConfig(head_set=[(1, 0), (2, 3), (3, 1)], top_k=5, top_p=0.9, context_warmup=4)
+    exact = Decoder(model, tok, "dysco", dysco=config).generate(prompts, max_new_tokens=4, return_logits=True, eos=[])
+    before = model(torch.tensor([prompts[0]])).logits
+    fast = FastDecoder(model, tok, "dysco", dysco=config, fuse=True)
+    summary = fast.run.fused.summary()
+    for label in ("gate/up GEMV (gate_up)", "Triton GEMV (splitk_gemv)", "decoder layer with add+norm (add_norm)",
+                  "final norm from the last add (add_norm)"):
+        assert summary.get(label), (label, summary)
+    out = fast.generate(prompts, max_new_tokens=4, return_logits=True, eos=[])
+    assert out.token_ids == exact.token_ids
+    assert max((a - b).abs().max().item() for a, b in zip(exact.logits, out.logits)) < 1e-4
+    # gate_up shares one tensor between gate and up instead of copying them: the model is unchanged.
+    mlp = model.model.layers[0].mlp
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_proj.weight.data_ptr() + mlp.gate_proj.weight.numel() * 4
+    assert torch.equal(model(torch.tensor([prompts[0]])).logits, before)
+    print("ok")
+""")
+
+
+def test_fused_levers_under_interpreter():
+    """The fused-op levers (gate_up, add_norm, splitk_gemv) on a whole generation, kernels interpreted."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", _INTERPRETED_FUSED], env=env, capture_output=True, text=True,
+                            timeout=900, cwd=Path(__file__).resolve().parents[2])  # the repository root
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+# --------------------------------------------------------------------------------------------------
+# The batched (masked) prefill of a left-padded batch
+# --------------------------------------------------------------------------------------------------
+
+
+def _padded(prompts):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_padded_prefill_writes_what_each_row_alone_writes(arch):
+    """One masked forward for the batch = each row prefilled alone (positions from 0 at its first real
+    token): the same K/V in its real columns, zeros in its padding, the same last logits; no NaN."""
+    model, tok = tiny_model(arch)  # gemma3_text: sliding window 8, shorter than the longest prompt
+    prompts = [list(range(10, 40)), list(range(50, 62)), list(range(100, 103))]
+    ids, mask = _padded(prompts)
+    fast = FastDecoder(model, tok, "vanilla")
+    batch = fast.prefill_ids(ids, mask, warmup=0)
+    for row, prompt in enumerate(prompts):
+        alone = fast.prefill_ids(torch.tensor([prompt]), warmup=0)
+        pad = ids.shape[1] - len(prompt)
+        for layer in batch.k:
+            for got, want in ((batch.k[layer], alone.k[layer]), (batch.v[layer], alone.v[layer])):
+                assert torch.isfinite(got).all()
+                assert (got[row, :, :pad] == 0).all()
+                assert (got[row, :, pad:] - want[0]).abs().max().item() < 1e-5
+        assert (batch.last_logits[row] - alone.last_logits[0]).abs().max().item() < TOL
+
+
+def test_padded_prefill_in_query_blocks(monkeypatch):
+    """A mask too big for one SDPA call runs in query blocks: same tokens and logits as the exact path."""
+    import decoder.fast as fast_module
+
+    monkeypatch.setattr(fast_module, "_MASK_BUDGET", 3 * 30 * 7)  # blocks of 7 query rows for 3 rows × 30 columns
+    model, tok = tiny_model("gemma3_text")
+    for case in ("vanilla", "dysco"):
+        method, kw = CASES[case]
+        _compare(model, tok, method, kw, PROMPTS)
+
+
+def test_padded_prefill_runs_one_forward():
+    """A padded batch is prefilled by one model forward, not one per row."""
+    model, tok = tiny_model("qwen3")
+    fast = FastDecoder(model, tok, "vanilla")
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fast.prefill_ids(*_padded(PROMPTS), warmup=0)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefill once, generate many times (calibration trials)
+# --------------------------------------------------------------------------------------------------
+
+SHARED_WARMUP = 16  # at least every case's context + intervention warmup below (auto = 9 on the tiny template)
+
+
+@pytest.mark.parametrize("case", ["vanilla", "dysco", "dysco_hard", "dysco_static", "dysco_static_warm", "dysco_iw0",
+                                  "dysco_lagged", "dysco_lagged_probe_first"])
+def test_generate_from_shared_prefill_matches_from_scratch(case):
+    """One plain prefill up to the longest warmup, then any method from it: the tokens of a generation
+    from scratch (fast and exact) and logits within tolerance; the state is left as it was."""
+    model, tok = tiny_model("qwen3")
+    method, kw = CASES[case]
+    state = FastDecoder(model, tok, "vanilla").prefill(PROMPTS, warmup=SHARED_WARMUP, max_new_tokens=6)
+    before = {layer: k.clone() for layer, k in state.k.items()}
+    fast = FastDecoder(model, tok, method, **kw)
+    got = fast.generate_from(state, max_new_tokens=6, return_logits=True, eos=[511])
+    scratch = fast.generate(PROMPTS, max_new_tokens=6, return_logits=True, eos=[511])
+    exact = Decoder(model, tok, method, **kw).generate(PROMPTS, max_new_tokens=6, return_logits=True, eos=[511])
+    assert got.token_ids == scratch.token_ids == exact.token_ids
+    assert got.prompt_ids == exact.prompt_ids
+    for a, b in zip(exact.logits, got.logits):
+        assert (a - b).abs().max().item() < TOL
+    assert all(torch.equal(state.k[layer], k) for layer, k in before.items())
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "qwen2"])
+def test_generate_from_shared_prefill_other_architectures(arch):
+    """The columns between the shared prefill and a decoder's own warmup are prefilled over the restored
+    prefix (sliding-window layers keep their window): from-scratch tokens, exact-path logits."""
+    model, tok = tiny_model(arch)
+    state = FastDecoder(model, tok, "vanilla").prefill(PROMPTS, warmup=SHARED_WARMUP, max_new_tokens=6)
+    for case in ("vanilla", "dysco_lagged_biased"):
+        method, kw = CASES[case]
+        got = FastDecoder(model, tok, method, **kw).generate_from(state, max_new_tokens=6, return_logits=True, eos=[])
+        exact = Decoder(model, tok, method, **kw).generate(PROMPTS, max_new_tokens=6, return_logits=True, eos=[])
+        assert got.token_ids == exact.token_ids
+        for a, b in zip(exact.logits, got.logits):
+            assert (a - b).abs().max().item() < TOL
+
+
+def test_generate_from_one_state_many_trials():
+    """Trials in a row from one state (different knobs, different decoders) each give their own from-scratch tokens."""
+    model, tok = tiny_model("qwen3")
+    state = FastDecoder(model, tok, "vanilla").prefill(PROMPTS, warmup=SHARED_WARMUP, max_new_tokens=5)
+    for strength, top_p in [(2.0, 0.9), (100.0, 0.5), (1.5, 0.99), (2.0, 0.9)]:
+        config = DyscoConfig(head_set=[(1, 0), (2, 3)], strength=strength, top_p=top_p, context_warmup=4)
+        fast = FastDecoder(model, tok, "dysco", dysco=config)
+        assert fast.generate_from(state, max_new_tokens=5).token_ids == fast.generate(PROMPTS, max_new_tokens=5).token_ids
+    vanilla = FastDecoder(model, tok, "vanilla")
+    assert vanilla.generate_from(state, max_new_tokens=5).token_ids == vanilla.generate(PROMPTS, max_new_tokens=5).token_ids
+
+
+def test_generate_from_refuses_what_the_state_cannot_continue():
+    model, tok = tiny_model("qwen3")
+    state = FastDecoder(model, tok, "vanilla").prefill(PROMPTS, warmup=2)
+    with pytest.raises(ValueError, match="warmup >= 13"):  # context 4 + auto 9
+        FastDecoder(model, tok, "dysco", dysco=CASES["dysco"][1]["dysco"]).generate_from(state)
+    with pytest.raises(ValueError, match="AttnTS changes the prefill"):
+        FastDecoder(model, tok, "attnts", temperature=0.7).generate_from(state)
+    attnts = FastDecoder(model, tok, "attnts", temperature=0.7)
+    hot = attnts.prefill(PROMPTS, max_new_tokens=4)
+    assert attnts.generate_from(hot, max_new_tokens=4).token_ids == attnts.generate(PROMPTS, max_new_tokens=4).token_ids
+    other, other_tok = tiny_model("llama")
+    with pytest.raises(ValueError, match="another model"):
+        FastDecoder(other, other_tok, "vanilla").generate_from(state)

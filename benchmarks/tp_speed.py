@@ -1,0 +1,396 @@
+"""Exact-path decode speed and memory on two GPUs: tensor parallelism vs device_map vs one GPU.
+
+The Qwen3-8B shape (36 layers, hidden 4096, 32 heads, 8 KV heads, head_dim 128, intermediate 12288,
+vocab 151936) with random bf16 weights, written once as a checkpoint (`--checkpoint`, ~16 GB) so that
+every placement loads the same weights the way a user would:
+
+- `single`: one process, the whole model on cuda:0;
+- `tp`: `torchrun --nproc-per-node 2`, `from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))`
+  (transformers' own tensor parallelism: each GPU holds 16 query heads and 4 KV heads of every layer);
+- `device_map`: one process, layers 0-17 (and the embedding) on cuda:0, 18-35 (norm, head) on cuda:1,
+  through accelerate's dispatch (`from_pretrained(device_map=...)`); without accelerate the same split
+  is made here with forward pre-hooks that move each module's inputs to its device (said in the table).
+
+For each placement, method (vanilla, exact-path DySCO with the published knobs and 16 heads at the
+published Qwen3-8B positions) and context (batch 1): decode ms/token, tokens/s and peak memory per
+GPU (torch's max_memory_allocated). The KV cache is random rather than a prompt's prefill (decode
+speed does not depend on the cache's values, and a 128K exact-path prefill would take most of the
+time budget): a DynamicCache filled with `context - warmup` random columns, then the exact Decoder
+(`Decoder.generate_from`) feeds DySCO's warmup columns one at a time and decodes `--steps` tokens.
+ms/token is the mean over the decoded tokens after the first.
+
+    python benchmarks/tp_speed.py --out $OUT           # all three placements, then the table
+    torchrun --nproc-per-node 2 benchmarks/tp_speed.py --placement tp --out DIR   # one placement
+    python benchmarks/tp_speed.py --tiny --out /tmp/tp  # CPU, gloo, a tiny model: checks the script runs
+
+Writes `tp_speed.json` and `tp_speed.md` (date, machine, command, table) into --out and prints the table.
+Not yet timed on GPUs; sized to stay well inside 10 minutes there: one 16 GB checkpoint write (skipped
+when --checkpoint already holds one), three loads, 18 measurements of 24 decode steps each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+QWEN3_8B_HEADS = [(21, 31), (21, 18), (20, 15), (22, 4), (21, 11), (20, 16), (21, 17), (19, 13), (21, 10), (21, 8),
+                  (18, 5), (20, 14), (19, 14), (24, 13), (17, 4), (19, 28)]
+TINY_HEADS = [(1, 0), (1, 3), (2, 2), (3, 1)]
+PLACEMENTS = ("single", "tp", "device_map")
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The checkpoint
+# ------------------------------------------------------------------------------------------------
+
+
+def qwen3_config(tiny: bool):
+    from transformers import Qwen3Config
+
+    dims = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+    if tiny:
+        dims = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=16)
+    return Qwen3Config(**dims, max_position_embeddings=262144, rope_theta=1_000_000.0, tie_word_embeddings=False,
+                       pad_token_id=0, bos_token_id=None, eos_token_id=None)
+
+
+def ensure_checkpoint(path: str, tiny: bool) -> None:
+    """Write a random-weight checkpoint of the shape to `path` unless one is there (bf16; tiny: float32)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.time()
+    device = "cpu" if tiny else "cuda:0"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(qwen3_config(tiny), dtype=torch.float32 if tiny else torch.bfloat16)
+    model.generation_config.pad_token_id = 0
+    model.to("cpu")  # random init is fast on the GPU; the file is written from host memory
+    tmp = path + ".partial"
+    model.save_pretrained(tmp, max_shard_size="4GB")
+    os.replace(tmp, path)
+    del model
+    gc.collect()
+    if not tiny:
+        torch.cuda.empty_cache()
+    log(f"checkpoint written to {path} ({time.time() - t0:.0f}s)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading, per placement
+# ------------------------------------------------------------------------------------------------
+
+
+def layer_split(n_layers: int, devices: list) -> dict:
+    """A pipeline placement: the first half of the layers (and the embedding) on devices[0], the rest on devices[1]."""
+    half = n_layers // 2
+    placement = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0], "model.norm": devices[1],
+                 "lm_head": devices[1]}
+    placement.update({f"model.layers.{i}": devices[0] if i < half else devices[1] for i in range(n_layers)})
+    return placement
+
+
+def _move_inputs_hook(module, args, kwargs):
+    """What accelerate's AlignDevicesHook does for a layer: its tensor inputs go to its device."""
+    device = next(module.parameters()).device
+
+    def move(x):
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if isinstance(x, tuple):
+            return tuple(move(y) for y in x)
+        return x
+
+    return move(args), {k: move(v) for k, v in kwargs.items()}
+
+
+def load(path: str, placement: str, tiny: bool, hooks: bool = False):
+    """(model, how it was placed, the devices it uses)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if tiny else torch.bfloat16
+    if placement == "tp":
+        from transformers import DistributedConfig
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, distributed_config=DistributedConfig(tp_plan="auto"))
+        devices = [model.get_input_embeddings().weight.device]
+        how = f"tensor parallel over {torch.distributed.get_world_size()} ranks (tp_plan auto)"
+    elif placement == "single":
+        device = "cpu" if tiny else "cuda:0"
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
+        devices, how = [torch.device(device)], f"one device ({device})"
+    else:
+        devices = ["cpu", "cpu"] if tiny else ["cuda:0", "cuda:1"]
+        n_layers = qwen3_config(tiny).num_hidden_layers
+        split = layer_split(n_layers, devices)
+        where = " (both halves on the CPU: a dry run)" if tiny else ""
+        if importlib.util.find_spec("accelerate") is not None and not hooks:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=split)
+            how = "device_map over 2 devices (accelerate dispatch)" + where
+        else:  # the same split, with the input moves accelerate's hooks would make
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": devices[0]})
+            for name, device in split.items():
+                if device != devices[0]:
+                    module = model.get_submodule(name)
+                    module.to(device)
+                    module.register_forward_pre_hook(_move_inputs_hook, with_kwargs=True)
+            how = "device_map over 2 devices (without accelerate: layers moved, inputs moved by pre-hooks)" + where
+        devices = sorted({torch.device(d) for d in devices}, key=str)
+    model.eval()
+    return model, how, devices
+
+
+# ------------------------------------------------------------------------------------------------
+# One measurement
+# ------------------------------------------------------------------------------------------------
+
+
+class NoTokenizer:
+    """Enough of a tokenizer for token-id prompts (no chat template: DySCO's intervention warmup is 0)."""
+
+    pad_token_id = 0
+    eos_token_id = None
+    chat_template = None
+
+    def decode(self, ids, **kwargs) -> str:
+        return ""
+
+
+def random_state(decoder, context: int, warmup: int, seed: int = 0):
+    """A PrefillState of one row whose first `context - warmup` columns are random keys and values in the cache."""
+    from transformers import DynamicCache
+
+    from decoder.generation import PrefillState
+
+    model, device = decoder.model, decoder.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # the same ids and logits on every rank
+    ids = torch.randint(10, model.config.vocab_size, (1, context), generator=gen).to(device)
+    cache = DynamicCache(config=model.config)
+    n_cached, config = context - warmup, model.config
+    for i, layer in enumerate(model.model.layers):
+        # Every placement gets the same cache: all KV heads drawn from one seed per layer, then this
+        # rank's contiguous slice of them under TP (colwise k_proj/v_proj).
+        weight = layer.self_attn.k_proj.weight
+        local = weight.to_local() if hasattr(weight, "to_local") else weight
+        n_local = local.shape[0] // config.head_dim
+        first = torch.distributed.get_rank() * n_local if n_local < config.num_key_value_heads else 0
+        layer_gen = torch.Generator(device=local.device).manual_seed(seed * 1000 + i)
+        shape = (2, 1, config.num_key_value_heads, n_cached, config.head_dim)
+        kv = torch.randn(shape, generator=layer_gen, device=local.device, dtype=local.dtype)[:, :, first : first + n_local]
+        cache.update(kv[0].clone(), kv[1].clone(), i)
+        del kv
+    last = torch.randn(1, model.config.vocab_size, generator=gen).to(device) if warmup == 0 else None
+    return PrefillState(cache, ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool),
+                        [ids[0].tolist()], prefilled=n_cached, temperature=1.0, last_logits=last)
+
+
+def measure(model, method: str, context: int, steps: int, devices: list, tiny: bool) -> dict:
+    from decoder.dysco import DyscoConfig
+    from decoder.generation import Decoder
+
+    config = DyscoConfig(head_set=TINY_HEADS if tiny else QWEN3_8B_HEADS)
+    decoder = Decoder(model, NoTokenizer(), method, dysco=config if method == "dysco" else None)
+    cuda = [d for d in devices if d.type == "cuda"]
+    gc.collect()
+    for d in cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(d)
+    state = random_state(decoder, context, decoder.warmup_columns(context))
+    stamps: list[float] = []  # one per token, after its logits reached the host (tokens.tolist() synchronises)
+    result = decoder.generate_from(state, max_new_tokens=steps, callback=lambda event: stamps.append(time.perf_counter()))
+    ms = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+    peaks = {str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in cuda}
+    tokens = result.token_ids[0]
+    del state, result
+    gc.collect()
+    return {"method": method, "context": context, "steps": steps, "decode_ms": ms, "tokens_per_s": 1e3 / ms,
+            "peak_GiB": peaks, "tokens": tokens}
+
+
+def worker(args) -> None:
+    """Measure one placement; rank 0 writes OUT/placement-<name>.json."""
+    tiny = args.tiny
+    ensure_checkpoint_on_rank0(args.checkpoint, tiny)
+    t0 = time.time()
+    model, how, devices = load(args.checkpoint, args.placement, tiny, args.hooks)
+    if args.placement == "tp":  # every rank reports its own GPU
+        devices = [model.get_input_embeddings().weight.device]
+    log(f"[{args.placement}] loaded: {how} ({time.time() - t0:.0f}s)")
+    contexts = [int(c) for c in args.contexts.split(",")]
+    measure(model, "vanilla", min(contexts[0], 1024), 3, devices, tiny)  # warm-up: kernels, allocator
+    rows = []
+    for context in contexts:
+        for method in args.methods.split(","):
+            try:
+                row = measure(model, method, context, args.steps, devices, tiny)
+            except torch.cuda.OutOfMemoryError as err:
+                row = {"method": method, "context": context, "error": f"out of memory: {str(err)[:120]}"}
+                gc.collect()
+                torch.cuda.empty_cache()
+            if args.placement == "tp":
+                gathered = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(gathered, row.get("peak_GiB", {}))
+                row["peak_GiB"] = {f"rank{r} {d}": v for r, peaks in enumerate(gathered) for d, v in peaks.items()}
+            row["placement"] = args.placement
+            rows.append(row)
+            if is_rank0():
+                log(f"[{args.placement}] {context} {method}: " + (row.get("error") or
+                    f"{row['decode_ms']:.1f} ms/token, {row['tokens_per_s']:.1f} tok/s, peak {row['peak_GiB']}"))
+    if is_rank0():
+        with open(os.path.join(args.out, f"placement-{args.placement}.json"), "w") as f:
+            json.dump({"placement": args.placement, "how": how, "rows": rows}, f, indent=1)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def ensure_checkpoint_on_rank0(path: str, tiny: bool) -> None:
+    """Rank 0 writes the checkpoint if missing; the other ranks wait for its config.json (no collective yet)."""
+    if is_rank0():
+        ensure_checkpoint(path, tiny)
+        return
+    while not os.path.isfile(os.path.join(path, "config.json")):
+        time.sleep(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver: every placement, then the table
+# ------------------------------------------------------------------------------------------------
+
+
+def markdown(meta: dict, placements: list[dict]) -> str:
+    lines = [f"### tp_speed — {meta['date']}", "", f"- machine: {meta['machine']}", f"- software: {meta['software']}",
+             f"- command: `{meta['command']}`",
+             f"- model: {meta['model']}; exact path (`decoder.generation.Decoder`), batch 1, random KV cache of the "
+             f"context's length, {meta['steps']} decoded tokens; DySCO: published knobs, {meta['heads']} heads", ""]
+    for p in placements:
+        lines.append(f"- {p['placement']}: {p['how']}")
+    # The same weights, cache and prompt everywhere: the greedy tokens should agree with one device's
+    # (in bf16 a near-tie may flip where the ranks sum in another order; the column shows it, it asserts nothing).
+    single = {(r["method"], r["context"]): r.get("tokens") for p in placements if p["placement"] == "single"
+              for r in p["rows"]}
+    lines += ["", "| placement | method | context | ms/token | tokens/s | peak memory per device (GiB) | tokens = single's |",
+              "|---|---|---:|---:|---:|---|---|"]
+    for p in placements:
+        for row in p["rows"]:
+            if "error" in row:
+                lines.append(f"| {p['placement']} | {row['method']} | {row['context']} | — | — | {row['error']} | — |")
+                continue
+            peaks = ", ".join(f"{d}: {v:.1f}" for d, v in row["peak_GiB"].items()) or "— (CPU)"
+            reference = single.get((row["method"], row["context"]))
+            same = "—" if reference is None else f"{sum(a == b for a, b in zip(row['tokens'], reference))}/{len(reference)}"
+            lines.append(f"| {p['placement']} | {row['method']} | {row['context']} | {row['decode_ms']:.1f} | "
+                         f"{row['tokens_per_s']:.1f} | {peaks} | {same} |")
+    return "\n".join(lines) + "\n"
+
+
+def driver(args) -> None:
+    import transformers
+
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    ensure_checkpoint(args.checkpoint, args.tiny)
+    if args.tiny:
+        machine = f"CPU dry run ({platform.node()})"
+    else:
+        props = torch.cuda.get_device_properties(0)
+        machine = f"{torch.cuda.device_count()} × {props.name}, {props.total_memory / 2**30:.0f} GiB ({platform.node()})"
+    common = ["--out", args.out, "--checkpoint", args.checkpoint, "--contexts", args.contexts, "--steps",
+              str(args.steps), "--methods", args.methods] + (["--tiny"] if args.tiny else []) + \
+             (["--hooks"] if args.hooks else [])
+    script = os.path.abspath(__file__)
+    launch = {
+        "single": [sys.executable, script, "--placement", "single"],
+        "tp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script,
+               "--placement", "tp"],
+        "device_map": [sys.executable, script, "--placement", "device_map"],
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    placements = []
+    for name in args.placements.split(","):
+        log(f"== {name} ({time.time() - t0:.0f}s)")
+        done = subprocess.run(launch[name] + common, env=env)
+        result_file = os.path.join(args.out, f"placement-{name}.json")
+        if done.returncode != 0 or not os.path.isfile(result_file):
+            log(f"{name} failed (exit {done.returncode})")
+            continue
+        with open(result_file) as f:
+            placements.append(json.load(f))
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine,
+        "software": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
+        "command": "python benchmarks/tp_speed.py " + " ".join(sys.argv[1:]),
+        "model": "tiny Qwen3 (4 layers, 8 heads, 2 KV heads), float32" if args.tiny else
+                 "Qwen3-8B shape, random bf16 weights",
+        "steps": args.steps, "heads": len(TINY_HEADS if args.tiny else QWEN3_8B_HEADS), "wall_s": time.time() - t0,
+    }
+    with open(os.path.join(args.out, "tp_speed.json"), "w") as f:
+        json.dump({"meta": meta, "placements": placements}, f, indent=1)
+    table = markdown(meta, placements)
+    with open(os.path.join(args.out, "tp_speed.md"), "w") as f:
+        f.write(table)
+    print(table)
+    missing = set(args.placements.split(",")) - {p["placement"] for p in placements}
+    if missing:
+        sys.exit(f"tp_speed: placement(s) {', '.join(sorted(missing))} failed; see the log above")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--placement", choices=PLACEMENTS, help="measure this placement only (the driver sets it)")
+    parser.add_argument("--placements", default=",".join(PLACEMENTS), help="the driver's placements, in order")
+    parser.add_argument("--contexts", default=None, help="comma-separated (default 32768,65536,131072; tiny: 256,512)")
+    parser.add_argument("--steps", type=int, default=16, help="decoded tokens per measurement")
+    parser.add_argument("--methods", default="vanilla,dysco")
+    parser.add_argument("--checkpoint", default=None, help="random-weight checkpoint folder (written when missing)")
+    parser.add_argument("--tiny", action="store_true", help="CPU (gloo), a tiny Qwen3: checks the script runs")
+    parser.add_argument("--hooks", action="store_true",
+                        help="device_map: place the layers with this script's pre-hooks even when accelerate is there")
+    args = parser.parse_args()
+    if args.contexts is None:
+        args.contexts = "256,512" if args.tiny else "32768,65536,131072"
+    if args.checkpoint is None:
+        args.checkpoint = os.path.join(os.environ.get("TMPDIR", "/tmp"), "dysco-tp-speed",
+                                       "qwen3-tiny" if args.tiny else "qwen3-8b-random")
+    for name in args.placements.split(","):
+        if name not in PLACEMENTS:
+            parser.error(f"unknown placement {name!r}; choose from {', '.join(PLACEMENTS)}")
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (ms/token is measured between decoded tokens)")
+    needed = 1 if set((args.placement or args.placements).split(",")) == {"single"} else 2
+    if not args.tiny and torch.cuda.device_count() < needed:
+        parser.error(f"needs {needed} CUDA device(s), this machine has {torch.cuda.device_count()} "
+                     "(use --tiny for the CPU dry run)")
+    os.makedirs(args.out, exist_ok=True)
+    if args.placement is None:
+        driver(args)
+    else:
+        worker(args)
+
+
+if __name__ == "__main__":
+    main()

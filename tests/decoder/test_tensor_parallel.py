@@ -1,0 +1,203 @@
+"""DySCO on a model sharded with transformers' own tensor parallelism, against one unsharded process.
+
+Two ranks of `torchrun` (gloo on the CPU; NCCL on two GPUs in the `gpu` test) load tiny random
+llama and qwen3 checkpoints with `from_pretrained(path, tp_plan="auto")`: 4 query heads and 2 KV
+heads per layer, so rank 0 holds heads 0-1 and rank 1 heads 2-3 (`tests/decoder/tp_worker.py` does the
+ranks' work). In float32 the sharded model's logits differ from one process's only by the order of
+the sums the row-parallel projections all-reduce: every comparison below allows 1e-5 and asks for
+the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tp_worker
+from decoder.tensor_parallel import HeadShard, localize
+from decoder.tiny import tiny_model
+
+ARCHS = ("llama", "qwen3")
+ATOL = 1e-5
+WORKER = Path(__file__).with_name("tp_worker.py")
+
+
+def _checkpoints(root: Path) -> list[str]:
+    paths = []
+    for arch in ARCHS:
+        model, tokenizer = tiny_model(arch, heads=4, kv_heads=2)
+        path = root / arch
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    return paths
+
+
+def _torchrun(paths: list[str], out: Path, nproc: int = 2) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               str(WORKER), "--out", str(out), *paths]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+def _reference(paths: list[str], device: str = "cpu") -> dict:
+    """The same captures, ablations and decodes in this one process, unsharded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reference = {}
+    for path in paths:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        reference[path] = {**tp_worker.captures_and_ablation(model, tokenizer),
+                           "decodes": tp_worker.decodes(model, tokenizer)}
+    return reference
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(paths, per-rank results of the 2-rank gloo run, the one-process reference)."""
+    root = tmp_path_factory.mktemp("tp")
+    paths = _checkpoints(root)
+    ranks = _torchrun(paths, root)
+    return paths, ranks, _reference(paths)
+
+
+def test_each_rank_holds_a_contiguous_half_of_the_heads(runs):
+    paths, ranks, _ = runs
+    for path in paths:
+        for rank, result in enumerate(ranks):
+            assert result[path]["shards"] == {layer: (2 * rank, 2) for layer in range(4)}, (path, rank)
+
+
+def test_gather_gives_every_rank_every_head(runs):
+    paths, ranks, _ = runs
+    for path in paths:
+        for result in ranks:
+            for layer, values in result[path]["gathered"].items():
+                expected = torch.tensor([100.0 * layer + h for h in range(4)])[None, :, None, None].expand(2, 4, 1, 5)
+                assert torch.equal(values, expected), (path, layer)
+
+
+def test_captured_probabilities_equal_the_unsharded_ones(runs):
+    paths, ranks, reference = runs
+    for path in paths:
+        expected = reference[path]["captured"]
+        assert sorted(expected) == [1, 2]
+        for rank, result in enumerate(ranks):
+            got = result[path]["captured"]
+            assert sorted(got) == [1, 2]
+            for layer in expected:
+                assert got[layer].shape == expected[layer].shape  # [batch, heads asked, rows, positions]
+                torch.testing.assert_close(got[layer], expected[layer], atol=ATOL, rtol=0, msg=f"{path} rank {rank}")
+
+
+def test_ablated_heads_equal_the_unsharded_ablation(runs):
+    paths, ranks, reference = runs
+    for path in paths:
+        for result in ranks:
+            torch.testing.assert_close(result[path]["ablated"], reference[path]["ablated"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["vanilla", *tp_worker.CONFIGS])
+def test_greedy_tokens_and_logits_equal_one_process(runs, method):
+    paths, ranks, reference = runs
+    for path in paths:
+        expected = reference[path]["decodes"][method]
+        for rank, result in enumerate(ranks):
+            got = result[path]["decodes"][method]
+            assert got["tokens"] == expected["tokens"], f"{path} rank {rank} {method}"
+            for row_got, row_expected in zip(got["logits"], expected["logits"]):
+                torch.testing.assert_close(row_got, row_expected, atol=ATOL, rtol=0)
+
+
+def test_refusals_and_seeded_sampling(runs):
+    paths, ranks, _ = runs
+    for path in paths:
+        for result in ranks:
+            assert "whole heads" in result[path]["split_error"]
+            assert "needs a seed" in result[path]["sample_error"]
+            assert "fast path does not run tensor-parallel" in result[path]["fast_error"]
+        assert ranks[0][path]["seeded"] == ranks[1][path]["seeded"]  # the same seed draws the same tokens
+
+
+def test_localize_maps_global_heads_to_this_ranks_slots():
+    shard = HeadShard(first=4, count=4, group=None)
+    local, held = localize(torch.tensor([0, 4, 7, 8, 5]), shard)
+    assert held.tolist() == [False, True, True, False, True]
+    assert local[held].tolist() == [0, 3, 1]
+    assert ((local >= 0) & (local < 4)).all()  # heads held elsewhere still index a real head (then zeroed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Two GPUs
+# --------------------------------------------------------------------------------------------------
+
+
+def _two_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs two CUDA devices")
+def test_tensor_parallel_on_two_gpus_equals_one_gpu(tmp_path):
+    paths = _checkpoints(tmp_path)
+    ranks = _torchrun(paths, tmp_path)  # torchrun on a CUDA machine: NCCL, one GPU per rank
+    reference = _reference(paths, "cuda:0")
+    for path in paths:
+        for result in ranks:
+            for method, expected in reference[path]["decodes"].items():
+                assert result[path]["decodes"][method]["tokens"] == expected["tokens"], (path, method)
+                for got, want in zip(result[path]["decodes"][method]["logits"], expected["logits"]):
+                    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs two CUDA devices")
+def test_device_map_over_two_gpus_equals_one_gpu(tmp_path):
+    pytest.importorskip("accelerate", reason="a device_map over several devices needs accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    paths = _checkpoints(tmp_path)
+    reference = _reference(paths, "cuda:0")
+    for path in paths:
+        placement = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                     "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=placement).eval()
+        assert model.model.layers[3].self_attn.q_proj.weight.device == torch.device("cuda:1")
+        decodes = tp_worker.decodes(model, AutoTokenizer.from_pretrained(path))
+        for method, expected in reference[path]["decodes"].items():
+            assert decodes[method]["tokens"] == expected["tokens"], (path, method)
+            for got, want in zip(decodes[method]["logits"], expected["logits"]):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The two-GPU benchmark's CPU dry run
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tp_speed_benchmark_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/tp_speed.py --tiny: every placement runs (TP on two gloo ranks) and decodes what one device does."""
+    import json
+
+    script = Path(__file__).parents[2] / "benchmarks" / "tp_speed.py"
+    command = [sys.executable, str(script), "--tiny", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "ckpt"),
+               "--contexts", "64", "--steps", "4", "--hooks"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    result = json.loads((tmp_path / "tp_speed.json").read_text())
+    rows = {(p["placement"], r["method"]): r for p in result["placements"] for r in p["rows"]}
+    assert set(rows) == {(p, m) for p in ("single", "tp", "device_map") for m in ("vanilla", "dysco")}
+    for (placement, method), row in rows.items():
+        assert row["decode_ms"] > 0 and len(row["tokens"]) == 4
+        assert row["tokens"] == rows[("single", method)]["tokens"], (placement, method)  # float32: same greedy tokens
+    table = (tmp_path / "tp_speed.md").read_text()
+    assert "| tp | dysco | 64 |" in table and "4/4" in table
