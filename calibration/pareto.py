@@ -144,15 +144,17 @@ def plot_front(
     xs, ys = [p.cost for p in points], [p.objective for p in points]
     ax.step(xs, ys, where="post", color="tab:blue", linewidth=1.2, zorder=3)
     ax.scatter(xs, ys, s=40, color="tab:blue", label="Pareto front", zorder=4)
+    labels: dict[tuple[float, float], list[str]] = {}  # trials at one spot share one label
     for p in points:
-        ax.annotate(str(p.trial), (p.cost, p.objective), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    published = [p for p in points if p.published] or [
-        p for p in (_as_point(t) for t in trials if t.values is not None) if p.published
-    ]
+        labels.setdefault((p.cost, p.objective), []).append(str(p.trial))
+    for (x, y), numbers in labels.items():
+        ax.annotate("trial " + ",".join(numbers), (x, y), textcoords="offset points", xytext=(5, -12), fontsize=8)
+    every = [_as_point(t) for t in trials if t.values is not None]
+    published = [p for p in every if p.published]
     if published:
         ax.scatter([published[0].cost], [published[0].objective], s=110, facecolors="none",
                    edgecolors="tab:orange", linewidths=1.6, label="published defaults", zorder=5)
-    picked = [p for p in points if p.trial == chosen]
+    picked = [p for p in every if p.trial == chosen]  # the adoption rule may keep the published, off the front
     if picked:
         ax.scatter([picked[0].cost], [picked[0].objective], s=160, marker="*", color="tab:red",
                    label=f"registered (trial {chosen})", zorder=6)

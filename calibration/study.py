@@ -63,7 +63,17 @@ from optuna.trial import FrozenTrial, TrialState
 
 from calibration.errors import CalibrationError
 from calibration.evaluation.statistics import paired_comparison, seed_for, sign_test
-from calibration.pareto import COST_METRICS, SPEED_OBJECTIVES, front_points, ms_per_token, token_cost
+from calibration.pareto import (
+    COST_METRICS,
+    SPEED_OBJECTIVES,
+    FrontPoint,
+    choose,
+    front_points,
+    front_table,
+    ms_per_token,
+    plot_front,
+    token_cost,
+)
 from calibration.runner import Evaluation, ExampleRunner, Method, dysco_warmup
 from calibration.space import SearchSpace
 from calibration.storage import (
@@ -289,8 +299,6 @@ class CalibrationResult:
         if self.adoption.get("message"):
             lines.append(f"knobs: {self.adoption['message']}")
         if self.pareto_front:
-            from calibration.pareto import FrontPoint, front_table
-
             points = [FrontPoint(**p) for p in self.pareto_front]
             lines += ["", front_table(points, COST_METRICS[self.speed_objective], chosen=self.best_trial)]
         if self.flat_objective:
@@ -736,8 +744,6 @@ class Calibration:
             )
         if len(study.directions) == 1:
             return study.best_trial
-        from calibration.pareto import choose
-
         return choose(study.best_trials, self.config.max_cost)
 
     def adoption(self, study: optuna.Study) -> tuple[FrozenTrial, dict[str, Any]]:
@@ -869,8 +875,6 @@ class Calibration:
     def _log_front(self, study: optuna.Study, front: list, chosen: int) -> None:
         """The Pareto front to MLflow: `pareto/pareto_front.json`, `plots/pareto_front.png` and two metrics."""
         import tempfile
-
-        from calibration.pareto import plot_front
 
         metric = self.objectives[1]
         self.tracker.log_json({"metric": metric, "chosen_trial": chosen, "points": [p.to_dict() for p in front]},
