@@ -264,3 +264,14 @@ def test_malformed_speed_and_selection_values_are_refused_by_the_parser(capsys, 
 def test_the_old_boolean_speed_objective_is_refused_clearly():
     with pytest.raises(CalibrationError, match="speed_objective must be one of none, cost, measured, got True"):
         CalibrationConfig(dev="kv", speed_objective=True).validate()
+
+
+def test_a_budget_no_trial_meets_is_said_and_the_same_study_rechooses(workdir):
+    storage = f"sqlite:///{workdir['dir'] / 'study.db'}"
+    # Dynamic selection only: every trial probes, so none costs one pass per token.
+    config = _config(workdir, trials=2, storage=storage, speed_objective="cost", max_cost=1.0, register=False)
+    with pytest.raises(CalibrationError, match=r"no complete trial costs at most --max-cost 1: the cheapest costs 1\.\d+"):
+        calibrate(config)
+    again = calibrate(_config(workdir, trials=2, storage=storage, speed_objective="cost", max_cost=2.0, register=False))
+    assert again.trials == {"finished": 2, "complete": 2, "pruned": 0, "failed": 0}  # the trials were kept
+    assert again.adoption["max_cost"] == 2.0 and all(p["cost"] > 1 for p in again.pareto_front)
