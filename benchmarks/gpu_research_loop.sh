@@ -26,6 +26,16 @@ cd "$(dirname "$0")/.."
 export DYSCO_CACHE="${DYSCO_CACHE:-/tmp/dysco-cache}" DYSCO_REGISTRY="${DYSCO_REGISTRY:-/tmp/dysco-registry}"
 MODEL="${MODEL:-smollm2-135m}"
 py() { python3 -c "import sys; from $1 import main; sys.exit(main(sys.argv[1:]))" "${@:2}"; }
+# `dysco registry …` / `dysco eval …` from a checkout that is not pip-installed (no entry points there).
+dysco() { python3 -c "
+import argparse, sys
+from calibration.evaluation.cli import register_cli as add_eval
+from registry.cli import register_cli as add_registry
+parser = argparse.ArgumentParser(prog='dysco')
+commands = parser.add_subparsers(dest='command', required=True)
+add_registry(commands); add_eval(commands)
+args = parser.parse_args(sys.argv[1:])
+sys.exit(int(args.func(args) or 0))" "$@"; }
 
 join() {
   read -r gguf sha < <(python3 -c "from decoder.catalogue import get_entry, source_path as p
@@ -49,14 +59,14 @@ case "${1:-}" in
       --registry "$DYSCO_REGISTRY" --json "$@" | tee "$out/calibrate.json"
     cp /tmp/dysco-study.db "$out/study.db"
     ref=$(python3 -c "import json; print(json.load(open('$out/calibrate.json'))['profile_ref'])")
-    py decoder.cli registry export --registry "$DYSCO_REGISTRY" "$ref" "$out/profile.tar.gz"
+    dysco registry export --registry "$DYSCO_REGISTRY" "$ref" "$out/profile.tar.gz"
     ;;
   import)
-    py decoder.cli registry import --registry "$DYSCO_REGISTRY" "$2"
+    dysco registry import --registry "$DYSCO_REGISTRY" "$2"
     ;;
   eval)
     out="$2"; shift 2
-    py decoder.cli eval --model "$MODEL" --registry "$DYSCO_REGISTRY" --out "$out" "$@"
+    dysco eval --model "$MODEL" --registry "$DYSCO_REGISTRY" --out "$out" "$@"
     ;;
   *)
     sed -n 2,23p "$0"; exit 2 ;;

@@ -7,7 +7,8 @@
 
 Modules: `tasks` (dev tasks and graders), `space` (the searched knobs), `runner` (scoring a
 method on examples with prefill reuse), `study` (the study: objective, adoption rule, trials,
-result), `storage` (study storages, locks, heartbeats), `workers` (extra worker processes),
+result), `pareto` (the speed objective: cost model, Pareto front, the point registered),
+`storage` (study storages, locks, heartbeats), `workers` (extra worker processes),
 `tracking` (MLflow), `cli` (the `calibrate` command), `evaluation` (`dysco eval` and the paired
 statistics the study's adoption rule uses). Imports are lazy so that
 `calibration.tasks` stays light.

@@ -20,6 +20,7 @@ from decoder.threads import quiet_idle_threads
 quiet_idle_threads()  # before anything imports torch
 
 from calibration.errors import CalibrationError  # noqa: E402
+from calibration.pareto import SPEED_OBJECTIVES  # noqa: E402
 from calibration.space import INTERVENTION_WARMUPS  # noqa: E402
 from calibration.storage import DEFAULT_STORAGE  # noqa: E402
 from calibration.study import (  # noqa: E402
@@ -43,6 +44,7 @@ from registry import (  # noqa: E402
     parse_intervention_warmup,
     parse_ref,
 )
+from registry.profile import LAGGED_PROBS, SELECTIONS  # noqa: E402
 
 _EPILOG = """\
 examples:
@@ -53,6 +55,8 @@ examples:
   calibrate --dev mrcr --model qwen3-8b --dtype bfloat16 --devices 0,1 --storage postgresql://me@dbhost/dysco
   calibrate --dev kv --model qwen2.5-coder-0.5b --context 16384 --examples 24 --trials 30 \
       --fast --device cuda --dtype bfloat16 --batch-size 12
+  calibrate --dev needle --model smollm2-135m --selection dynamic,lagged,static --speed-objective cost
+  calibrate --dev needle --model smollm2-135m --selection dynamic,lagged --speed-objective cost --max-cost 1
   (the same command on another host joins the study: docs/scaling.md)
 
 The study is stored in --storage (default: %(storage)s in this folder) under --study-name
@@ -91,6 +95,20 @@ def _devices(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _names(accepted: tuple[str, ...]):
+    """An argparse type: a comma-separated list of distinct names among `accepted`."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
+        bad = [n for n in names if n not in accepted]
+        if bad or not names or len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(
+                f"expected distinct names among {','.join(accepted)}, comma-separated, got {text!r}"
+            )
+        return names
+
+    return parse
+
+
 def _temperatures(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(t) for t in text.split(",") if t.strip())
@@ -117,6 +135,7 @@ def _number(accepts, expected: str):
 
 _non_negative = _number(lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 _p_value = _number(lambda v: 0 < v <= 1, "a p-value in (0, 1]")
+_positive = _number(lambda v: 0 < v < float("inf"), "a finite number > 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,8 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--study-name", metavar="S", help="study to create or continue (default: derived)")
     study.add_argument("--workers", type=_at_least(1), default=None, metavar="N",
                        help="processes sharing the study, this one included (default: 1, or one per --devices)")
-    study.add_argument("--speed-objective", action="store_true",
-                       help="also maximise tokens/s: a two-objective study with a Pareto front (no pruning)")
+    study.add_argument("--speed-objective", choices=SPEED_OBJECTIVES, default="none",
+                       help="a second objective, minimised with the dev objective maximised: cost = forward passes per "
+                       "generated token relative to vanilla (a deterministic model: dynamic selection 1 + (deepest "
+                       "head layer + 1) / layers, lagged and static 1), measured = decode ms per generated token timed "
+                       "in the trial (comparable only on one kind of device). The study becomes two-objective "
+                       "(multi-objective TPE) WITHOUT PRUNING (Optuna cannot prune multi-objective trials); the "
+                       "output adds the Pareto front: a table, the JSON, MLflow plots/pareto_front.png and the "
+                       "registered profile's metrics (default: %(default)s)")
+    study.add_argument("--max-cost", type=_positive, metavar="C",
+                       help="with --speed-objective: register the most accurate Pareto point costing at most C (in "
+                       "the objective's unit; e.g. 1 with cost: one pass per token), still subject to --adopt-p "
+                       "against the published knobs when they fit C (default: the most accurate point)")
+    study.add_argument("--selection", type=_names(SELECTIONS), metavar="MODE,…",
+                       help="search DySCO's selection mode among these: dynamic (probe each step, published), lagged "
+                       "(no probe: the previous pass's attention), static (one set); default: not searched, the "
+                       "starting profile's mode (dynamic for every shipped profile)")
+    study.add_argument("--lagged-probs", type=_names(LAGGED_PROBS), metavar="P,…",
+                       help="the lagged trials' choices of probabilities (needs lagged in --selection): plain, biased "
+                       "(default: both, searched)")
     study.add_argument("--attnts-temperatures", type=_temperatures, default=ATTNTS_TEMPERATURES,
                        metavar="T,…", help="AttnTS baseline grid; the best on dev is kept "
                        f"(default: {','.join(map(str, ATTNTS_TEMPERATURES))})")
@@ -221,6 +257,8 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         attnts_temperatures=args.attnts_temperatures, threads=args.threads,
         intervention_warmup=args.intervention_warmup, device=args.device, dtype=args.dtype,
         loss_penalty=args.loss_penalty, adopt_p=args.adopt_p, fast=args.fast,
+        max_cost=args.max_cost,
+        selection=args.selection, lagged_probs=args.lagged_probs,
     )
 
 

@@ -295,7 +295,7 @@ def reclaim_dead_trials(study: optuna.Study, *, locked: bool = False) -> list[in
         failed.append(trial.number)
         log.warning("trial %d was left running by a dead process (pid %s); re-running it",
                     trial.number, (worker or {}).get("pid", "unrecorded"))
-        if set(trial.params) == set(KNOBS):
+        if set(KNOBS) <= set(trial.params):  # every knob drawn (a searched selection is drawn first)
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -19,10 +19,13 @@ What one run does, in order:
    fixes it); a median pruner fed the running objective after each batch. The objective is the
    dev score minus `loss_penalty` times the share of dev examples vanilla gets right and the trial
    gets wrong (`dev_objective`): a setting that trades examples with vanilla is worth less than
-   one that only adds. Optional second objective: tokens/s (a Pareto front; no pruning then).
+   one that only adds. `selection` (dynamic, lagged, static) is searched too when asked for.
+   Optional second objective, minimised: the cost of a generated token, modelled or measured
+   (`calibration.pareto`): a Pareto front of profiles, and no pruning.
    Every trial continues one plain prefill per batch, which stops before the largest
    context_warmup + intervention_warmup any trial can use.
-5. Choose the knobs to register (`adoption`): the best trial replaces the published defaults
+5. Choose the knobs to register (`adoption`): the best trial (with a speed objective: the most
+   accurate point of the Pareto front within `max_cost`, `calibration.pareto.choose`) replaces the published defaults
    (trial 0) only if it beats them on the dev examples by more than their noise, a paired sign
    test at p < `adopt_p`; the best of a few dozen trials on a small dev set is otherwise mostly
    the luckiest one. Re-score the chosen knobs, the published ones, vanilla and AttnTS on the
@@ -47,6 +50,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -59,6 +63,17 @@ from optuna.trial import FrozenTrial, TrialState
 
 from calibration.errors import CalibrationError
 from calibration.evaluation.statistics import paired_comparison, seed_for, sign_test
+from calibration.pareto import (
+    COST_METRICS,
+    SPEED_OBJECTIVES,
+    FrontPoint,
+    choose,
+    front_points,
+    front_table,
+    ms_per_token,
+    plot_front,
+    token_cost,
+)
 from calibration.runner import Evaluation, ExampleRunner, Method, dysco_warmup
 from calibration.space import SearchSpace
 from calibration.storage import (
@@ -73,9 +88,9 @@ from calibration.storage import (
     storage_label,
     this_worker,
 )
-from calibration.workers import WorkerProcesses, check_devices, die_with_parent, process_configs
 from calibration.tasks import get_task, split
 from calibration.tracking import Tracker, check_reachable
+from calibration.workers import WorkerProcesses, check_devices, die_with_parent, process_configs
 from decoder import loading  # `loading.load_model`, looked up at call time: tests replace it
 from decoder.loading import DTYPE_NAMES, check_device, context_limit, model_identity, model_name
 from registry import (
@@ -121,7 +136,9 @@ class CalibrationConfig:
     registry: str | None = None  # None: the registry's default root
     register: bool = True
     seed: int = 0
-    speed_objective: bool = False
+    # A second objective, minimised: "cost" (passes per generated token, a model) or "measured" (decode
+    # ms per token); "none": the dev objective alone (`calibration.pareto`).
+    speed_objective: str = "none"
     attnts_temperatures: tuple[float, ...] = ATTNTS_TEMPERATURES
     threads: int | None = None  # torch threads per worker; None: cores / workers
     # None: searched (SearchSpace's choices, "auto" first); "auto" or a token count: fixed to it.
@@ -133,6 +150,10 @@ class CalibrationConfig:
     loss_penalty: float = 1.0  # extra cost of a dev example vanilla gets right and the trial wrong
     adopt_p: float = 0.05  # the best trial replaces the published knobs only below this sign-test p
     fast: bool = False  # decode trials, baselines and the test on the fast path (decoder.fast.FastDecoder)
+    max_cost: float | None = None  # with a speed objective: register the best point costing at most this
+    # None: every trial uses the starting profile's selection; else searched over these modes.
+    selection: tuple[str, ...] | None = None
+    lagged_probs: tuple[str, ...] | None = None  # the lagged trials' choices (None: plain and biased)
 
     def validate(self) -> None:
         """Raise `CalibrationError` naming the first bad setting."""
@@ -164,6 +185,7 @@ class CalibrationConfig:
             raise CalibrationError(
                 f"AttnTS temperatures must be positive numbers, got {self.attnts_temperatures!r}"
             )
+        self._validate_speed_and_selection()  # flag combinations, before the machine's devices are checked
 
         if self.dtype is not None and self.dtype not in DTYPE_NAMES:
             raise CalibrationError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
@@ -185,6 +207,44 @@ class CalibrationConfig:
                 parse_intervention_warmup(self.intervention_warmup, "intervention_warmup")  # the space normalises it
             except ProfileValidationError as err:
                 raise CalibrationError(f"{err} (or None to search it)") from None
+
+    def _validate_speed_and_selection(self) -> None:
+        from calibration.space import SearchSpace
+
+        if self.speed_objective not in SPEED_OBJECTIVES:
+            raise CalibrationError(
+                f"speed_objective must be one of {', '.join(SPEED_OBJECTIVES)}, got {self.speed_objective!r}"
+            )
+        if self.max_cost is not None:
+            if self.speed_objective == "none":
+                raise CalibrationError(
+                    "--max-cost picks a point of the Pareto front, so it needs a speed objective "
+                    "(--speed-objective cost or measured)"
+                )
+            if isinstance(self.max_cost, bool) or not isinstance(self.max_cost, (int, float)) \
+                    or not 0 < self.max_cost < float("inf"):
+                raise CalibrationError(f"max_cost must be a finite number > 0, got {self.max_cost!r}")
+            if self.speed_objective == "cost" and self.max_cost < 1:
+                raise CalibrationError(
+                    f"--max-cost {self.max_cost:g} admits no trial: the cost model counts passes per generated "
+                    "token relative to vanilla, so every trial costs at least 1 (lagged and static: 1)"
+                )
+        if self.speed_objective == "measured" and self.devices is not None and len(self.devices) > 1:
+            raise CalibrationError(
+                f"--speed-objective measured compares decode times between trials, but --devices "
+                f"{','.join(self.devices)} would time them on different GPUs: use --speed-objective cost "
+                "(the same on every device) or a single device"
+            )
+        try:
+            SearchSpace(selection=self.selection or (), lagged_probs=self.lagged_probs or ("plain",))
+        except ValueError as err:
+            raise CalibrationError(str(err).replace("selection choices", "--selection choices")
+                                   .replace("lagged_probs choices", "--lagged-probs choices")) from None
+        if self.lagged_probs is not None and "lagged" not in (self.selection or ()):
+            raise CalibrationError(
+                "--lagged-probs only applies when lagged selection is searched: add lagged to --selection "
+                "(e.g. --selection dynamic,lagged)"
+            )
 
     @property
     def n_test(self) -> int:
@@ -208,6 +268,8 @@ class CalibrationResult:
     profile_ref: str | None
     parent_ref: str | None
     mlflow: dict[str, str | None]
+    # With a speed objective: its name and the Pareto front (`calibration.pareto.FrontPoint` dicts, cheapest first).
+    speed_objective: str = "none"
     pareto_front: list[dict[str, Any]] = field(default_factory=list)
     # "<method>-<baseline>" on the test examples: paired bootstrap CI and sign test (calibration.evaluation.statistics)
     paired_test: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -249,6 +311,9 @@ class CalibrationResult:
                 )
         if self.adoption.get("message"):
             lines.append(f"knobs: {self.adoption['message']}")
+        if self.pareto_front:
+            points = [FrontPoint(**p) for p in self.pareto_front]
+            lines += ["", front_table(points, COST_METRICS[self.speed_objective], chosen=self.best_trial)]
         if self.flat_objective:
             lines.append(f"WARNING: {self.flat_objective['message']}")
         return "\n".join(lines)
@@ -386,7 +451,8 @@ class Calibration:
                 f"from {len(examples)} examples"
             )
         self.space = SearchSpace.for_model(
-            _context_length(self.model), len(self.ranking), intervention_warmup=cfg.intervention_warmup
+            _context_length(self.model), len(self.ranking), intervention_warmup=cfg.intervention_warmup,
+            selection=cfg.selection or (), **({"lagged_probs": cfg.lagged_probs} if cfg.lagged_probs else {}),
         )
         # One plain prefill per batch serves every trial: it stops before the most columns any
         # trial feeds one at a time (its context warmup plus the largest intervention warmup).
@@ -441,6 +507,9 @@ class Calibration:
             "head_ranking_sha256": _digest(self.ranking),
             "context_warmup": self.base_knobs.context_warmup,
             "selection": self.base_knobs.selection,
+            # A lagged starting profile's probabilities matter to every trial that does not search selection.
+            **({"lagged_probs": self.base_knobs.lagged_probs}
+               if self.base_knobs.selection == "lagged" and not self.space.selection else {}),
             "space": self.space.to_dict(),
             "objectives": self.objectives,
             "loss_penalty": float(cfg.loss_penalty),
@@ -453,11 +522,17 @@ class Calibration:
 
     @property
     def objectives(self) -> list[str]:
-        """Names of the study's objectives (all maximised)."""
-        return ["score", "tokens_per_s"] if self.config.speed_objective else ["score"]
+        """Names of the study's objectives: the dev objective (maximised), then the cost, if any (minimised)."""
+        speed = self.config.speed_objective
+        return ["score"] if speed == "none" else ["score", COST_METRICS[speed]]
+
+    @property
+    def directions(self) -> list[str]:
+        """Optuna's directions of `objectives`."""
+        return ["maximize"] + ["minimize"] * (len(self.objectives) - 1)
 
     def _pruner(self) -> optuna.pruners.BasePruner:
-        if self.config.speed_objective:
+        if len(self.objectives) > 1:
             return optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective trials
         # Steps are "dev examples done"; no verdict before half of them were scored.
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=max(1, len(self.dev) // 2))
@@ -488,7 +563,7 @@ class Calibration:
                     ) from None
                 study = optuna.create_study(
                     study_name=cfg.study_name, storage=self.storage, sampler=self._sampler(0),
-                    pruner=self._pruner(), directions=["maximize"] * len(self.objectives),
+                    pruner=self._pruner(), directions=self.directions,
                 )
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -559,6 +634,10 @@ class Calibration:
 
     # --- trials -------------------------------------------------------------------------------
 
+    def _knob(self, params: dict[str, Any], name: str) -> Any:
+        """A trial's value of `name` when searched, else the starting profile's (`selection`, `lagged_probs`)."""
+        return params.get(name, getattr(self.base_knobs, name))
+
     def _dysco_config(self, params: dict[str, Any]):
         from decoder.dysco import DyscoConfig
 
@@ -569,8 +648,9 @@ class Calibration:
             top_k=params["top_k"],
             decay=params["decay"],
             context_warmup=self.base_knobs.context_warmup,
-            selection=self.base_knobs.selection,
+            selection=self._knob(params, "selection"),
             intervention_warmup=params["intervention_warmup"],
+            lagged_probs=self._knob(params, "lagged_probs"),
         )
 
     def _vanilla_dev_scores(self) -> list[float] | None:
@@ -585,7 +665,7 @@ class Calibration:
         params = self.space.suggest(trial)
         trial.set_user_attr("head_set", [list(h) for h in self.ranking[: params["num_heads"]]])
         config = self._dysco_config(params)
-        multi = self.config.speed_objective
+        multi = len(self.objectives) > 1
         penalty = self.config.loss_penalty
 
         def on_batch(scores: list[float]) -> None:
@@ -598,11 +678,16 @@ class Calibration:
         evaluation = self.dev_runner.evaluate(Method.dysco(config), on_batch=on_batch)
         for key, value in _summary(evaluation).items():
             trial.set_user_attr(key, value)
+        # Both costs of every trial, whichever (if any) the study minimises (`calibration.pareto`).
+        costs = {"cost": token_cost(config.selection, config.head_set, self.identity.num_layers),
+                 "ms_per_token": ms_per_token(evaluation.decode_seconds, evaluation.new_tokens)}
+        trial.set_user_attr("token_cost", costs["cost"])
+        trial.set_user_attr("ms_per_token", costs["ms_per_token"])
         objective = dev_objective(evaluation.scores, vanilla, penalty)
         if vanilla is not None:
             d = np.asarray(evaluation.scores) - np.asarray(vanilla)
             trial.set_user_attr("vs_vanilla", {"wins": int((d > 0).sum()), "losses": int((d < 0).sum())})
-        return (objective, evaluation.tokens_per_s) if multi else objective
+        return (objective, costs[self.objectives[1]]) if multi else objective
 
     def _next_trial(self) -> tuple[optuna.Study, optuna.Trial | None, bool]:
         """Under the study's lock: (study, a new trial or None, whether the budget is met)."""
@@ -655,7 +740,8 @@ class Calibration:
     # --- the result -----------------------------------------------------------------------------
 
     def best_trial(self, study: optuna.Study) -> FrozenTrial:
-        """The best complete trial; with two objectives, the most accurate of the Pareto front."""
+        """The best complete trial; with two objectives, the most accurate point of the Pareto front
+        within `max_cost` (`calibration.pareto.choose`)."""
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             raise CalibrationError(
@@ -663,14 +749,26 @@ class Calibration:
             )
         if len(study.directions) == 1:
             return study.best_trial
-        return max(study.best_trials, key=lambda t: (t.values[0], t.values[1], -t.number))
+        return choose(study.best_trials, self.config.max_cost)
 
     def adoption(self, study: optuna.Study) -> tuple[FrozenTrial, dict[str, Any]]:
         """The trial whose knobs get registered, and why (`choose_knobs` on this study)."""
+        cfg = self.config
         published = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                           if t.user_attrs.get("published_defaults")), None)
-        return choose_knobs(self.best_trial(study), published, self._vanilla_dev_scores(),
-                            self.config.loss_penalty, self.config.adopt_p, multi=len(study.directions) > 1)
+        best = self.best_trial(study)
+        excluded = None
+        if len(study.directions) > 1 and published is not None and cfg.max_cost is not None \
+                and published.values[1] > cfg.max_cost:
+            excluded = (f"the published defaults (trial {published.number}) cost {published.values[1]:.4g} > "
+                        f"--max-cost {cfg.max_cost:g}, so the most accurate point within it is kept")
+        chosen, why = choose_knobs(best, published, self._vanilla_dev_scores(), cfg.loss_penalty, cfg.adopt_p,
+                                   published_excluded=excluded)
+        if len(study.directions) > 1:
+            why |= {"speed_objective": cfg.speed_objective, "max_cost": cfg.max_cost,
+                    "rule": "the most accurate Pareto point (within max_cost when given; ties: cheaper), "
+                            "then the adoption rule against the published defaults within the same budget"}
+        return chosen, why
 
     def finish(self, progress: bool = False) -> CalibrationResult:
         """Score the best trial and the baselines on the test examples; register the profile."""
@@ -693,7 +791,8 @@ class Calibration:
         # registering the same knobs twice.
         previous = study.user_attrs.get("result")
         if previous and previous["best_trial"] == best.number and previous["trials"] == counts \
-                and previous.get("adoption", {}).get("adopt_p") == adoption["adopt_p"]:
+                and previous.get("adoption", {}).get("adopt_p") == adoption["adopt_p"] \
+                and previous.get("adoption", {}).get("max_cost") == adoption.get("max_cost"):
             return CalibrationResult(**previous)
 
         baselines = self.run_baselines(progress=progress)
@@ -745,23 +844,19 @@ class Calibration:
             "attnts": baselines["attnts"]["tokens_per_s"],
             "dysco": float(best.user_attrs.get("tokens_per_s", 0.0)),
         }
-        pareto = []
-        if len(study.directions) > 1:
-            pareto = [
-                {"trial": t.number, "score": t.values[0], "tokens_per_s": t.values[1], "params": t.params}
-                for t in sorted(study.best_trials, key=lambda t: t.number)
-            ]
+        front = front_points(study.best_trials) if len(study.directions) > 1 else []
         tracking = {
             "tracking_uri": self.tracker.tracking_uri if self.tracker else None,
             "run_id": self.tracker.parent_run_id if self.tracker else None,
         }
-        profile = self._profile(best, scores, speeds, baselines, counts, tracking, paired, flat, adoption)
+        profile = self._profile(best, scores, speeds, baselines, counts, tracking, paired, flat, adoption, front)
         ref = self.registry.register(profile) if cfg.register else None
         result = CalibrationResult(
             study_name=study.study_name, storage=storage_label(cfg.storage), trials=counts, best_trial=best.number,
             best_params=dict(best.params), head_set=[list(h) for h in profile.head_set],
             scores=scores, tokens_per_s=speeds, attnts_temperature=t_star, profile_ref=ref,
-            parent_ref=self.parent_ref, mlflow=tracking, pareto_front=pareto, paired_test=paired,
+            parent_ref=self.parent_ref, mlflow=tracking, speed_objective=cfg.speed_objective,
+            pareto_front=[p.to_dict() for p in front], paired_test=paired,
             flat_objective=flat, selection=selection, adoption=adoption,
         )
         study.set_user_attr("result", result.to_dict())
@@ -778,15 +873,30 @@ class Calibration:
             if ref:
                 self.tracker.set_tags({"dysco.profile_ref": ref})
             self.tracker.log_json({**profile.to_dict(), "ref": ref}, "profile.json", "profile")
+            if front:
+                self._log_front(study, front, best.number)
         return result
 
-    def _profile(self, best, scores, speeds, baselines, counts, tracking, paired, flat, adoption):
+    def _log_front(self, study: optuna.Study, front: list, chosen: int) -> None:
+        """The Pareto front to MLflow: `pareto/pareto_front.json`, `plots/pareto_front.png` and two metrics."""
+        metric = self.objectives[1]
+        self.tracker.log_json({"metric": metric, "chosen_trial": chosen, "points": [p.to_dict() for p in front]},
+                              "pareto_front.json", "pareto")
+        self.tracker.log_metrics({"pareto_points": len(front),
+                                  f"registered_{metric}": next((p.cost for p in front if p.trial == chosen), None)})
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = plot_front(complete, front, f"{tmp}/pareto_front.png", metric, chosen,
+                              title=f"{self.identity.name}, {self.task.name} at {self.config.context} tokens")
+            self.tracker.log_file(path, "plots")
+
+    def _profile(self, best, scores, speeds, baselines, counts, tracking, paired, flat, adoption, front):
         cfg = self.config
         p = best.params
         knobs = Knobs(
             strength=p["strength"], top_p=p["top_p"], top_k=p["top_k"], decay=p["decay"],
-            context_warmup=self.base_knobs.context_warmup, selection=self.base_knobs.selection,
-            intervention_warmup=p["intervention_warmup"],
+            context_warmup=self.base_knobs.context_warmup, selection=self._knob(p, "selection"),
+            intervention_warmup=p["intervention_warmup"], lagged_probs=self._knob(p, "lagged_probs"),
         )
         metrics = {
             "dev_task": self.task.name,
@@ -807,6 +917,11 @@ class Calibration:
         }
         if cfg.needles is not None:
             metrics["needles"] = cfg.needles
+        if front:  # the whole front, so a profile of another speed/accuracy trade-off can be picked later
+            metrics["pareto_front"] = {
+                "speed_objective": cfg.speed_objective, "metric": self.objectives[1], "max_cost": cfg.max_cost,
+                "chosen_trial": best.number, "points": [pt.to_dict() for pt in front],
+            }
         provenance = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "kind": "calibration",
@@ -861,21 +976,21 @@ def choose_knobs(
     loss_penalty: float,
     adopt_p: float,
     *,
-    multi: bool = False,
+    published_excluded: str | None = None,
 ) -> tuple[FrozenTrial, dict[str, Any]]:
     """The best trial if it beats the published defaults' trial on dev by more than noise, else theirs.
 
     "More than noise": a two-sided sign test on the per-example objective terms of the two trials
-    (same dev examples) gives p < `adopt_p`. Without a complete published trial, or with a speed
-    objective (the most accurate Pareto trial), the best trial is kept. Returns the chosen trial
-    and a JSON-ready account (`message` says it in one line).
+    (same dev examples) gives p < `adopt_p`. Without a complete published trial, or when
+    `published_excluded` says why it cannot be registered (e.g. over a cost budget), the best trial
+    is kept. Returns the chosen trial and a JSON-ready account (`message` says it in one line).
     """
     row: dict[str, Any] = {"best_trial": best.number, "adopt_p": float(adopt_p),
                            "published_trial": None if published is None else published.number}
-    if published is None or published.number == best.number or multi:
+    if published is None or published.number == best.number or published_excluded:
         why = ("the published defaults' trial did not complete" if published is None
-               else "with a speed objective the most accurate Pareto trial is kept" if multi
-               else "the published defaults are the best trial")
+               else "the published defaults are the best trial" if published.number == best.number
+               else published_excluded)
         return best, {**row, "adopted": True, "chosen_trial": best.number, "message": f"trial {best.number}: {why}"}
     d = (objective_terms(best.user_attrs["scores"], vanilla, loss_penalty)
          - objective_terms(published.user_attrs["scores"], vanilla, loss_penalty))
@@ -1077,6 +1192,9 @@ def _worker_main(argv: Sequence[str]) -> int:
     if data.get("heads") is not None:
         data["heads"] = [tuple(h) for h in data["heads"]]
     data["attnts_temperatures"] = tuple(data["attnts_temperatures"])
+    for name in ("selection", "lagged_probs"):
+        if data.get(name) is not None:
+            data[name] = tuple(data[name])
     if data.get("devices") is not None:
         data["devices"] = tuple(data["devices"])
     die_with_parent()

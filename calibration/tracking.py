@@ -178,7 +178,7 @@ class Tracker:
         if trial.values is not None:
             names = study.metric_names or [f"objective_{i}" for i in range(len(trial.values))]
             metrics += [Metric(name, float(v), stamp, 0) for name, v in zip(names, trial.values)]
-        for key in ("score", "tokens_per_s", "new_tokens", "decode_seconds"):
+        for key in ("score", "tokens_per_s", "new_tokens", "decode_seconds", "token_cost", "ms_per_token"):
             if key in trial.user_attrs and not any(m.key == key for m in metrics):
                 metrics.append(Metric(key, float(trial.user_attrs[key]), stamp, 0))
         if trial.duration is not None:
@@ -194,8 +194,9 @@ class Tracker:
     # --- artifacts ---------------------------------------------------------------------------
 
     def log_plots(self, study: optuna.Study) -> list[str]:
-        """Optuna's history, parameter-importance (and, with two objectives, Pareto) plots as PNG,
-        plus HTML when plotly is installed. Returns the artifact paths written; a plot that cannot
+        """Optuna's history and parameter-importance plots (of the dev objective) as PNG, plus HTML
+        when plotly is installed; with two objectives the study draws its own Pareto plot
+        (`calibration.pareto.plot_front`, logged with `log_file`). Returns the artifact paths written; a plot that cannot
         be drawn yet (too few trials) is skipped with a note in the log."""
         import matplotlib
 
@@ -215,8 +216,6 @@ class Tracker:
                 study, evaluator=_importance_evaluator(), target=target, target_name=target_name
             ),
         }
-        if len(study.directions) > 1:
-            plots["pareto_front"] = lambda: ovm.plot_pareto_front(study)
         written: list[str] = []
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
@@ -255,6 +254,10 @@ class Tracker:
             self.client.log_artifact(self._parent(), path, artifact_path="plots")
             written.append(f"plots/{name}.html")
         return written
+
+    def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Store a file (e.g. a plot) as an artifact of the parent run."""
+        self.client.log_artifact(self._parent(), str(path), artifact_path=artifact_path)
 
     def log_json(self, obj: Any, name: str, artifact_path: str | None = None) -> None:
         """Store a JSON document (e.g. the final profile) as an artifact of the parent run."""

@@ -48,7 +48,7 @@ except Exception:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
 
 __all__ = ["decode_attention", "decode_attention_torch", "decode_scores", "decode_scores_torch", "HAVE_TRITON",
-           "LEVERS", "LEVERS_ENV", "default_levers", "triton_usable"]
+           "LEVERS", "LEVERS_ENV", "DEFAULT_LEVERS", "default_levers", "triton_usable"]
 
 _LOG2E = 1.4426950408889634
 
@@ -63,14 +63,21 @@ LEVERS = {
 
 LEVERS_ENV = "DYSCO_FAST_LEVERS"
 
+# On by default: every lever but kv_write, which made a 128K DySCO step 2.97 ms slower on the H200
+# (docs/gpu_notes.md, "Levers": storing the new column from inside the split kernel costs more than the
+# two index_copy_ it saves).
+DEFAULT_LEVERS = frozenset(LEVERS) - {"kv_write"}
+
 
 def default_levers() -> frozenset[str]:
-    """The levers a FastDecoder uses when none are given: all, or the comma list in $DYSCO_FAST_LEVERS
-    ("none" for none), so a run through a CLI or a benchmark can turn one off without code."""
+    """The levers a FastDecoder uses when none are given: DEFAULT_LEVERS, or the comma list in
+    $DYSCO_FAST_LEVERS ("none" for none, "all" for all), so a CLI or benchmark run can switch one."""
     import os
 
     text = os.environ.get(LEVERS_ENV)
     if text is None:
+        return DEFAULT_LEVERS
+    if text.strip() == "all":
         return frozenset(LEVERS)
     names = frozenset(n.strip() for n in text.split(",") if n.strip() and n.strip() != "none")
     if not names <= LEVERS.keys():

@@ -386,20 +386,24 @@ def test_speed_objective_gives_a_pareto_front_and_a_changed_study_is_refused(wor
         dev="kv", model=workdir["model"], profile=workdir["ref"], trials=3, examples=2, test_examples=1,
         context=300, max_new_tokens=4, storage=f"sqlite:///{workdir['dir'] / 'study.db'}",
         tracking_uri=tracking, registry=str(workdir["registry"]), attnts_temperatures=(0.8,),
-        threads=1, study_name="speed", speed_objective=True,
+        threads=1, study_name="speed", speed_objective="measured",
     )
     result = calibrate(config)
-    assert result.pareto_front and all(set(p) == {"trial", "score", "tokens_per_s", "params"}
-                                       for p in result.pareto_front)
+    assert result.pareto_front and all(
+        set(p) == {"trial", "objective", "cost", "score", "params", "published"} for p in result.pareto_front)
     front = {p["trial"] for p in result.pareto_front}
-    assert result.best_trial in front and result.tokens_per_s["dysco"] > 0
+    assert result.adoption["best_trial"] in front and result.tokens_per_s["dysco"] > 0
     study = optuna.load_study(study_name="speed", storage=config.storage)
-    assert len(study.directions) == 2 and study.metric_names == ["score", "tokens_per_s"]
+    assert len(study.directions) == 2 and study.metric_names == ["score", "ms_per_token"]
+    # The measured cost is the trial's own decode time per generated token.
+    for point in result.pareto_front:
+        trial = study.trials[point["trial"]]
+        assert point["cost"] == pytest.approx(1000 * trial.user_attrs["decode_seconds"] / trial.user_attrs["new_tokens"])
     artifacts = {a.path for a in mlflow.MlflowClient(tracking).list_artifacts(result.mlflow["run_id"], "plots")}
     assert "plots/pareto_front.png" in artifacts
 
     # The same study name with other settings would mix incomparable trials: refused.
-    changed = CalibrationConfig(**{**config.__dict__, "speed_objective": False, "examples": 3})
+    changed = CalibrationConfig(**{**config.__dict__, "speed_objective": "none", "examples": 3})
     with pytest.raises(CalibrationError, match="different examples_sha256, n_dev, objectives"):
         calibrate(changed)
     assert _versions(workdir) == [1, 2]

@@ -231,7 +231,13 @@ def test_levers_unknown_name():
 
 def test_levers_from_the_environment(monkeypatch):
     """$DYSCO_FAST_LEVERS picks the default levers (a CLI run can drop one); a typo is named."""
+    from decoder.fast_kernels import LEVERS
+
     model, tok = tiny_model("qwen3")
+    monkeypatch.delenv("DYSCO_FAST_LEVERS", raising=False)
+    assert FastDecoder(model, tok, "vanilla").run.levers == set(LEVERS) - {"kv_write"}  # measured slower on the H200
+    monkeypatch.setenv("DYSCO_FAST_LEVERS", "all")
+    assert FastDecoder(model, tok, "vanilla").run.levers == set(LEVERS)
     monkeypatch.setenv("DYSCO_FAST_LEVERS", "probe_tail, kv_write")
     assert FastDecoder(model, tok, "vanilla").run.levers == {"probe_tail", "kv_write"}
     monkeypatch.setenv("DYSCO_FAST_LEVERS", "none")
