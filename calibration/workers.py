@@ -68,9 +68,10 @@ def check_devices(devices: Sequence[str], allow_cpu: bool = False) -> None:
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
+        advice = "list cpu instead (cpu,cpu: two CPU processes)" if allow_cpu else \
+            "use --workers N for several CPU processes"
         raise CalibrationError(
-            f"--devices {','.join(devices)} asked for, but torch sees no CUDA device on this machine; "
-            + ("list cpu instead (cpu,cpu: two CPU processes)" if allow_cpu else "use --workers N for several CPU processes")
+            f"--devices {','.join(devices)} asked for, but torch sees no CUDA device on this machine; {advice}"
         )
     missing = [d for d in devices if int(d.removeprefix("cuda:")) >= count]
     if missing:
