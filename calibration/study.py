@@ -90,7 +90,7 @@ from calibration.storage import (
 )
 from calibration.tasks import get_task, split
 from calibration.tracking import Tracker, check_reachable
-from calibration.workers import WorkerProcesses, check_devices, die_with_parent, process_configs
+from calibration.workers import WorkerProcesses, check_devices, die_with_parent, process_configs, worker_command
 from decoder import loading  # `loading.load_model`, looked up at call time: tests replace it
 from decoder.loading import DTYPE_NAMES, check_device, context_limit, model_identity, model_name
 from registry import (
@@ -1081,7 +1081,7 @@ def calibrate(config: CalibrationConfig, *, progress: bool = False) -> Calibrati
     # Extra workers start first: loading the model is slow, and they derive the same study name
     # (or create the study, whichever process comes first) on their own.
     config, *extra = process_configs(config)
-    workers = WorkerProcesses(extra) if extra else None
+    workers = WorkerProcesses([worker_command(c) for c in extra]) if extra else None
     try:
         result = _coordinate(config, progress, workers)
     except BaseException:

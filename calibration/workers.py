@@ -1,8 +1,9 @@
-"""The extra worker processes of one `calibrate` command (`--workers N`, or one per GPU with
-`--devices`): each runs `python -m calibration.study --worker CONFIG` and joins the same study.
+"""The extra worker processes of one command: `calibrate --workers N` or `--devices` (each runs
+`python -m calibration.study --worker CONFIG` and joins the same study), and `dysco eval --devices`
+(each runs `python -m calibration.evaluation.cli --worker …` on its shard of the examples).
 
     own, *extra = process_configs(config)     # this process's config first, one per extra worker
-    workers = WorkerProcesses(extra)          # started at once: they load their models meanwhile
+    workers = WorkerProcesses([worker_command(c) for c in extra])  # started at once: they load their models meanwhile
     workers.wait_ready(); ...; workers.wait()
 """
 
@@ -27,23 +28,36 @@ if TYPE_CHECKING:  # the study imports this module; a worker process runs calibr
 log = logging.getLogger(__name__)
 
 
-def parse_devices(text: str) -> tuple[str, ...]:
-    """'0,1' or 'cuda:0,cuda:1' -> ('cuda:0', 'cuda:1'): syntax only (`check_devices` checks the machine)."""
+def parse_devices(text: str, allow_cpu: bool = False) -> tuple[str, ...]:
+    """'0,1' or 'cuda:0,cuda:1' -> ('cuda:0', 'cuda:1'): syntax only (`check_devices` checks the machine).
+
+    `allow_cpu`: 'cpu' is accepted too (and may repeat: one CPU process each).
+    """
     devices = []
     for item in (part.strip() for part in text.split(",")):
+        if allow_cpu and item == "cpu":
+            devices.append(item)
+            continue
         index = item.removeprefix("cuda:")
         if not index.isdigit():
-            raise CalibrationError(
-                f"expected CUDA device indices, e.g. 0,1 or cuda:0,cuda:1; got {item!r} in {text!r}"
-            )
+            accepted = "cpu or CUDA device indices, e.g. 0,1, cuda:0,cuda:1 or cpu,cpu" if allow_cpu else \
+                "CUDA device indices, e.g. 0,1 or cuda:0,cuda:1"
+            raise CalibrationError(f"expected {accepted}; got {item!r} in {text!r}")
         devices.append(f"cuda:{int(index)}")
     return tuple(devices)
 
 
-def check_devices(devices: Sequence[str]) -> None:
-    """Raise CalibrationError unless `devices` are distinct CUDA devices ('cuda:N') this machine has."""
+def check_devices(devices: Sequence[str], allow_cpu: bool = False) -> None:
+    """Raise CalibrationError unless `devices` are distinct CUDA devices ('cuda:N') this machine has.
+
+    `allow_cpu`: 'cpu' entries are accepted, as often as given (each is its own process).
+    """
     if not devices:
         raise CalibrationError("--devices is empty")
+    if allow_cpu:
+        devices = [d for d in devices if d != "cpu"]
+        if not devices:
+            return
     bad = next((d for d in devices if not (isinstance(d, str) and d.startswith("cuda:")
                                             and d.removeprefix("cuda:").isdigit())), None)
     if bad is not None:
@@ -54,9 +68,10 @@ def check_devices(devices: Sequence[str]) -> None:
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
-        raise CalibrationError(
-            f"--devices {','.join(devices)} asked for, but torch sees no CUDA device on this machine; "
+        advice = "list cpu instead (cpu,cpu: two CPU processes)" if allow_cpu else \
             "use --workers N for several CPU processes"
+        raise CalibrationError(
+            f"--devices {','.join(devices)} asked for, but torch sees no CUDA device on this machine; {advice}"
         )
     missing = [d for d in devices if int(d.removeprefix("cuda:")) >= count]
     if missing:
@@ -91,14 +106,15 @@ def worker_command(config: CalibrationConfig) -> list[str]:
 
 
 class WorkerProcesses:
-    """The extra worker processes of one command. Their stderr is kept aside and shown only when
-    one fails while the command succeeds (otherwise every error would be printed N times)."""
+    """The extra worker processes of one command, one per command line. Their stderr is kept aside
+    and shown only when one fails while the command succeeds (otherwise every error would be printed
+    N times)."""
 
-    def __init__(self, configs: Sequence[CalibrationConfig]) -> None:
-        self.logs = [tempfile.TemporaryFile() for _ in configs]
+    def __init__(self, commands: Sequence[Sequence[str]]) -> None:
+        self.logs = [tempfile.TemporaryFile() for _ in commands]
         self.processes = [
-            subprocess.Popen(worker_command(config), stdout=subprocess.PIPE, stderr=stream)
-            for config, stream in zip(configs, self.logs)
+            subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=stream)
+            for command, stream in zip(commands, self.logs)
         ]
 
     def wait_ready(self, timeout_s: float = 900.0) -> None:

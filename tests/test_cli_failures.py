@@ -107,6 +107,10 @@ CASES = [
     ("dysco", ["eval", "--model", "{model}", "--heads", "1:0", "--lengths", "8k"], 1,
      r"length 8k \(8192 tokens\) is beyond tiny's context of 4096 tokens", False),
     ("dysco", ["eval", "--model", "{damaged}", "--heads", "1:0", "--quiet"], 1, "weights in .*damaged are damaged", True),
+    ("dysco", ["eval", "--heads", "1:0", "--devices", "1,cuda:1"], 2, "--devices lists a device twice: cuda:1,cuda:1",
+     False),
+    ("dysco", ["eval", "--heads", "1:0", "--devices", "cpu,cpu,cpu", "--n", "2"], 2,
+     "--devices gives 3 processes but --n is 2: every process needs an example", False),
     # dysco registry
     ("dysco", ["registry", "show", "a@b@c"], 2, "more than one '@'", False),
     ("dysco", ["registry", "tag", "tiny@1", "latest"], 2, "reserved", False),

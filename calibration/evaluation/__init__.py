@@ -23,7 +23,8 @@ Modules, in the order a run uses them: `inputs` (checks and DySCO's head set: va
 (`evaluate`: validate → build examples → decode → aggregate, with its `on_batch` and `prompt_ids`
 hooks), `batches` (one batch of one method, decoded and graded), `checkpoint` (resuming),
 `statistics` (bootstrap, sign test, paired comparison, result rows; also used by the calibration
-study), `report` (`EvalReport`: markdown, JSON, plot, MLflow), `cli` (`dysco eval`).
+study), `report` (`EvalReport`: markdown, JSON, plot, MLflow), `cli` (`dysco eval`, and the worker
+processes of `dysco eval --devices`, each on one round-robin shard of the examples).
 
     from calibration.evaluation import evaluate
     report = evaluate(model, tokenizer, tasks=["needle", "kv"], lengths=["2k"],

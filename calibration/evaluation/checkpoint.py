@@ -27,10 +27,13 @@ class Checkpoint:
     examples themselves (`examples_key`: prompts, answers, meta); a line is read back only when both
     match, so a changed command or a changed task option (a needle depth, a distractor count) decodes
     again in the same file. A line cut short by a kill is dropped and overwritten.
+
+    `session`: an id of the command writing now (`dysco eval --devices`: the parent and its workers
+    share one); lines written under it are its own work, not counted in `resumed` when read back.
     """
 
-    def __init__(self, path: str | Path, fingerprint: str, fresh: bool = False) -> None:
-        self.path, self.fingerprint = Path(path), fingerprint
+    def __init__(self, path: str | Path, fingerprint: str, fresh: bool = False, session: str | None = None) -> None:
+        self.path, self.fingerprint, self.session = Path(path), fingerprint, session
         self.done: dict[tuple[str, int, str, int, str | None], dict[str, Any]] = {}
         if fresh:
             self.path.unlink(missing_ok=True)
@@ -55,7 +58,8 @@ class Checkpoint:
         record = self.done.get((task, length, method, start, examples_key(batch)))
         if record is None:
             return None
-        self.resumed += 1
+        if self.session is None or record.get("session") != self.session:
+            self.resumed += 1
         run = record["run"]
         # Progress files written before the selection diagnostic have no "selection": missing, not zero.
         selection = run.get("selection")
@@ -68,7 +72,7 @@ class Checkpoint:
         """Append one finished batch (flushed and synced: a kill loses at most the batch under way)."""
         record = {
             "fingerprint": self.fingerprint, "task": task, "length": length, "method": method, "start": start,
-            "ids": [example.id for example in batch], "examples": examples_key(batch),
+            "ids": [example.id for example in batch], "examples": examples_key(batch), "session": self.session,
             "run": {"scores": run.scores, "responses": run.responses, "new_tokens": run.new_tokens,
                     "timings": [asdict(t) for t in run.timings], "selection": run.selection_per_example()},
         }
@@ -77,6 +81,12 @@ class Checkpoint:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def shard_checkpoint(path: str | Path, shard: int, shards: int) -> Path:
+    """The progress file of one shard of a sharded run: progress.jsonl -> progress.shard1of2.jsonl."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.shard{shard}of{shards}{path.suffix}")
 
 
 def examples_key(batch: Sequence[Example]) -> str:

@@ -40,7 +40,7 @@ from calibration.evaluation.batches import (
     run_batch,
     shared_prefill,
 )
-from calibration.evaluation.checkpoint import Checkpoint, run_fingerprint
+from calibration.evaluation.checkpoint import Checkpoint, run_fingerprint, shard_checkpoint
 from calibration.evaluation.inputs import (
     EvalError,
     check_lengths,
@@ -289,6 +289,36 @@ def decode(
     return runs
 
 
+def shard_sets(
+    sets: Mapping[tuple[str, int], Sequence[Example]], shard: int, shards: int
+) -> dict[tuple[str, int], list[Example]]:
+    """Shard `shard` of `shards`, round robin: examples shard, shard + shards, … of every set.
+
+    Round robin by example index keeps each shard's batches the same from one run to the next (so a
+    shard's progress file resumes) and spreads long and short examples evenly over the workers.
+    """
+    return {key: list(examples[shard::shards]) for key, examples in sets.items()}
+
+
+def merge_shards(
+    parts: Sequence[Mapping[tuple[str, int, str], MethodRun]], sets: Mapping[tuple[str, int], Sequence[Example]]
+) -> dict[tuple[str, int, str], MethodRun]:
+    """The runs of every shard (in shard order) put back in each set's example order; batch timings pooled."""
+    shards = len(parts)
+    merged = {}
+    for key in parts[0]:
+        runs = [part[key] for part in parts]
+        selections = [run.selection_per_example() for run in runs]
+        # Example i of the set is example i // shards of shard i % shards (`shard_sets`).
+        order = [(i % shards, i // shards) for i in range(len(sets[key[:2]]))]
+        merged[key] = MethodRun(
+            scores=[runs[k].scores[j] for k, j in order], responses=[runs[k].responses[j] for k, j in order],
+            new_tokens=[runs[k].new_tokens[j] for k, j in order], timings=[t for run in runs for t in run.timings],
+            selection=[selections[k][j] for k, j in order],
+        )
+    return merged
+
+
 def aggregate(
     plan: EvalPlan,
     sets: Mapping[tuple[str, int], Sequence[Example]],
@@ -391,6 +421,10 @@ def evaluate(
     fresh: bool = False,
     on_batch: OnBatch | None = None,
     prompt_ids: PromptIds = prompt_ids,
+    shards: int = 1,
+    shard: int | None = None,
+    before_merge: Callable[[], None] | None = None,
+    session: str | None = None,
 ) -> EvalReport:
     """Run every method on the same seeded examples of every task × length and report accuracy and speed.
 
@@ -405,6 +439,15 @@ def evaluate(
     `on_batch`: called with a `BatchDone` after every batch of every method (read back or decoded);
     it may raise to stop the run. `prompt_ids`: (tokenizer, example) -> (ids, template mask), by
     default `batches.prompt_ids`; a memo of it saves re-encoding the same examples in another call.
+
+    Sharding (`dysco eval --devices`: one process per device, meeting in their progress files):
+    `shards` K > 1 splits every example set round robin (`shard_sets`), each shard with its own
+    progress file (`checkpoint.shard_checkpoint`). With `shard=i` this call decodes shard i only and
+    reports on its examples (a worker). Without it, this call decodes shard 0, calls `before_merge`
+    (wait for the workers), reads the other shards' batches back from their files (decoding any a
+    worker did not finish) and reports on every example, in order: the same report as K = 1.
+    `session`: the id shared by the parent and its workers (their batches do not count as resumed).
+    `on_batch`'s `start` is then the batch's index within its shard.
     """
     started = time.perf_counter()
     plan = validate(
@@ -412,17 +455,48 @@ def evaluate(
         max_new_tokens=max_new_tokens, batch_size=batch_size, model_name=model_name,
         bootstrap_resamples=bootstrap_resamples, fast=fast,
     )
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= plan.n:
+        raise EvalError(f"shards must be an integer from 1 to n={plan.n} (every shard needs an example), got {shards!r}")
+    if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < shards):
+        raise EvalError(f"shard must be an integer from 0 to shards - 1 = {shards - 1}, got {shard!r}")
+    if shards > 1 and checkpoint is None:
+        raise EvalError("a sharded evaluation needs a checkpoint: the shards' results meet in their progress files")
     decoders = build_decoders(model, tokenizer, plan)
     sets = build_examples(tokenizer, plan)
     settings = dysco_settings(plan.dysco, decoders["dysco"]) if "dysco" in plan.methods else None
     attnts = float(plan.attnts_temperature) if "attnts" in plan.methods else None
-    saved = None
+    fingerprint = None
     if checkpoint is not None:
-        saved = Checkpoint(checkpoint, fresh=fresh, fingerprint=run_fingerprint(model, {
+        fingerprint = run_fingerprint(model, {
             "seed": plan.seed, "n": plan.n, "batch_size": plan.batch_size, "max_new_tokens": plan.max_new_tokens,
             "fast": plan.fast, "attnts_temperature": attnts, "dysco": settings,
-        }))
-    runs = decode(plan, decoders, sets, saved=saved, progress=progress, on_batch=on_batch, encode=prompt_ids)
+        })
+
+    def saved_for(index: int, empty: bool) -> Checkpoint:
+        path = shard_checkpoint(checkpoint, index, shards) if shards > 1 else checkpoint
+        return Checkpoint(path, fingerprint, fresh=empty, session=session)
+
+    resumed = 0
+    if shards == 1 or shard is not None:
+        saved = saved_for(shard or 0, fresh) if checkpoint is not None else None
+        if shard is not None:
+            sets = shard_sets(sets, shard, shards)
+        runs = decode(plan, decoders, sets, saved=saved, progress=progress, on_batch=on_batch, encode=prompt_ids)
+        resumed = saved.resumed if saved is not None else 0
+    else:
+        own = saved_for(0, fresh)
+        parts = [decode(plan, decoders, shard_sets(sets, 0, shards), saved=own, progress=progress, on_batch=on_batch,
+                        encode=prompt_ids)]
+        if before_merge is not None:
+            before_merge()  # the workers' files are complete (or cut by a kill) only once they have exited
+        resumed = own.resumed
+        for index in range(1, shards):
+            # Read back what the worker wrote; what it did not finish (it died) is decoded here.
+            other = saved_for(index, fresh and before_merge is None)
+            parts.append(decode(plan, decoders, shard_sets(sets, index, shards), saved=other, on_batch=on_batch,
+                                encode=prompt_ids))
+            resumed += other.resumed
+        runs = merge_shards(parts, sets)
     config = {
         "model": plan.name,
         "tasks": plan.labels,
@@ -435,7 +509,9 @@ def evaluate(
         "batch_size": plan.batch_size,
         "decoding": "greedy",
         "path": "fast" if plan.fast else "exact",
-        "resumed_batches": saved.resumed if saved is not None else 0,
+        "resumed_batches": resumed,
+        "shards": shards,
+        **({"shard": shard} if shard is not None else {}),
         "attnts_temperature": attnts,
         "attnts_temperature_source": plan.temperature_source if "attnts" in plan.methods else None,
         "dysco": settings,
