@@ -30,7 +30,7 @@ py() { python3 -c "import sys; from $1 import main; sys.exit(main(sys.argv[1:]))
 dysco() { python3 -c "
 import argparse, sys
 from calibration.evaluation.cli import register_cli as add_eval
-from registry.cli import register_cli as add_registry
+from decoder.registry_cli import register_cli as add_registry
 parser = argparse.ArgumentParser(prog='dysco')
 commands = parser.add_subparsers(dest='command', required=True)
 add_registry(commands); add_eval(commands)

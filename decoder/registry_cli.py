@@ -1,5 +1,7 @@
 """`dysco registry list|show|diff|tag|export|import`: browse and share stored profiles.
 
+The command sits in `decoder`, above the `registry` library it drives (which imports nothing of ours).
+
 Every sub-command takes `--registry DIR` (default: $DYSCO_REGISTRY, else the user data dir);
 those that print data take `--json`. Errors print one line to stderr and exit with status 2 for a
 malformed reference or tag name, 1 for what fails (a missing or corrupt profile, an unsafe archive).
@@ -13,6 +15,8 @@ import os
 import sys
 from typing import Any
 
+from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, examples
+
 REF_HELP = (
     "profile reference: NAME (latest intact version, or the shipped seed when none is stored), "
     "NAME@latest, NAME@3, NAME@TAG, NAME@HASHPREFIX (6+ hex chars) or NAME@seed"
@@ -21,8 +25,6 @@ REF_HELP = (
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `registry` and its sub-commands to the umbrella `dysco` parser."""
-    from decoder.cli_common import examples
-
     parser = subparsers.add_parser(
         "registry",
         help="list, show, compare, tag, export and import DySCO profiles",
@@ -87,7 +89,6 @@ def _run(action: Any) -> Any:
     """Wrap an action so registry errors become one line on stderr and exit status 1."""
 
     def run(args: argparse.Namespace) -> int:
-        from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE
         from registry import InvalidReference, ProfileValidationError, Registry, RegistryError
 
         try:
