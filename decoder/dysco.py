@@ -55,7 +55,7 @@ token; `docs/design.md` lists them with the places where the paper's prose reads
    generation prompt, whose last step gives the first token) are dynamic steps, probe included, so the
    first token and the importance it leaves are dynamic DySCO's: on SmolLM2 needles at 4K a lag there
    changed the first token of 38 of 200 answers and lost 30 of them, while the answers whose first
-   token agreed scored as dynamic's (docs/results.md, "Lagged DySCO on the GPU"). With no importance
+   token agreed scored as dynamic's (docs/benchmarks.md, "H200: lagged vs dynamic"). With no importance
    yet (`context_warmup <= 1`) the first generated token's step is a dynamic step too.
    Cost: one pass per generated token, like vanilla, plus `intervention_warmup + 1` probes per prompt.
    With `max_new_tokens=1` lagged equals dynamic.
