@@ -45,8 +45,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-QWEN3_8B_HEADS = [(21, 31), (21, 18), (20, 15), (22, 4), (21, 11), (20, 16), (21, 17), (19, 13), (21, 10), (21, 8),
-                  (18, 5), (20, 14), (19, 14), (24, 13), (17, 4), (19, 28)]
+from benchmarks.decode_speed import QWEN3_8B_HEADS, NoTokenizer  # noqa: E402  (the published heads; id prompts)
+
 TINY_HEADS = [(1, 0), (1, 3), (2, 2), (3, 1)]
 PLACEMENTS = ("single", "tp", "device_map")
 
@@ -166,17 +166,6 @@ def load(path: str, placement: str, tiny: bool, hooks: bool = False):
 # ------------------------------------------------------------------------------------------------
 # One measurement
 # ------------------------------------------------------------------------------------------------
-
-
-class NoTokenizer:
-    """Enough of a tokenizer for token-id prompts (no chat template: DySCO's intervention warmup is 0)."""
-
-    pad_token_id = 0
-    eos_token_id = None
-    chat_template = None
-
-    def decode(self, ids, **kwargs) -> str:
-        return ""
 
 
 def random_state(decoder, context: int, warmup: int, seed: int = 0):
