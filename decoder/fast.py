@@ -910,18 +910,17 @@ class FastDecoder:
             steps = [("plain", True)] * (max_new_tokens - 1)
         else:
             schedule = feed_schedule(prompt, self.dysco.context_warmup, self.intervention_warmup)
-            static = self.dysco.selection == "static"
             n_importance = len(schedule.importance_only)
-            if static:
-                first_kind, later_kind = ("static_first" if n_importance else "static_probe_first"), "static"
-            else:
-                first_kind, later_kind = "dysco", "dysco"
             steps += [("warmup", False)] * n_importance
             forced = len(schedule.intervened)  # prompt columns fed with a full DySCO step
-            n_dysco = forced + max_new_tokens - 1  # the last forced step (or the prefill) gives the first token
-            kinds = [first_kind] + [later_kind] * (n_dysco - 1) if n_dysco > 0 else []
-            if self.dysco.lagged:  # probe on the prompt's steps (and with no importance yet), lag after
+            n_dysco = max(forced + max_new_tokens - 1, 0)  # the last forced step (or the prefill) gives the first token
+            if self.dysco.selection == "static":
+                first = "static_first" if n_importance else "static_probe_first"
+                kinds = [first] + ["static"] * (n_dysco - 1) if n_dysco else []
+            elif self.dysco.lagged:  # probe on the prompt's steps (and with no importance yet), lag after
                 kinds = ["dysco" if i < forced or (i == 0 and not n_importance) else "lagged" for i in range(n_dysco)]
+            else:
+                kinds = ["dysco"] * n_dysco
             steps += [(kind, i >= forced - 1) for i, kind in enumerate(kinds)]
 
         # Eager steps (no graphs) run inside one activation instead of switching per step.
