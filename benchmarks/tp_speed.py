@@ -1,8 +1,9 @@
 """Exact-path decode speed and memory on two GPUs: tensor parallelism vs device_map vs one GPU.
 
 The Qwen3-8B shape (36 layers, hidden 4096, 32 heads, 8 KV heads, head_dim 128, intermediate 12288,
-vocab 151936) with random bf16 weights, written once as a checkpoint (`--checkpoint`, ~16 GB) so that
-every placement loads the same weights the way a user would:
+vocab 151936) with random weights, written once in bf16 as a checkpoint (`--checkpoint`, ~16 GB) so that
+every placement loads the same weights the way a user would. `--dtype float32` loads that same
+checkpoint upcast (exactly the bf16 weights, computed in float32; 32 GB on the GPU):
 
 - `single`: one process, the whole model on cuda:0;
 - `tp`: `torchrun --nproc-per-node 2`, `from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))`
@@ -19,13 +20,25 @@ time budget): a DynamicCache filled with `context - warmup` random columns, then
 (`Decoder.generate_from`) feeds DySCO's warmup columns one at a time and decodes `--steps` tokens.
 ms/token is the mean over the decoded tokens after the first.
 
+Agreement with `single` (the same weights, cache and ids everywhere, so the greedy tokens should be
+one GPU's): per method and context, how many tokens equal single's, the first step where they
+differ, single's top-2 logit margin at that step and its logit gap between its token and this run's
+(a near-tie flipped by another summation order has a margin near the logits' rounding; a bug has a
+large one), the largest |logit difference| over the steps up to that one (the inputs are still
+identical there), and for DySCO the first step whose selected-position count differs (a selection
+that flips at the top_p boundary changes the bias, and then the logits by much more than rounding).
+Each placement's per-step logits go to OUT/logits-<placement>.pt for this comparison; the driver
+deletes them afterwards unless --keep-logits.
+
     python benchmarks/tp_speed.py --out $OUT           # all three placements, then the table
+    python benchmarks/tp_speed.py --dtype float32 --contexts 32768 --out $OUT   # tokens and logits vs one GPU
     torchrun --nproc-per-node 2 benchmarks/tp_speed.py --placement tp --out DIR   # one placement
     python benchmarks/tp_speed.py --tiny --out /tmp/tp  # CPU, gloo, a tiny model: checks the script runs
 
-Writes `tp_speed.json` and `tp_speed.md` (date, machine, command, table) into --out and prints the table.
-Not yet timed on GPUs; sized to stay well inside 10 minutes there: one 16 GB checkpoint write (skipped
-when --checkpoint already holds one), three loads, 18 measurements of 24 decode steps each.
+Writes `tp_speed.json` and `tp_speed.md` (date, machine, command, tables) into --out, rewritten after
+each placement (a run cut short keeps the placements it finished), and prints the tables. Measured on
+two H200s in bf16 at 32K and 128K with 12 steps: 124 s including the 16 GB checkpoint write
+(docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ from benchmarks.decode_speed import QWEN3_8B_HEADS, NoTokenizer  # noqa: E402  (
 
 TINY_HEADS = [(1, 0), (1, 3), (2, 2), (3, 1)]
 PLACEMENTS = ("single", "tp", "device_map")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def log(*args) -> None:
@@ -77,7 +91,11 @@ def qwen3_config(tiny: bool):
 
 
 def ensure_checkpoint(path: str, tiny: bool) -> None:
-    """Write a random-weight checkpoint of the shape to `path` unless one is there (bf16; tiny: float32)."""
+    """Write a random-weight checkpoint of the shape to `path` unless one is there (bf16; tiny: float32).
+
+    Always stored in that dtype, whatever --dtype computes in: float32 runs load the bf16 file upcast,
+    so bf16 and float32 runs share one file and exactly the same weights.
+    """
     if os.path.isfile(os.path.join(path, "config.json")):
         return
     from transformers import AutoModelForCausalLM
@@ -127,11 +145,10 @@ def _move_inputs_hook(module, args, kwargs):
     return move(args), {k: move(v) for k, v in kwargs.items()}
 
 
-def load(path: str, placement: str, tiny: bool, hooks: bool = False):
-    """(model, how it was placed, the devices it uses)."""
+def load(path: str, placement: str, tiny: bool, dtype: torch.dtype, hooks: bool = False):
+    """(model in `dtype`, how it was placed, the devices it uses)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if tiny else torch.bfloat16
     if placement == "tp":
         from transformers import DistributedConfig
 
@@ -196,7 +213,8 @@ def random_state(decoder, context: int, warmup: int, seed: int = 0):
                         [ids[0].tolist()], prefilled=n_cached, temperature=1.0, last_logits=last)
 
 
-def measure(model, method: str, context: int, steps: int, devices: list, tiny: bool) -> dict:
+def measure(model, method: str, context: int, steps: int, devices: list, tiny: bool) -> tuple[dict, torch.Tensor]:
+    """One (method, context) decode: its row for the table, and its logits (float32 [steps, vocab], on the host)."""
     from decoder.dysco import DyscoConfig
     from decoder.generation import Decoder
 
@@ -209,32 +227,45 @@ def measure(model, method: str, context: int, steps: int, devices: list, tiny: b
         torch.cuda.reset_peak_memory_stats(d)
     state = random_state(decoder, context, decoder.warmup_columns(context))
     stamps: list[float] = []  # one per token, after its logits reached the host (tokens.tolist() synchronises)
-    result = decoder.generate_from(state, max_new_tokens=steps, callback=lambda event: stamps.append(time.perf_counter()))
+    # The logits' copy to the host (600 KB a token) and DySCO's diagnostics add well under a ms to a
+    # 100+ ms step; they are what the agreement columns are computed from.
+    result = decoder.generate_from(state, max_new_tokens=steps, callback=lambda event: stamps.append(time.perf_counter()),
+                                   return_logits=True, return_diagnostics=method == "dysco")
     ms = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
     peaks = {str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in cuda}
-    tokens = result.token_ids[0]
+    logits = result.logits[0]  # [steps, vocab] float32
+    top2 = logits.topk(2, dim=-1).values
+    row = {"method": method, "context": context, "steps": steps, "decode_ms": ms, "tokens_per_s": 1e3 / ms,
+           "peak_GiB": peaks, "tokens": result.token_ids[0],
+           "margins": (top2[:, 0] - top2[:, 1]).tolist()}  # this run's top-2 logit margin per step
+    if result.diagnostics is not None:  # per DySCO step: positions up-weighted and their importance mass
+        row["selected"] = [d["selected"] for d in result.diagnostics[0]]
+        row["mass"] = [d["mass"] for d in result.diagnostics[0]]
     del state, result
     gc.collect()
-    return {"method": method, "context": context, "steps": steps, "decode_ms": ms, "tokens_per_s": 1e3 / ms,
-            "peak_GiB": peaks, "tokens": tokens}
+    return row, logits
+
+
+def logits_path(out: str, placement: str) -> str:
+    return os.path.join(out, f"logits-{placement}.pt")
 
 
 def worker(args) -> None:
-    """Measure one placement; rank 0 writes OUT/placement-<name>.json."""
-    tiny = args.tiny
+    """Measure one placement; rank 0 writes OUT/placement-<name>.json and OUT/logits-<name>.pt."""
+    tiny, dtype = args.tiny, DTYPES[args.dtype]
     ensure_checkpoint_on_rank0(args.checkpoint, tiny)
     t0 = time.time()
-    model, how, devices = load(args.checkpoint, args.placement, tiny, args.hooks)
+    model, how, devices = load(args.checkpoint, args.placement, tiny, dtype, args.hooks)
     if args.placement == "tp":  # every rank reports its own GPU
         devices = [model.get_input_embeddings().weight.device]
-    log(f"[{args.placement}] loaded: {how} ({time.time() - t0:.0f}s)")
+    log(f"[{args.placement}] loaded in {args.dtype}: {how} ({time.time() - t0:.0f}s)")
     contexts = [int(c) for c in args.contexts.split(",")]
     measure(model, "vanilla", min(contexts[0], 1024), 3, devices, tiny)  # warm-up: kernels, allocator
-    rows = []
+    rows, logits = [], {}
     for context in contexts:
         for method in args.methods.split(","):
             try:
-                row = measure(model, method, context, args.steps, devices, tiny)
+                row, logits[f"{method}@{context}"] = measure(model, method, context, args.steps, devices, tiny)
             except torch.cuda.OutOfMemoryError as err:
                 row = {"method": method, "context": context, "error": f"out of memory: {str(err)[:120]}"}
                 gc.collect()
@@ -249,8 +280,9 @@ def worker(args) -> None:
                 log(f"[{args.placement}] {context} {method}: " + (row.get("error") or
                     f"{row['decode_ms']:.1f} ms/token, {row['tokens_per_s']:.1f} tok/s, peak {row['peak_GiB']}"))
     if is_rank0():
+        torch.save(logits, logits_path(args.out, args.placement))
         with open(os.path.join(args.out, f"placement-{args.placement}.json"), "w") as f:
-            json.dump({"placement": args.placement, "how": how, "rows": rows}, f, indent=1)
+            json.dump({"placement": args.placement, "how": how, "dtype": args.dtype, "rows": rows}, f, indent=1)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -269,6 +301,63 @@ def ensure_checkpoint_on_rank0(path: str, tiny: bool) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def agreement(row: dict, reference: dict, logits: torch.Tensor | None = None,
+              reference_logits: torch.Tensor | None = None) -> dict:
+    """How a run's greedy decode compares with the reference run's (single's) of the same method and context.
+
+    Up to and including the first differing step both runs fed identical ids, so their logits there
+    differ only by arithmetic (summation order, dtype); after it they decode different text.
+    """
+    tokens, expected = row["tokens"], reference["tokens"]
+    n = min(len(tokens), len(expected))
+    first = next((i for i in range(n) if tokens[i] != expected[i]), None)
+    shared = n if first is None else first + 1  # steps whose inputs were identical
+    out: dict = {"same": sum(a == b for a, b in zip(tokens, expected)), "of": n, "first_diff": first,
+                 "reference_min_margin": min(reference["margins"][:shared]) if reference.get("margins") else None}
+    if first is not None:
+        if reference.get("margins"):
+            out["reference_margin"] = reference["margins"][first]  # single's top-2 margin where they part
+        if row.get("margins"):
+            out["margin"] = row["margins"][first]
+    if logits is not None and reference_logits is not None:
+        diff = (logits[:shared] - reference_logits[:shared]).abs().amax(-1)  # [shared]
+        out["max_abs_logit_diff"] = float(diff.max())
+        out["logit_diff_per_step"] = diff.tolist()
+        if first is not None:  # single's logit of its own token minus that of this run's token
+            step = reference_logits[first]
+            out["reference_gap"] = float(step[expected[first]] - step[tokens[first]])
+    if row.get("selected") is not None and reference.get("selected") is not None:
+        pairs = list(zip(row["selected"], reference["selected"]))[:shared]
+        out["selection_first_diff"] = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        out["max_abs_mass_diff"] = max((abs(a - b) for a, b in zip(row["mass"], reference["mass"][:shared])), default=None)
+    return out
+
+
+def compare_with_single(out: str, placements: list[dict]) -> None:
+    """Add `vs_single` (`agreement`) to every row that has a `single` row of the same method and context."""
+    single = next((p for p in placements if p["placement"] == "single"), None)
+    if single is None:
+        return
+
+    def saved_logits(name: str) -> dict:
+        path = logits_path(out, name)
+        return torch.load(path) if os.path.isfile(path) else {}
+
+    reference_logits = saved_logits("single")
+    reference = {(r["method"], r["context"]): r for r in single["rows"] if "tokens" in r}
+    for p in placements:
+        logits = reference_logits if p is single else saved_logits(p["placement"])
+        for row in p["rows"]:
+            key = (row["method"], row["context"])
+            if "tokens" in row and key in reference:
+                name = f"{row['method']}@{row['context']}"
+                row["vs_single"] = agreement(row, reference[key], logits.get(name), reference_logits.get(name))
+
+
+def _num(x) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
 def markdown(meta: dict, placements: list[dict]) -> str:
     lines = [f"### tp_speed — {meta['date']}", "", f"- machine: {meta['machine']}", f"- software: {meta['software']}",
              f"- command: `{meta['command']}`",
@@ -276,22 +365,40 @@ def markdown(meta: dict, placements: list[dict]) -> str:
              f"context's length, {meta['steps']} decoded tokens; DySCO: published knobs, {meta['heads']} heads", ""]
     for p in placements:
         lines.append(f"- {p['placement']}: {p['how']}")
-    # The same weights, cache and prompt everywhere: the greedy tokens should agree with one device's
-    # (in bf16 a near-tie may flip where the ranks sum in another order; the column shows it, it asserts nothing).
-    single = {(r["method"], r["context"]): r.get("tokens") for p in placements if p["placement"] == "single"
-              for r in p["rows"]}
-    lines += ["", "| placement | method | context | ms/token | tokens/s | peak memory per device (GiB) | tokens = single's |",
-              "|---|---|---:|---:|---:|---|---|"]
+    lines += ["", "| placement | method | context | ms/token | tokens/s | peak memory per device (GiB) |",
+              "|---|---|---:|---:|---:|---|"]
     for p in placements:
         for row in p["rows"]:
             if "error" in row:
-                lines.append(f"| {p['placement']} | {row['method']} | {row['context']} | — | — | {row['error']} | — |")
+                lines.append(f"| {p['placement']} | {row['method']} | {row['context']} | — | — | {row['error']} |")
                 continue
             peaks = ", ".join(f"{d}: {v:.1f}" for d, v in row["peak_GiB"].items()) or "— (CPU)"
-            reference = single.get((row["method"], row["context"]))
-            same = "—" if reference is None else f"{sum(a == b for a, b in zip(row['tokens'], reference))}/{len(reference)}"
             lines.append(f"| {p['placement']} | {row['method']} | {row['context']} | {row['decode_ms']:.1f} | "
-                         f"{row['tokens_per_s']:.1f} | {peaks} | {same} |")
+                         f"{row['tokens_per_s']:.1f} | {peaks} |")
+    # The same weights, cache and ids everywhere: the greedy tokens should be single's. Where they part,
+    # single's margin there says whether a near-tie flipped (a margin of the size of the logit
+    # differences) or something else happened (a large one). Information: nothing here asserts.
+    lines += ["", "Agreement with `single` (steps from 0; logit differences over the steps up to and including the "
+              "first differing one, whose inputs were identical; for `single` itself: its smallest top-2 margin):", "",
+              "| placement | method | context | tokens = single's | first differing step | single's top-2 margin there "
+              "| single's gap to this token | max abs logit diff | DySCO selected count first differs |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    for p in placements:
+        for row in p["rows"]:
+            a = row.get("vs_single")
+            if a is None:
+                continue
+            if p["placement"] == "single":
+                lines.append(f"| single | {row['method']} | {row['context']} | (reference) | — | "
+                             f"min {_num(a['reference_min_margin'])} | — | — | — |")
+                continue
+            first = "none" if a["first_diff"] is None else str(a["first_diff"])
+            selection = "—" if "selection_first_diff" not in a else \
+                ("none" if a["selection_first_diff"] is None else str(a["selection_first_diff"]))
+            margin = a.get("reference_margin") if a["first_diff"] is not None else None
+            lines.append(f"| {p['placement']} | {row['method']} | {row['context']} | {a['same']}/{a['of']} | {first} | "
+                         f"{_num(margin)} | {_num(a.get('reference_gap'))} | {_num(a.get('max_abs_logit_diff'))} | "
+                         f"{selection} |")
     return "\n".join(lines) + "\n"
 
 
@@ -307,7 +414,7 @@ def driver(args) -> None:
         props = torch.cuda.get_device_properties(0)
         machine = f"{torch.cuda.device_count()} × {props.name}, {props.total_memory / 2**30:.0f} GiB ({platform.node()})"
     common = ["--out", args.out, "--checkpoint", args.checkpoint, "--contexts", args.contexts, "--steps",
-              str(args.steps), "--methods", args.methods] + (["--tiny"] if args.tiny else []) + \
+              str(args.steps), "--methods", args.methods, "--dtype", args.dtype] + (["--tiny"] if args.tiny else []) + \
              (["--hooks"] if args.hooks else [])
     script = os.path.abspath(__file__)
     launch = {
@@ -317,7 +424,30 @@ def driver(args) -> None:
         "device_map": [sys.executable, script, "--placement", "device_map"],
     }
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    placements = []
+    stored = "float32" if args.tiny else "bf16"
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine,
+        "software": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
+        "command": "python benchmarks/tp_speed.py " + " ".join(sys.argv[1:]),
+        "model": ("tiny Qwen3 (4 layers, 8 heads, 2 KV heads)" if args.tiny else "Qwen3-8B shape") +
+                 f", random weights stored in {stored}, computed in {args.dtype}" +
+                 (f" (float32 matmul precision: {torch.get_float32_matmul_precision()})" if args.dtype == "float32" else ""),
+        "dtype": args.dtype, "steps": args.steps, "heads": len(TINY_HEADS if args.tiny else QWEN3_8B_HEADS),
+    }
+    placements: list[dict] = []
+
+    def write() -> str:
+        """The JSON and the tables as they stand (after each placement: a run cut short keeps what finished)."""
+        compare_with_single(args.out, placements)
+        meta["wall_s"] = time.time() - t0
+        with open(os.path.join(args.out, "tp_speed.json"), "w") as f:
+            json.dump({"meta": meta, "placements": placements}, f, indent=1)
+        table = markdown(meta, placements)
+        with open(os.path.join(args.out, "tp_speed.md"), "w") as f:
+            f.write(table)
+        return table
+
     for name in args.placements.split(","):
         log(f"== {name} ({time.time() - t0:.0f}s)")
         done = subprocess.run(launch[name] + common, env=env)
@@ -327,21 +457,12 @@ def driver(args) -> None:
             continue
         with open(result_file) as f:
             placements.append(json.load(f))
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine,
-        "software": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
-        "command": "python benchmarks/tp_speed.py " + " ".join(sys.argv[1:]),
-        "model": "tiny Qwen3 (4 layers, 8 heads, 2 KV heads), float32" if args.tiny else
-                 "Qwen3-8B shape, random bf16 weights",
-        "steps": args.steps, "heads": len(TINY_HEADS if args.tiny else QWEN3_8B_HEADS), "wall_s": time.time() - t0,
-    }
-    with open(os.path.join(args.out, "tp_speed.json"), "w") as f:
-        json.dump({"meta": meta, "placements": placements}, f, indent=1)
-    table = markdown(meta, placements)
-    with open(os.path.join(args.out, "tp_speed.md"), "w") as f:
-        f.write(table)
-    print(table)
+        write()
+    print(write())
+    if not args.keep_logits:  # ~7 MB per (method, context) in the Qwen3-8B shape; the JSON keeps what they showed
+        for name in PLACEMENTS:
+            if os.path.isfile(logits_path(args.out, name)):
+                os.remove(logits_path(args.out, name))
     missing = set(args.placements.split(",")) - {p["placement"] for p in placements}
     if missing:
         sys.exit(f"tp_speed: placement(s) {', '.join(sorted(missing))} failed; see the log above")
@@ -357,11 +478,16 @@ def main() -> None:
     parser.add_argument("--methods", default="vanilla,dysco")
     parser.add_argument("--checkpoint", default=None, help="random-weight checkpoint folder (written when missing)")
     parser.add_argument("--tiny", action="store_true", help="CPU (gloo), a tiny Qwen3: checks the script runs")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="what the model computes in (default bfloat16; tiny: float32); the checkpoint stays as written")
+    parser.add_argument("--keep-logits", action="store_true", help="keep OUT/logits-<placement>.pt (per-step logits)")
     parser.add_argument("--hooks", action="store_true",
                         help="device_map: place the layers with this script's pre-hooks even when accelerate is there")
     args = parser.parse_args()
     if args.contexts is None:
         args.contexts = "256,512" if args.tiny else "32768,65536,131072"
+    if args.dtype is None:
+        args.dtype = "float32" if args.tiny else "bfloat16"
     if args.checkpoint is None:
         args.checkpoint = os.path.join(os.environ.get("TMPDIR", "/tmp"), "dysco-tp-speed",
                                        "qwen3-tiny" if args.tiny else "qwen3-8b-random")
