@@ -183,6 +183,16 @@ def test_device_map_over_two_gpus_equals_one_gpu(tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+def _tp_speed():
+    """benchmarks/tp_speed.py as a module (benchmarks/ is not an installed package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tp_speed", Path(__file__).parents[2] / "benchmarks" / "tp_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 def test_tp_speed_benchmark_runs_tiny_on_cpu(tmp_path):
     """benchmarks/tp_speed.py --tiny: every placement runs (TP on two gloo ranks) and decodes what one device does."""
@@ -190,14 +200,49 @@ def test_tp_speed_benchmark_runs_tiny_on_cpu(tmp_path):
 
     script = Path(__file__).parents[2] / "benchmarks" / "tp_speed.py"
     command = [sys.executable, str(script), "--tiny", "--out", str(tmp_path), "--checkpoint", str(tmp_path / "ckpt"),
-               "--contexts", "64", "--steps", "4", "--hooks"]
+               "--contexts", "64", "--steps", "4", "--hooks", "--dtype", "float32"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     result = json.loads((tmp_path / "tp_speed.json").read_text())
+    assert result["meta"]["dtype"] == "float32" and "computed in float32" in result["meta"]["model"]
     rows = {(p["placement"], r["method"]): r for p in result["placements"] for r in p["rows"]}
     assert set(rows) == {(p, m) for p in ("single", "tp", "device_map") for m in ("vanilla", "dysco")}
     for (placement, method), row in rows.items():
-        assert row["decode_ms"] > 0 and len(row["tokens"]) == 4
+        assert row["decode_ms"] > 0 and len(row["tokens"]) == 4 and len(row["margins"]) == 4
         assert row["tokens"] == rows[("single", method)]["tokens"], (placement, method)  # float32: same greedy tokens
+        agreement = row["vs_single"]
+        assert (agreement["same"], agreement["of"], agreement["first_diff"]) == (4, 4, None), (placement, method)
+        # The logits of every step were compared: float32 TP differs only by the order of the all-reduced sums.
+        assert len(agreement["logit_diff_per_step"]) == 4 and agreement["max_abs_logit_diff"] <= ATOL, (placement, method)
+        if method == "dysco":
+            assert len(row["selected"]) == 4 and agreement["selection_first_diff"] is None
+    assert not list(tmp_path.glob("logits-*.pt"))  # removed once compared (--keep-logits keeps them)
     table = (tmp_path / "tp_speed.md").read_text()
-    assert "| tp | dysco | 64 |" in table and "4/4" in table
+    assert "| tp | dysco | 64 | 4/4 | none |" in table and "| placement | method | context | ms/token |" in table
+
+
+def test_tp_speed_agreement_finds_where_tokens_part_and_the_margin_there():
+    """The agreement columns: first differing step, single's margin and gap there, logit drift up to it only."""
+    agreement = _tp_speed().agreement
+    vocab = 6
+    reference_logits = torch.zeros(4, vocab)
+    reference_logits[torch.arange(4), torch.tensor([1, 2, 3, 4])] = 1.0
+    reference_logits[2, 5] = 0.999  # step 2: a near-tie between tokens 3 and 5
+    logits = reference_logits.clone()
+    logits[2, 5] += 0.002  # the other run's rounding flips it
+    logits[3] += 50.0  # after the tokens part the runs see different ids: not counted as drift
+    reference = {"tokens": [1, 2, 3, 4], "margins": [1.0, 1.0, 0.001, 1.0], "selected": [7, 7, 8, 9],
+                 "mass": [0.5, 0.5, 0.5, 0.5]}
+    row = {"tokens": [1, 2, 5, 0], "margins": [1.0, 1.0, 0.001, 1.0], "selected": [7, 7, 8, 3],
+           "mass": [0.5, 0.5, 0.5, 0.1]}
+    a = agreement(row, reference, logits, reference_logits)
+    assert (a["same"], a["of"], a["first_diff"]) == (2, 4, 2)
+    assert a["reference_margin"] == 0.001
+    assert a["reference_gap"] == pytest.approx(0.001, abs=1e-6)
+    assert a["max_abs_logit_diff"] == pytest.approx(0.002, abs=1e-6) and len(a["logit_diff_per_step"]) == 3
+    assert a["selection_first_diff"] is None and a["max_abs_mass_diff"] == 0  # step 3's selection is after the split
+
+    row["selected"][1] = 6
+    assert agreement(row, reference)["selection_first_diff"] == 1
+    same = agreement(reference, reference, reference_logits, reference_logits)
+    assert (same["first_diff"], same["max_abs_logit_diff"], same["reference_min_margin"]) == (None, 0.0, 0.001)
