@@ -424,6 +424,7 @@ class Calibration:
         opts = task_options(self.task, cfg.needles)
 
 
+        loading.use_device(cfg.device)  # a --devices worker on cuda:1 runs its fast trials there
         self.model, self.tokenizer = loading.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, progress=progress)
         if cfg.threads is not None:
             import torch

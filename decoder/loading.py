@@ -35,6 +35,7 @@ __all__ = [
     "checkpoint_on_disk",
     "context_limit",
     "load_model",
+    "use_device",
     "model_identity",
     "config_fingerprint",
     "weights_fingerprint",
@@ -115,6 +116,19 @@ def check_device(device: str | None) -> None:
         raise ValueError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {err}") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use device='cpu'")
+
+
+def use_device(device: str | None) -> None:
+    """Make an indexed CUDA `device` ('cuda:1') this process's current one; any other device changes nothing.
+
+    CUDA-graph capture and Triton launches go to the current device, not the tensors' one: a process
+    that decodes on cuda:1 (a `--devices` worker) must make it current, or the fast path captures its
+    steps on cuda:0.
+    """
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))
 
 
 def _refuse_remote_code(folder: Path, trust_remote_code: bool) -> None:

@@ -218,6 +218,7 @@ def _load(args: argparse.Namespace, name: str, profile: Any, profile_ref: Any) -
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    loading.use_device(args.device)  # a --devices worker on cuda:1 runs its fast path there
     try:
         model, tokenizer = loading.load_model(args.model, dtype=args.dtype, device=args.device, progress=not args.quiet)
     except (ValueError, FileNotFoundError, OSError) as err:

@@ -31,6 +31,7 @@ from decoder.loading import (
     RemoteCodeError,
     load_model,
     model_identity,
+    use_device,
 )
 from decoder.tiny import tiny_model
 
@@ -177,6 +178,17 @@ def test_bad_dtype_and_device_are_explained():
         with pytest.raises(ValueError, match="no CUDA device"):
             load_model("smollm2-135m", device="cuda")
 
+
+
+def test_use_device_makes_an_indexed_cuda_device_current(monkeypatch):
+    """A --devices worker on cuda:1 makes it current (CUDA graphs and Triton launch there); nothing else does."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(device))
+    for device in (None, "cpu", "cuda"):
+        use_device(device)
+    assert current == []
+    use_device("cuda:1")
+    assert current == [torch.device("cuda:1")]
 
 # --------------------------------------------------------------------------------------------------
 # local checkpoints, remote code
