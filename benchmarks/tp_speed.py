@@ -25,8 +25,10 @@ one GPU's): per method and context, how many tokens equal single's, the first st
 differ, single's top-2 logit margin at that step and its logit gap between its token and this run's
 (a near-tie flipped by another summation order has a margin near the logits' rounding; a bug has a
 large one), the largest |logit difference| over the steps up to that one (the inputs are still
-identical there), and for DySCO the first step whose selected-position count differs (a selection
-that flips at the top_p boundary changes the bias, and then the logits by much more than rounding).
+identical there), and for DySCO the first step whose up-weighted set of positions differs (a
+digest of the set) with single's importance gap at its edge there: a selection that flips at the
+top_k boundary changes the bias, and then the logits by much more than rounding, so a large logit
+margin after a tiny importance gap is still a near-tie.
 Each placement's per-step logits go to OUT/logits-<placement>.pt for this comparison; the driver
 deletes them afterwards unless --keep-logits.
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import hashlib
 import importlib.util
 import json
 import os
@@ -213,8 +216,31 @@ def random_state(decoder, context: int, warmup: int, seed: int = 0):
                         [ids[0].tolist()], prefilled=n_cached, temperature=1.0, last_logits=last)
 
 
+def selection_record(importance: torch.Tensor, up: torch.Tensor) -> dict:
+    """Which positions one DySCO step up-weighted (row 0): their count, a digest of the set, and its edge.
+
+    `gap`: the lowest selected importance minus the highest unselected one. The published top_k caps
+    the nucleus on a random cache (4096 of 32K+ flat positions), so the count stays the same when the
+    set changes; a set that changed where `gap` is near the importance's rounding is a near-tie.
+    """
+    imp = importance[0].float()  # [columns ranked]
+    n = imp.shape[0]
+    chosen = up[0, :n].clone()
+    ranked = torch.ones_like(chosen)
+    current = up.shape[1] - 1
+    if current < n:  # the current column is always up-weighted, never ranked
+        chosen[current], ranked[current] = False, False
+    positions = chosen.nonzero().flatten().cpu()
+    edge = imp[chosen].min() if chosen.any() else None
+    rest = imp[ranked & ~chosen]
+    gap = float(edge - rest.max()) if edge is not None and rest.numel() else None
+    return {"n": int(positions.numel()), "digest": hashlib.blake2b(positions.numpy().tobytes(), digest_size=6).hexdigest(),
+            "gap": gap, "edge": None if edge is None else float(edge)}
+
+
 def measure(model, method: str, context: int, steps: int, devices: list, tiny: bool) -> tuple[dict, torch.Tensor]:
     """One (method, context) decode: its row for the table, and its logits (float32 [steps, vocab], on the host)."""
+    from decoder import generation
     from decoder.dysco import DyscoConfig
     from decoder.generation import Decoder
 
@@ -227,10 +253,24 @@ def measure(model, method: str, context: int, steps: int, devices: list, tiny: b
         torch.cuda.reset_peak_memory_stats(d)
     state = random_state(decoder, context, decoder.warmup_columns(context))
     stamps: list[float] = []  # one per token, after its logits reached the host (tokens.tolist() synchronises)
-    # The logits' copy to the host (600 KB a token) and DySCO's diagnostics add well under a ms to a
+    # Every DySCO step (the prompt's warmup columns', then one per generated token but the last) hands
+    # its importance and up-weighted positions to selection_diagnostics when diagnostics are asked
+    # for: recorded there. That, and the logits' copy to the host (600 KB a token), add about a ms to a
     # 100+ ms step; they are what the agreement columns are computed from.
-    result = decoder.generate_from(state, max_new_tokens=steps, callback=lambda event: stamps.append(time.perf_counter()),
-                                   return_logits=True, return_diagnostics=method == "dysco")
+    selections: list[dict] = []
+    original = generation.selection_diagnostics
+
+    def recording(importance, up, evidence=None):
+        selections.append(selection_record(importance, up))
+        return original(importance, up, evidence)
+
+    generation.selection_diagnostics = recording
+    try:
+        result = decoder.generate_from(state, max_new_tokens=steps, return_logits=True,
+                                       return_diagnostics=method == "dysco",
+                                       callback=lambda event: stamps.append(time.perf_counter()))
+    finally:
+        generation.selection_diagnostics = original
     ms = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
     peaks = {str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in cuda}
     logits = result.logits[0]  # [steps, vocab] float32
@@ -238,9 +278,10 @@ def measure(model, method: str, context: int, steps: int, devices: list, tiny: b
     row = {"method": method, "context": context, "steps": steps, "decode_ms": ms, "tokens_per_s": 1e3 / ms,
            "peak_GiB": peaks, "tokens": result.token_ids[0],
            "margins": (top2[:, 0] - top2[:, 1]).tolist()}  # this run's top-2 logit margin per step
-    if result.diagnostics is not None:  # per DySCO step: positions up-weighted and their importance mass
-        row["selected"] = [d["selected"] for d in result.diagnostics[0]]
-        row["mass"] = [d["mass"] for d in result.diagnostics[0]]
+    if selections:  # per DySCO step, the prompt's first: `selection_record`; step 0's logits come from
+        # the last prompt step's: generated token i's logits come from record offset + i
+        row["selections"] = selections
+        row["selection_offset"] = len(selections) - len(result.token_ids[0])
     del state, result
     gc.collect()
     return row, logits
@@ -326,10 +367,15 @@ def agreement(row: dict, reference: dict, logits: torch.Tensor | None = None,
         if first is not None:  # single's logit of its own token minus that of this run's token
             step = reference_logits[first]
             out["reference_gap"] = float(step[expected[first]] - step[tokens[first]])
-    if row.get("selected") is not None and reference.get("selected") is not None:
-        pairs = list(zip(row["selected"], reference["selected"]))[:shared]
-        out["selection_first_diff"] = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
-        out["max_abs_mass_diff"] = max((abs(a - b) for a, b in zip(row["mass"], reference["mass"][:shared])), default=None)
+    if row.get("selections") and reference.get("selections") and row["selection_offset"] == reference["selection_offset"]:
+        # DySCO steps up to the one that made step `shared - 1`'s logits: the same ids went in.
+        offset = reference["selection_offset"]
+        pairs = list(zip(row["selections"], reference["selections"]))[: offset + shared]
+        split = next((i for i, (a, b) in enumerate(pairs) if (a["n"], a["digest"]) != (b["n"], b["digest"])), None)
+        out["selection_first_diff"] = None if split is None else split - offset  # < 0: a prompt column's step
+        if split is not None:  # single's importance edge there: a near-tie has a gap near rounding
+            out["reference_selection_gap"] = reference["selections"][split]["gap"]
+            out["reference_selection_edge"] = reference["selections"][split]["edge"]
     return out
 
 
@@ -381,24 +427,29 @@ def markdown(meta: dict, placements: list[dict]) -> str:
     lines += ["", "Agreement with `single` (steps from 0; logit differences over the steps up to and including the "
               "first differing one, whose inputs were identical; for `single` itself: its smallest top-2 margin):", "",
               "| placement | method | context | tokens = single's | first differing step | single's top-2 margin there "
-              "| single's gap to this token | max abs logit diff | DySCO selected count first differs |",
-              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+              "| single's gap to this token | max abs logit diff | DySCO selection first differs | single's importance gap there "
+              "(edge) |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for p in placements:
         for row in p["rows"]:
             a = row.get("vs_single")
             if a is None:
                 continue
             if p["placement"] == "single":
+                gaps = [r["gap"] for r in row.get("selections", []) if r["gap"] is not None]
                 lines.append(f"| single | {row['method']} | {row['context']} | (reference) | — | "
-                             f"min {_num(a['reference_min_margin'])} | — | — | — |")
+                             f"min {_num(a['reference_min_margin'])} | — | — | — | "
+                             f"{'min ' + _num(min(gaps)) if gaps else '—'} |")
                 continue
             first = "none" if a["first_diff"] is None else str(a["first_diff"])
             selection = "—" if "selection_first_diff" not in a else \
                 ("none" if a["selection_first_diff"] is None else str(a["selection_first_diff"]))
             margin = a.get("reference_margin") if a["first_diff"] is not None else None
+            gap = "—" if a.get("selection_first_diff") is None else \
+                f"{_num(a.get('reference_selection_gap'))} ({_num(a.get('reference_selection_edge'))})"
             lines.append(f"| {p['placement']} | {row['method']} | {row['context']} | {a['same']}/{a['of']} | {first} | "
                          f"{_num(margin)} | {_num(a.get('reference_gap'))} | {_num(a.get('max_abs_logit_diff'))} | "
-                         f"{selection} |")
+                         f"{selection} | {gap} |")
     return "\n".join(lines) + "\n"
 
 

@@ -52,11 +52,13 @@ else
   MACHINE="$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | paste -sd ';' -)"
 fi
 
+SOFTWARE="python3 $(python3 -c 'import platform, torch, transformers; print(platform.python_version(), "torch",
+  torch.__version__, "transformers", transformers.__version__, "cuda devices", torch.cuda.device_count())' 2>&1 | tail -1)"
 SUMMARY=()
 summary() {  # the summary so far, into OUT/summary.txt (a call cut short keeps it)
   {
     echo "two_gpu_checks — $(date -u '+%Y-%m-%d %H:%M UTC'), $((SECONDS - T0)) s, $MACHINE"
-    echo "python3 $(python3 -c 'import platform, torch, transformers; print(platform.python_version(), "torch", torch.__version__, "transformers", transformers.__version__, "cuda devices", torch.cuda.device_count())' 2>&1 | tail -1)"
+    echo "$SOFTWARE"
     printf '%s\n' "${SUMMARY[@]}"
     for dtype in float32 bfloat16; do
       md="$WORK/tp-$dtype/tp_speed.md"
@@ -84,7 +86,9 @@ step() {
     *) note="FAILED (exit $rc)" ;;
   esac
   case $name in
-    pytest-gpu) note="$note: $(grep -E '(passed|failed|skipped|error)' "$WORK/$name.log" | tail -1)" ;;
+    pytest-gpu)  # a skipped GPU test (fewer than two GPUs seen) is not a pass
+      note="$note: $(grep -E '(passed|failed|skipped|error)' "$WORK/$name.log" | tail -1)"
+      grep -qE '[0-9]+ skipped' "$WORK/$name.log" && note="$note (SKIPPED tests: not a pass)" ;;
     eval-*) note="$note: $(grep -E '^(PASS|FAIL)' "$WORK/$name.log" | tail -1)" ;;
   esac
   SUMMARY+=("$(printf '%-12s %s [%d s]' "$name" "$note" $((SECONDS - start)))")

@@ -214,8 +214,9 @@ def test_tp_speed_benchmark_runs_tiny_on_cpu(tmp_path):
         assert (agreement["same"], agreement["of"], agreement["first_diff"]) == (4, 4, None), (placement, method)
         # The logits of every step were compared: float32 TP differs only by the order of the all-reduced sums.
         assert len(agreement["logit_diff_per_step"]) == 4 and agreement["max_abs_logit_diff"] <= ATOL, (placement, method)
-        if method == "dysco":
-            assert len(row["selected"]) == 4 and agreement["selection_first_diff"] is None
+        if method == "dysco":  # the prompt's DySCO steps, then one per generated token but the last
+            assert len(row["selections"]) == row["selection_offset"] + 4 and row["selection_offset"] >= 0
+            assert agreement["selection_first_diff"] is None and all(r["n"] > 0 for r in row["selections"])
     assert not list(tmp_path.glob("logits-*.pt"))  # removed once compared (--keep-logits keeps them)
     table = (tmp_path / "tp_speed.md").read_text()
     assert "| tp | dysco | 64 | 4/4 | none |" in table and "| placement | method | context | ms/token |" in table
@@ -231,18 +232,29 @@ def test_tp_speed_agreement_finds_where_tokens_part_and_the_margin_there():
     logits = reference_logits.clone()
     logits[2, 5] += 0.002  # the other run's rounding flips it
     logits[3] += 50.0  # after the tokens part the runs see different ids: not counted as drift
-    reference = {"tokens": [1, 2, 3, 4], "margins": [1.0, 1.0, 0.001, 1.0], "selected": [7, 7, 8, 9],
-                 "mass": [0.5, 0.5, 0.5, 0.5]}
-    row = {"tokens": [1, 2, 5, 0], "margins": [1.0, 1.0, 0.001, 1.0], "selected": [7, 7, 8, 3],
-           "mass": [0.5, 0.5, 0.5, 0.1]}
+
+    # Two DySCO steps on prompt columns (offset 1: the second made step 0's logits), then one per generated
+    # token but the last: step i's logits come from record 1 + i.
+    def steps(*digests):
+        return [{"n": 3, "digest": d, "gap": 1e-3 * i, "edge": 0.1} for i, d in enumerate(digests)]
+
+    reference = {"tokens": [1, 2, 3, 4], "margins": [1.0, 1.0, 0.001, 1.0], "selections": steps("a", "b", "c", "d", "e"),
+                 "selection_offset": 1}
+    row = {"tokens": [1, 2, 5, 0], "margins": [1.0, 1.0, 0.001, 1.0], "selections": steps("a", "b", "c", "d", "X"),
+           "selection_offset": 1}
     a = agreement(row, reference, logits, reference_logits)
     assert (a["same"], a["of"], a["first_diff"]) == (2, 4, 2)
     assert a["reference_margin"] == 0.001
     assert a["reference_gap"] == pytest.approx(0.001, abs=1e-6)
     assert a["max_abs_logit_diff"] == pytest.approx(0.002, abs=1e-6) and len(a["logit_diff_per_step"]) == 3
-    assert a["selection_first_diff"] is None and a["max_abs_mass_diff"] == 0  # step 3's selection is after the split
+    assert a["selection_first_diff"] is None  # record 4 made step 3's logits: after the tokens parted
 
-    row["selected"][1] = 6
-    assert agreement(row, reference)["selection_first_diff"] == 1
+    row["selections"] = steps("a", "Y", "c", "d", "e")  # the set changed at generated step 0 (record 1)
+    a = agreement(row, reference)
+    assert a["selection_first_diff"] == 0 and a["reference_selection_gap"] == pytest.approx(1e-3)
+    row["selections"] = steps("Z", "b", "c", "d", "e")  # at the first prompt column's step
+    assert agreement(row, reference)["selection_first_diff"] == -1
+    row["selections"] = steps("a", "b", "c", "W", "e")  # at step 2, where the tokens part: counted
+    assert agreement(row, reference)["selection_first_diff"] == 2
     same = agreement(reference, reference, reference_logits, reference_logits)
     assert (same["first_diff"], same["max_abs_logit_diff"], same["reference_min_margin"]) == (None, 0.0, 0.001)
