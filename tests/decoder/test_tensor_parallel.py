@@ -243,3 +243,23 @@ def test_tp_speed_benchmark_runs_tiny_on_cpu(tmp_path):
         assert row["tokens"] == rows[("single", method)]["tokens"], (placement, method)  # float32: same greedy tokens
     table = (tmp_path / "tp_speed.md").read_text()
     assert "| tp | dysco | 64 |" in table and "4/4" in table
+
+
+@pytest.mark.slow
+def test_tp_speed_benchmark_fast_path_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/tp_speed.py --path fast --tiny: FastDecoder on one device and on two gloo ranks, same tokens."""
+    import json
+
+    script = Path(__file__).parents[2] / "benchmarks" / "tp_speed.py"
+    command = [sys.executable, str(script), "--tiny", "--path", "fast", "--placements", "single,tp", "--out",
+               str(tmp_path), "--checkpoint", str(tmp_path / "ckpt"), "--contexts", "64", "--steps", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    result = json.loads((tmp_path / "tp_speed.json").read_text())
+    assert result["meta"]["path"] == "fast"
+    rows = {(p["placement"], r["method"]): r for p in result["placements"] for r in p["rows"]}
+    assert set(rows) == {(p, m) for p in ("single", "tp") for m in ("vanilla", "dysco")}
+    for (placement, method), row in rows.items():
+        assert row["decode_ms"] > 0 and len(row["tokens"]) == 4
+        assert row["tokens"] == rows[("single", method)]["tokens"], (placement, method)
+    assert "fast path, eager" in (tmp_path / "tp_speed.md").read_text()
