@@ -15,6 +15,10 @@ ends the forward with the same complete [batch, heads, rows, positions] captures
 model would have produced. Importance, selection and the bias then run identically on every
 rank; the bias is one value per position, added to every local head.
 
+The fast path (`decoder.fast`) uses the same pieces: `head_shards` for which heads each layer's
+attention call holds, and `gather_captured` on the raw logits its decode kernel records for the heads
+of S (zero rows for heads held elsewhere) before each importance update.
+
     shard = head_shard(model.model.layers[0].self_attn, n_heads=32, head_dim=128)   # on rank 1 of 2
     shard.first, shard.count   # → (16, 16)
 """
