@@ -24,10 +24,10 @@ in how the work is laid out:
 - **Selection on the GPU.** Importance, selection and bias are `decoder.dysco`'s own functions, run on
   `[batch, max_len]` tensors (columns past `t` hold zero importance and are never selected), so a
   decode step never waits for the host.
-- **CUDA graphs.** On a single CUDA device (by default; see tensor parallelism below), each kind of step (warmup, DySCO, lagged, static, plain) is
-  captured once per (batch, max_len) and replayed; the step reads its input token from a device-side
-  token buffer and writes the next one back, so the host only launches replays. The host syncs every
-  `sync_every` steps to check EOS.
+- **CUDA graphs.** On a single CUDA device (by default; see tensor parallelism below), each kind of
+  step (warmup, DySCO, lagged, static, plain) is captured once per (batch, max_len) and replayed; the
+  step reads its input token from a device-side token buffer and writes the next one back, so the
+  host only launches replays. The host syncs every `sync_every` steps to check EOS.
 - **Prefill once, decode many times.** `prefill` keeps a batch's K/V prefix up to a warmup
   (`FastPrefill`); `generate_from` on any FastDecoder of the model (vanilla, DySCO with any knobs
   within that warmup) copies it back into the buffers and decodes, as `Decoder.prefill` /
@@ -380,6 +380,12 @@ class FastDecoder:
         if not hasattr(self.decoder, "layers"):
             raise TypeError(f"{type(self.decoder).__name__} has no `layers` list; the fast path cannot cut the probe")
         self.tensor_parallel = is_sharded(model)
+        if fuse and self.tensor_parallel:
+            raise ValueError(
+                "the fused ops (fuse=True) replace module forwards that transformers' tensor parallelism wraps with its "
+                "all-reduce (o_proj, down_proj) and read DTensor weights; a tensor-parallel model runs unfused: pass "
+                "fuse=False or leave it unset"
+            )
         config = text_config(model.config)
         try:  # which query heads this rank holds (all of them without a tp_plan), and the group to gather over
             self.shards, self.tp_group = head_shards(model.modules(), config)
@@ -408,12 +414,6 @@ class FastDecoder:
         self.cuda_graphs = cuda_graphs
         if fuse is None:
             fuse = self.device.type == "cuda" and not self.tensor_parallel
-        if fuse and self.tensor_parallel:
-            raise ValueError(
-                "the fused ops (fuse=True) replace module forwards that transformers' tensor parallelism wraps with its "
-                "all-reduce (o_proj, down_proj) and read DTensor weights; a tensor-parallel model runs unfused: pass "
-                "fuse=False or leave it unset"
-            )
         if fuse:
             from decoder.fast_fused import FusedOps
 
