@@ -661,9 +661,15 @@ class FastDecoder:
                         self._step(shape, kind)
                         self._restore_state(shape, saved)
             torch.cuda.current_stream().wait_stream(stream)
+            # Tensor parallelism: NCCL's watchdog thread polls the events of the warm-up steps' collectives;
+            # in the default ("global") capture mode such a poll from another thread invalidates the capture.
+            mode = "global"
+            if self.tensor_parallel:
+                torch.cuda.synchronize()
+                mode = "thread_local"
             for kind in self._step_kinds():
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=shape.pool):
+                with torch.cuda.graph(graph, pool=shape.pool, capture_error_mode=mode):
                     self._step(shape, kind)
                 shape.pool = graph.pool()
                 shape.graphs[kind] = graph
