@@ -1,4 +1,4 @@
-"""Exact-path decode speed and memory on two GPUs: tensor parallelism vs device_map vs one GPU.
+"""Decode speed and memory on two GPUs: tensor parallelism vs device_map vs one GPU (exact or fast path).
 
 The Qwen3-8B shape (36 layers, hidden 4096, 32 heads, 8 KV heads, head_dim 128, intermediate 12288,
 vocab 151936) with random bf16 weights, written once as a checkpoint (`--checkpoint`, ~16 GB) so that
@@ -19,7 +19,13 @@ time budget): a DynamicCache filled with `context - warmup` random columns, then
 (`Decoder.generate_from`) feeds DySCO's warmup columns one at a time and decodes `--steps` tokens.
 ms/token is the mean over the decoded tokens after the first.
 
+`--path fast` measures `decoder.fast.FastDecoder` instead, on the same random cache (the prefill is
+replaced by the same keys and values written into its static buffers): on one GPU with its defaults
+(CUDA graphs and fused ops), under TP unfused and eager unless `--tp-graphs` (CUDA graphs with the
+NCCL collectives captured), over device_map eager; ms/token from its CUDA-event timings.
+
     python benchmarks/tp_speed.py --out $OUT           # all three placements, then the table
+    python benchmarks/tp_speed.py --path fast --tp-graphs --out $OUT   # the fast path
     torchrun --nproc-per-node 2 benchmarks/tp_speed.py --placement tp --out DIR   # one placement
     python benchmarks/tp_speed.py --tiny --out /tmp/tp  # CPU, gloo, a tiny model: checks the script runs
 
@@ -168,6 +174,28 @@ def load(path: str, placement: str, tiny: bool, hooks: bool = False):
 # ------------------------------------------------------------------------------------------------
 
 
+def random_kv(model, layer: int, n_cached: int, seed: int = 0) -> torch.Tensor:
+    """Keys and values [2, 1, this rank's KV heads, n_cached, head_dim] of `layer`'s random cache.
+
+    Every placement gets the same cache: all KV heads drawn from one seed per layer, then this rank's
+    contiguous slice of them under TP (colwise k_proj/v_proj)."""
+    config = model.config
+    weight = model.model.layers[layer].self_attn.k_proj.weight
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    n_local = local.shape[0] // config.head_dim
+    first = torch.distributed.get_rank() * n_local if n_local < config.num_key_value_heads else 0
+    layer_gen = torch.Generator(device=local.device).manual_seed(seed * 1000 + layer)
+    shape = (2, 1, config.num_key_value_heads, n_cached, config.head_dim)
+    return torch.randn(shape, generator=layer_gen, device=local.device, dtype=local.dtype)[:, :, first : first + n_local]
+
+
+def random_prompt(model, context: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt ids [1, context] and the logits [1, vocab] its random cache stands for (CPU; the same on every rank)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(10, model.config.vocab_size, (1, context), generator=gen)
+    return ids, torch.randn(1, model.config.vocab_size, generator=gen)
+
+
 def random_state(decoder, context: int, warmup: int, seed: int = 0):
     """A PrefillState of one row whose first `context - warmup` columns are random keys and values in the cache."""
     from transformers import DynamicCache
@@ -175,45 +203,71 @@ def random_state(decoder, context: int, warmup: int, seed: int = 0):
     from decoder.generation import PrefillState
 
     model, device = decoder.model, decoder.device
-    gen = torch.Generator(device="cpu").manual_seed(seed)  # the same ids and logits on every rank
-    ids = torch.randint(10, model.config.vocab_size, (1, context), generator=gen).to(device)
+    ids, last = random_prompt(model, context, seed)
+    ids = ids.to(device)
     cache = DynamicCache(config=model.config)
-    n_cached, config = context - warmup, model.config
-    for i, layer in enumerate(model.model.layers):
-        # Every placement gets the same cache: all KV heads drawn from one seed per layer, then this
-        # rank's contiguous slice of them under TP (colwise k_proj/v_proj).
-        weight = layer.self_attn.k_proj.weight
-        local = weight.to_local() if hasattr(weight, "to_local") else weight
-        n_local = local.shape[0] // config.head_dim
-        first = torch.distributed.get_rank() * n_local if n_local < config.num_key_value_heads else 0
-        layer_gen = torch.Generator(device=local.device).manual_seed(seed * 1000 + i)
-        shape = (2, 1, config.num_key_value_heads, n_cached, config.head_dim)
-        kv = torch.randn(shape, generator=layer_gen, device=local.device, dtype=local.dtype)[:, :, first : first + n_local]
+    n_cached = context - warmup
+    for i in range(len(model.model.layers)):
+        kv = random_kv(model, i, n_cached, seed)
         cache.update(kv[0].clone(), kv[1].clone(), i)
         del kv
-    last = torch.randn(1, model.config.vocab_size, generator=gen).to(device) if warmup == 0 else None
+    last = last.to(device) if warmup == 0 else None
     return PrefillState(cache, ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool),
                         [ids[0].tolist()], prefilled=n_cached, temperature=1.0, last_logits=last)
 
 
-def measure(model, method: str, context: int, steps: int, devices: list, tiny: bool) -> dict:
+def random_fast_prefill(fast, seed: int = 0) -> None:
+    """Make FastDecoder `fast` skip the prompt's forward: `random_state`'s keys and values go into its buffers."""
+    run, model = fast.run, fast.model  # not `fast` itself: a cycle would keep its buffers alive after `del`
+
+    def prefill(shape, ids, pads, n_prefill, start=0):
+        for layer in run.k:  # [batch 1, kv_heads, max_len, head_dim]
+            kv = random_kv(model, layer, n_prefill, seed)
+            run.k[layer][:, :, :n_prefill].copy_(kv[0])
+            run.v[layer][:, :, :n_prefill].copy_(kv[1])
+            del kv
+        if n_prefill < ids.shape[1]:
+            return None
+        return random_prompt(model, ids.shape[1], seed)[1].to(shape.logits.device)
+
+    fast._prefill = prefill
+
+
+def measure(model, method: str, context: int, steps: int, devices: list, tiny: bool, path: str = "exact",
+            tp_graphs: bool = False) -> dict:
     from decoder.dysco import DyscoConfig
-    from decoder.generation import Decoder
 
     config = DyscoConfig(head_set=TINY_HEADS if tiny else QWEN3_8B_HEADS)
-    decoder = Decoder(model, NoTokenizer(), method, dysco=config if method == "dysco" else None)
+    dysco = config if method == "dysco" else None
     cuda = [d for d in devices if d.type == "cuda"]
     gc.collect()
     for d in cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(d)
-    state = random_state(decoder, context, decoder.warmup_columns(context))
-    stamps: list[float] = []  # one per token, after its logits reached the host (tokens.tolist() synchronises)
-    result = decoder.generate_from(state, max_new_tokens=steps, callback=lambda event: stamps.append(time.perf_counter()))
-    ms = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+    if path == "fast":
+        from decoder.fast import FastDecoder
+
+        # One GPU: the defaults (graphs, fused ops); TP: unfused, graphs only when asked; device_map: eager.
+        sharded = torch.distributed.is_initialized()
+        fast = FastDecoder(model, NoTokenizer(), method, dysco=dysco, cuda_graphs=tp_graphs if sharded else None)
+        random_fast_prefill(fast)
+        ids = random_prompt(model, context)[0]
+        out = fast.generate_ids(ids, max_new_tokens=steps)
+        ms = out.timings["decode_s_per_token"] * 1e3
+        tokens = out.tokens[0].tolist()
+        del fast, out
+    else:
+        from decoder.generation import Decoder
+
+        decoder = Decoder(model, NoTokenizer(), method, dysco=dysco)
+        state = random_state(decoder, context, decoder.warmup_columns(context))
+        stamps: list[float] = []  # one per token, after its logits reached the host (tokens.tolist() synchronises)
+        result = decoder.generate_from(state, max_new_tokens=steps,
+                                       callback=lambda event: stamps.append(time.perf_counter()))
+        ms = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+        tokens = result.token_ids[0]
+        del state, result
     peaks = {str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in cuda}
-    tokens = result.token_ids[0]
-    del state, result
     gc.collect()
     return {"method": method, "context": context, "steps": steps, "decode_ms": ms, "tokens_per_s": 1e3 / ms,
             "peak_GiB": peaks, "tokens": tokens}
@@ -229,12 +283,15 @@ def worker(args) -> None:
         devices = [model.get_input_embeddings().weight.device]
     log(f"[{args.placement}] loaded: {how} ({time.time() - t0:.0f}s)")
     contexts = [int(c) for c in args.contexts.split(",")]
-    measure(model, "vanilla", min(contexts[0], 1024), 3, devices, tiny)  # warm-up: kernels, allocator
+    how += f"; {args.path} path"
+    if args.path == "fast" and args.placement == "tp":
+        how += ", CUDA graphs (--tp-graphs)" if args.tp_graphs else ", eager"
+    measure(model, "vanilla", min(contexts[0], 1024), 3, devices, tiny, args.path, args.tp_graphs)  # warm-up
     rows = []
     for context in contexts:
         for method in args.methods.split(","):
             try:
-                row = measure(model, method, context, args.steps, devices, tiny)
+                row = measure(model, method, context, args.steps, devices, tiny, args.path, args.tp_graphs)
             except torch.cuda.OutOfMemoryError as err:
                 row = {"method": method, "context": context, "error": f"out of memory: {str(err)[:120]}"}
                 gc.collect()
@@ -272,7 +329,9 @@ def ensure_checkpoint_on_rank0(path: str, tiny: bool) -> None:
 def markdown(meta: dict, placements: list[dict]) -> str:
     lines = [f"### tp_speed — {meta['date']}", "", f"- machine: {meta['machine']}", f"- software: {meta['software']}",
              f"- command: `{meta['command']}`",
-             f"- model: {meta['model']}; exact path (`decoder.generation.Decoder`), batch 1, random KV cache of the "
+             f"- model: {meta['model']}; {meta.get('path', 'exact')} path "
+             f"(`{'decoder.fast.FastDecoder' if meta.get('path') == 'fast' else 'decoder.generation.Decoder'}`), "
+             f"batch 1, random KV cache of the "
              f"context's length, {meta['steps']} decoded tokens; DySCO: published knobs, {meta['heads']} heads", ""]
     for p in placements:
         lines.append(f"- {p['placement']}: {p['how']}")
@@ -307,8 +366,8 @@ def driver(args) -> None:
         props = torch.cuda.get_device_properties(0)
         machine = f"{torch.cuda.device_count()} × {props.name}, {props.total_memory / 2**30:.0f} GiB ({platform.node()})"
     common = ["--out", args.out, "--checkpoint", args.checkpoint, "--contexts", args.contexts, "--steps",
-              str(args.steps), "--methods", args.methods] + (["--tiny"] if args.tiny else []) + \
-             (["--hooks"] if args.hooks else [])
+              str(args.steps), "--methods", args.methods, "--path", args.path] + (["--tiny"] if args.tiny else []) + \
+             (["--hooks"] if args.hooks else []) + (["--tp-graphs"] if args.tp_graphs else [])
     script = os.path.abspath(__file__)
     launch = {
         "single": [sys.executable, script, "--placement", "single"],
@@ -334,7 +393,7 @@ def driver(args) -> None:
         "command": "python benchmarks/tp_speed.py " + " ".join(sys.argv[1:]),
         "model": "tiny Qwen3 (4 layers, 8 heads, 2 KV heads), float32" if args.tiny else
                  "Qwen3-8B shape, random bf16 weights",
-        "steps": args.steps, "heads": len(TINY_HEADS if args.tiny else QWEN3_8B_HEADS), "wall_s": time.time() - t0,
+        "steps": args.steps, "path": args.path, "heads": len(TINY_HEADS if args.tiny else QWEN3_8B_HEADS), "wall_s": time.time() - t0,
     }
     with open(os.path.join(args.out, "tp_speed.json"), "w") as f:
         json.dump({"meta": meta, "placements": placements}, f, indent=1)
@@ -357,6 +416,10 @@ def main() -> None:
     parser.add_argument("--methods", default="vanilla,dysco")
     parser.add_argument("--checkpoint", default=None, help="random-weight checkpoint folder (written when missing)")
     parser.add_argument("--tiny", action="store_true", help="CPU (gloo), a tiny Qwen3: checks the script runs")
+    parser.add_argument("--path", choices=("exact", "fast"), default="exact",
+                        help="exact: decoder.generation.Decoder; fast: decoder.fast.FastDecoder")
+    parser.add_argument("--tp-graphs", action="store_true",
+                        help="--path fast, placement tp: CUDA graphs (their NCCL collectives captured); default eager")
     parser.add_argument("--hooks", action="store_true",
                         help="device_map: place the layers with this script's pre-hooks even when accelerate is there")
     args = parser.parse_args()
@@ -368,6 +431,8 @@ def main() -> None:
     for name in args.placements.split(","):
         if name not in PLACEMENTS:
             parser.error(f"unknown placement {name!r}; choose from {', '.join(PLACEMENTS)}")
+    if args.tp_graphs and (args.path != "fast" or args.tiny):
+        parser.error("--tp-graphs needs --path fast on GPUs (CUDA graphs; --tiny runs on the CPU)")
     if args.steps < 2:
         parser.error("--steps must be >= 2 (ms/token is measured between decoded tokens)")
     needed = 1 if set((args.placement or args.placements).split(",")) == {"single"} else 2
