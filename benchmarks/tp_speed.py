@@ -1,4 +1,4 @@
-"""Exact-path decode speed and memory on two GPUs: tensor parallelism vs device_map vs one GPU.
+"""Decode speed and memory on two GPUs: tensor parallelism vs device_map vs one GPU (exact or fast path).
 
 The Qwen3-8B shape (36 layers, hidden 4096, 32 heads, 8 KV heads, head_dim 128, intermediate 12288,
 vocab 151936) with random weights, written once in bf16 as a checkpoint (`--checkpoint`, ~16 GB) so that
@@ -20,6 +20,12 @@ time budget): a DynamicCache filled with `context - warmup` random columns, then
 (`Decoder.generate_from`) feeds DySCO's warmup columns one at a time and decodes `--steps` tokens.
 ms/token is the mean over the decoded tokens after the first.
 
+`--path fast` measures `decoder.fast.FastDecoder` instead, on the same random cache (the prefill is
+replaced by the same keys and values written into its static buffers): on one GPU with its defaults
+(CUDA graphs and fused ops), under TP unfused and eager unless `--tp-graphs` (CUDA graphs with the
+NCCL collectives captured), over device_map eager; ms/token from its CUDA-event timings.
+
+
 Agreement with `single` (the same weights, cache and ids everywhere, so the greedy tokens should be
 one GPU's): per method and context, how many tokens equal single's, the first step where they
 differ, single's top-2 logit margin at that step and its logit gap between its token and this run's
@@ -31,9 +37,11 @@ top_k boundary changes the bias, and then the logits by much more than rounding,
 margin after a tiny importance gap is still a near-tie.
 Each placement's per-step logits go to OUT/logits-<placement>.pt for this comparison; the driver
 deletes them afterwards unless --keep-logits.
+(The fast path gives tokens and logits, not its selections.)
 
-    python benchmarks/tp_speed.py --out $OUT           # all three placements, then the table
+    python benchmarks/tp_speed.py --out $OUT           # all three placements, then the tables
     python benchmarks/tp_speed.py --dtype float32 --contexts 32768 --out $OUT   # tokens and logits vs one GPU
+    python benchmarks/tp_speed.py --path fast --tp-graphs --out $OUT   # the fast path
     torchrun --nproc-per-node 2 benchmarks/tp_speed.py --placement tp --out DIR   # one placement
     python benchmarks/tp_speed.py --tiny --out /tmp/tp  # CPU, gloo, a tiny model: checks the script runs
 
@@ -188,6 +196,28 @@ def load(path: str, placement: str, tiny: bool, dtype: torch.dtype, hooks: bool 
 # ------------------------------------------------------------------------------------------------
 
 
+def random_kv(model, layer: int, n_cached: int, seed: int = 0) -> torch.Tensor:
+    """Keys and values [2, 1, this rank's KV heads, n_cached, head_dim] of `layer`'s random cache.
+
+    Every placement gets the same cache: all KV heads drawn from one seed per layer, then this rank's
+    contiguous slice of them under TP (colwise k_proj/v_proj)."""
+    config = model.config
+    weight = model.model.layers[layer].self_attn.k_proj.weight
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    n_local = local.shape[0] // config.head_dim
+    first = torch.distributed.get_rank() * n_local if n_local < config.num_key_value_heads else 0
+    layer_gen = torch.Generator(device=local.device).manual_seed(seed * 1000 + layer)
+    shape = (2, 1, config.num_key_value_heads, n_cached, config.head_dim)
+    return torch.randn(shape, generator=layer_gen, device=local.device, dtype=local.dtype)[:, :, first : first + n_local]
+
+
+def random_prompt(model, context: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt ids [1, context] and the logits [1, vocab] its random cache stands for (CPU; the same on every rank)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(10, model.config.vocab_size, (1, context), generator=gen)
+    return ids, torch.randn(1, model.config.vocab_size, generator=gen)
+
+
 def random_state(decoder, context: int, warmup: int, seed: int = 0):
     """A PrefillState of one row whose first `context - warmup` columns are random keys and values in the cache."""
     from transformers import DynamicCache
@@ -195,23 +225,15 @@ def random_state(decoder, context: int, warmup: int, seed: int = 0):
     from decoder.generation import PrefillState
 
     model, device = decoder.model, decoder.device
-    gen = torch.Generator(device="cpu").manual_seed(seed)  # the same ids and logits on every rank
-    ids = torch.randint(10, model.config.vocab_size, (1, context), generator=gen).to(device)
+    ids, last = random_prompt(model, context, seed)
+    ids = ids.to(device)
     cache = DynamicCache(config=model.config)
-    n_cached, config = context - warmup, model.config
-    for i, layer in enumerate(model.model.layers):
-        # Every placement gets the same cache: all KV heads drawn from one seed per layer, then this
-        # rank's contiguous slice of them under TP (colwise k_proj/v_proj).
-        weight = layer.self_attn.k_proj.weight
-        local = weight.to_local() if hasattr(weight, "to_local") else weight
-        n_local = local.shape[0] // config.head_dim
-        first = torch.distributed.get_rank() * n_local if n_local < config.num_key_value_heads else 0
-        layer_gen = torch.Generator(device=local.device).manual_seed(seed * 1000 + i)
-        shape = (2, 1, config.num_key_value_heads, n_cached, config.head_dim)
-        kv = torch.randn(shape, generator=layer_gen, device=local.device, dtype=local.dtype)[:, :, first : first + n_local]
+    n_cached = context - warmup
+    for i in range(len(model.model.layers)):
+        kv = random_kv(model, i, n_cached, seed)
         cache.update(kv[0].clone(), kv[1].clone(), i)
         del kv
-    last = torch.randn(1, model.config.vocab_size, generator=gen).to(device) if warmup == 0 else None
+    last = last.to(device) if warmup == 0 else None
     return PrefillState(cache, ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros_like(ids, dtype=torch.bool),
                         [ids[0].tolist()], prefilled=n_cached, temperature=1.0, last_logits=last)
 
@@ -238,51 +260,85 @@ def selection_record(importance: torch.Tensor, up: torch.Tensor) -> dict:
             "gap": gap, "edge": None if edge is None else float(edge)}
 
 
-def measure(model, method: str, context: int, steps: int, devices: list, tiny: bool) -> tuple[dict, torch.Tensor]:
+def random_fast_prefill(fast, seed: int = 0) -> None:
+    """Make FastDecoder `fast` skip the prompt's forward: `random_state`'s keys and values go into its buffers."""
+    run, model = fast.run, fast.model  # not `fast` itself: a cycle would keep its buffers alive after `del`
+
+    def prefill(shape, ids, pads, n_prefill, start=0):
+        for layer in run.k:  # [batch 1, kv_heads, max_len, head_dim]
+            kv = random_kv(model, layer, n_prefill, seed)
+            run.k[layer][:, :, :n_prefill].copy_(kv[0])
+            run.v[layer][:, :, :n_prefill].copy_(kv[1])
+            del kv
+        if n_prefill < ids.shape[1]:
+            return None
+        return random_prompt(model, ids.shape[1], seed)[1].to(shape.logits.device)
+
+    fast._prefill = prefill
+
+
+def measure(model, method: str, context: int, steps: int, devices: list, tiny: bool, path: str = "exact",
+            tp_graphs: bool = False) -> tuple[dict, torch.Tensor]:
     """One (method, context) decode: its row for the table, and its logits (float32 [steps, vocab], on the host)."""
-    from decoder import generation
     from decoder.dysco import DyscoConfig
-    from decoder.generation import Decoder
 
     config = DyscoConfig(head_set=TINY_HEADS if tiny else QWEN3_8B_HEADS)
-    decoder = Decoder(model, NoTokenizer(), method, dysco=config if method == "dysco" else None)
+    dysco = config if method == "dysco" else None
     cuda = [d for d in devices if d.type == "cuda"]
     gc.collect()
     for d in cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(d)
-    state = random_state(decoder, context, decoder.warmup_columns(context))
-    stamps: list[float] = []  # one per token, after its logits reached the host (tokens.tolist() synchronises)
-    # Every DySCO step (the prompt's warmup columns', then one per generated token but the last) hands
-    # its importance and up-weighted positions to selection_diagnostics when diagnostics are asked
-    # for: recorded there. That, and the logits' copy to the host (600 KB a token), add about a ms to a
-    # 100+ ms step; they are what the agreement columns are computed from.
     selections: list[dict] = []
-    original = generation.selection_diagnostics
+    if path == "fast":
+        from decoder.fast import FastDecoder
 
-    def recording(importance, up, evidence=None):
-        selections.append(selection_record(importance, up))
-        return original(importance, up, evidence)
+        # One GPU: the defaults (graphs, fused ops); TP: unfused, graphs only when asked; device_map: eager.
+        sharded = torch.distributed.is_initialized()
+        fast = FastDecoder(model, NoTokenizer(), method, dysco=dysco, cuda_graphs=tp_graphs if sharded else None)
+        random_fast_prefill(fast)
+        ids = random_prompt(model, context)[0]
+        out = fast.generate_ids(ids, max_new_tokens=steps, return_logits=True)  # a device-side copy a step
+        ms = out.timings["decode_s_per_token"] * 1e3
+        tokens = out.tokens[0].tolist()
+        logits = out.logits[0].float().cpu()  # [steps, vocab]
+        del fast, out
+    else:
+        from decoder import generation
 
-    generation.selection_diagnostics = recording
-    try:
-        result = decoder.generate_from(state, max_new_tokens=steps, return_logits=True,
-                                       return_diagnostics=method == "dysco",
-                                       callback=lambda event: stamps.append(time.perf_counter()))
-    finally:
-        generation.selection_diagnostics = original
-    ms = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+        decoder = generation.Decoder(model, NoTokenizer(), method, dysco=dysco)
+        state = random_state(decoder, context, decoder.warmup_columns(context))
+        stamps: list[float] = []  # one per token, after its logits reached the host (tokens.tolist() synchronises)
+        # Every DySCO step (the prompt's warmup columns', then one per generated token but the last)
+        # hands its importance and up-weighted positions to selection_diagnostics when diagnostics are
+        # asked for: recorded there. That, and the logits' copy to the host (600 KB a token), add about
+        # a ms to a 100+ ms step; they are what the agreement columns are computed from.
+        original = generation.selection_diagnostics
+
+        def recording(importance, up, evidence=None):
+            selections.append(selection_record(importance, up))
+            return original(importance, up, evidence)
+
+        generation.selection_diagnostics = recording
+        try:
+            result = decoder.generate_from(state, max_new_tokens=steps, return_logits=True,
+                                           return_diagnostics=method == "dysco",
+                                           callback=lambda event: stamps.append(time.perf_counter()))
+        finally:
+            generation.selection_diagnostics = original
+        ms = (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+        tokens = result.token_ids[0]
+        logits = result.logits[0]  # [steps, vocab] float32
+        del state, result
     peaks = {str(d): torch.cuda.max_memory_allocated(d) / 2**30 for d in cuda}
-    logits = result.logits[0]  # [steps, vocab] float32
     top2 = logits.topk(2, dim=-1).values
     row = {"method": method, "context": context, "steps": steps, "decode_ms": ms, "tokens_per_s": 1e3 / ms,
-           "peak_GiB": peaks, "tokens": result.token_ids[0],
+           "peak_GiB": peaks, "tokens": tokens,
            "margins": (top2[:, 0] - top2[:, 1]).tolist()}  # this run's top-2 logit margin per step
-    if selections:  # per DySCO step, the prompt's first: `selection_record`; step 0's logits come from
-        # the last prompt step's: generated token i's logits come from record offset + i
+    if selections:  # per DySCO step, the prompt's first (`selection_record`): generated token i's
+        # logits come from record offset + i
         row["selections"] = selections
-        row["selection_offset"] = len(selections) - len(result.token_ids[0])
-    del state, result
+        row["selection_offset"] = len(selections) - len(tokens)
     gc.collect()
     return row, logits
 
@@ -301,12 +357,16 @@ def worker(args) -> None:
         devices = [model.get_input_embeddings().weight.device]
     log(f"[{args.placement}] loaded in {args.dtype}: {how} ({time.time() - t0:.0f}s)")
     contexts = [int(c) for c in args.contexts.split(",")]
-    measure(model, "vanilla", min(contexts[0], 1024), 3, devices, tiny)  # warm-up: kernels, allocator
+    how += f"; {args.path} path"
+    if args.path == "fast" and args.placement == "tp":
+        how += ", CUDA graphs (--tp-graphs)" if args.tp_graphs else ", eager"
+    measure(model, "vanilla", min(contexts[0], 1024), 3, devices, tiny, args.path, args.tp_graphs)  # warm-up
     rows, logits = [], {}
     for context in contexts:
         for method in args.methods.split(","):
             try:
-                row, logits[f"{method}@{context}"] = measure(model, method, context, args.steps, devices, tiny)
+                row, logits[f"{method}@{context}"] = measure(model, method, context, args.steps, devices, tiny,
+                                                             args.path, args.tp_graphs)
             except torch.cuda.OutOfMemoryError as err:
                 row = {"method": method, "context": context, "error": f"out of memory: {str(err)[:120]}"}
                 gc.collect()
@@ -407,7 +467,9 @@ def _num(x) -> str:
 def markdown(meta: dict, placements: list[dict]) -> str:
     lines = [f"### tp_speed — {meta['date']}", "", f"- machine: {meta['machine']}", f"- software: {meta['software']}",
              f"- command: `{meta['command']}`",
-             f"- model: {meta['model']}; exact path (`decoder.generation.Decoder`), batch 1, random KV cache of the "
+             f"- model: {meta['model']}; {meta.get('path', 'exact')} path "
+             f"(`{'decoder.fast.FastDecoder' if meta.get('path') == 'fast' else 'decoder.generation.Decoder'}`), "
+             f"batch 1, random KV cache of the "
              f"context's length, {meta['steps']} decoded tokens; DySCO: published knobs, {meta['heads']} heads", ""]
     for p in placements:
         lines.append(f"- {p['placement']}: {p['how']}")
@@ -465,8 +527,9 @@ def driver(args) -> None:
         props = torch.cuda.get_device_properties(0)
         machine = f"{torch.cuda.device_count()} × {props.name}, {props.total_memory / 2**30:.0f} GiB ({platform.node()})"
     common = ["--out", args.out, "--checkpoint", args.checkpoint, "--contexts", args.contexts, "--steps",
-              str(args.steps), "--methods", args.methods, "--dtype", args.dtype] + (["--tiny"] if args.tiny else []) + \
-             (["--hooks"] if args.hooks else [])
+              str(args.steps), "--methods", args.methods, "--dtype", args.dtype, "--path", args.path] + \
+             (["--tiny"] if args.tiny else []) + (["--hooks"] if args.hooks else []) + \
+             (["--tp-graphs"] if args.tp_graphs else [])
     script = os.path.abspath(__file__)
     launch = {
         "single": [sys.executable, script, "--placement", "single"],
@@ -484,7 +547,8 @@ def driver(args) -> None:
         "model": ("tiny Qwen3 (4 layers, 8 heads, 2 KV heads)" if args.tiny else "Qwen3-8B shape") +
                  f", random weights stored in {stored}, computed in {args.dtype}" +
                  (f" (float32 matmul precision: {torch.get_float32_matmul_precision()})" if args.dtype == "float32" else ""),
-        "dtype": args.dtype, "steps": args.steps, "heads": len(TINY_HEADS if args.tiny else QWEN3_8B_HEADS),
+        "dtype": args.dtype, "steps": args.steps, "path": args.path,
+        "heads": len(TINY_HEADS if args.tiny else QWEN3_8B_HEADS),
     }
     placements: list[dict] = []
 
@@ -532,6 +596,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="what the model computes in (default bfloat16; tiny: float32); the checkpoint stays as written")
     parser.add_argument("--keep-logits", action="store_true", help="keep OUT/logits-<placement>.pt (per-step logits)")
+    parser.add_argument("--path", choices=("exact", "fast"), default="exact",
+                        help="exact: decoder.generation.Decoder; fast: decoder.fast.FastDecoder")
+    parser.add_argument("--tp-graphs", action="store_true",
+                        help="--path fast, placement tp: CUDA graphs (their NCCL collectives captured); default eager")
     parser.add_argument("--hooks", action="store_true",
                         help="device_map: place the layers with this script's pre-hooks even when accelerate is there")
     args = parser.parse_args()
@@ -545,6 +613,8 @@ def main() -> None:
     for name in args.placements.split(","):
         if name not in PLACEMENTS:
             parser.error(f"unknown placement {name!r}; choose from {', '.join(PLACEMENTS)}")
+    if args.tp_graphs and (args.path != "fast" or args.tiny):
+        parser.error("--tp-graphs needs --path fast on GPUs (CUDA graphs; --tiny runs on the CPU)")
     if args.steps < 2:
         parser.error("--steps must be >= 2 (ms/token is measured between decoded tokens)")
     needed = 1 if set((args.placement or args.placements).split(",")) == {"single"} else 2

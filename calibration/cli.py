@@ -23,6 +23,7 @@ from calibration.errors import CalibrationError  # noqa: E402
 from calibration.pareto import SPEED_OBJECTIVES  # noqa: E402
 from calibration.space import INTERVENTION_WARMUPS  # noqa: E402
 from calibration.storage import DEFAULT_STORAGE  # noqa: E402
+from calibration.tasks import TASK_NAMES  # noqa: E402
 from calibration.study import (  # noqa: E402
     ATTNTS_TEMPERATURES,
     CalibrationConfig,
@@ -150,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what = p.add_argument_group("what to calibrate")
     what.add_argument("--dev", required=True, metavar="TASK|PATH",
-                      help="dev task: mrcr (synthetic), pathtrans, kv, or a published-format MRCR file "
-                      "(.parquet/.json/.jsonl)")
+                      help=f"dev task: {', '.join(TASK_NAMES)} (synthetic, generated at --context), or a "
+                      "published-format MRCR file (.parquet/.json/.jsonl)")
     what.add_argument("--model", default="smollm2-135m", metavar="NAME",
                       help="catalogue name, local checkpoint folder or .gguf, or Hub id (default: %(default)s)")
     heads = what.add_mutually_exclusive_group()

@@ -274,6 +274,8 @@ class CalibrationResult:
     # "<method>-<baseline>" on the test examples: paired bootstrap CI and sign test (calibration.evaluation.statistics)
     paired_test: dict[str, dict[str, Any]] = field(default_factory=dict)
     flat_objective: dict[str, Any] | None = None  # set when the dev objective could not tell knobs apart
+    # set when no trial beat vanilla on dev by one example or more (`no_gain_over_vanilla`)
+    no_gain: dict[str, Any] | None = None
     selection: dict[str, Any] = field(default_factory=dict)  # DySCO's selection recall (dev best, test)
     # Why the registered knobs are the best trial's or the published ones (`Calibration.adoption`).
     adoption: dict[str, Any] = field(default_factory=dict)
@@ -316,6 +318,8 @@ class CalibrationResult:
             lines += ["", front_table(points, COST_METRICS[self.speed_objective], chosen=self.best_trial)]
         if self.flat_objective:
             lines.append(f"WARNING: {self.flat_objective['message']}")
+        elif self.no_gain:
+            lines.append(f"WARNING: {self.no_gain['message']}")
         return "\n".join(lines)
 
 
@@ -840,6 +844,8 @@ class Calibration:
             "test": {name: test[name].selection_summary() for name in ("dysco", "dysco_published")},
         }
         flat = flat_objective(baselines, trials, len(self.dev), self.task.name, cfg.context, self.identity.name)
+        no_gain = None if flat else no_gain_over_vanilla(
+            baselines, self.best_trial(study), len(self.dev), self.task.name, cfg.context, self.identity.name)
         speeds = {
             "vanilla": baselines["vanilla"]["tokens_per_s"],
             "attnts": baselines["attnts"]["tokens_per_s"],
@@ -850,7 +856,8 @@ class Calibration:
             "tracking_uri": self.tracker.tracking_uri if self.tracker else None,
             "run_id": self.tracker.parent_run_id if self.tracker else None,
         }
-        profile = self._profile(best, scores, speeds, baselines, counts, tracking, paired, flat, adoption, front)
+        profile = self._profile(best, scores, speeds, baselines, counts, tracking, paired, flat, adoption, front,
+                                no_gain)
         ref = self.registry.register(profile) if cfg.register else None
         result = CalibrationResult(
             study_name=study.study_name, storage=storage_label(cfg.storage), trials=counts, best_trial=best.number,
@@ -858,7 +865,7 @@ class Calibration:
             scores=scores, tokens_per_s=speeds, attnts_temperature=t_star, profile_ref=ref,
             parent_ref=self.parent_ref, mlflow=tracking, speed_objective=cfg.speed_objective,
             pareto_front=[p.to_dict() for p in front], paired_test=paired,
-            flat_objective=flat, selection=selection, adoption=adoption,
+            flat_objective=flat, no_gain=no_gain, selection=selection, adoption=adoption,
         )
         study.set_user_attr("result", result.to_dict())
         if self.tracker is not None:
@@ -871,6 +878,9 @@ class Calibration:
             self.tracker.set_tags({"dysco.flat_objective": "yes" if flat else "no"})
             if flat:
                 self.tracker.set_tags({"dysco.flat_objective_message": flat["message"][:5000]})
+            self.tracker.set_tags({"dysco.beats_vanilla_on_dev": "no" if (flat or no_gain) else "yes"})
+            if no_gain:
+                self.tracker.set_tags({"dysco.no_gain_message": no_gain["message"][:5000]})
             if ref:
                 self.tracker.set_tags({"dysco.profile_ref": ref})
             self.tracker.log_json({**profile.to_dict(), "ref": ref}, "profile.json", "profile")
@@ -891,7 +901,7 @@ class Calibration:
                               title=f"{self.identity.name}, {self.task.name} at {self.config.context} tokens")
             self.tracker.log_file(path, "plots")
 
-    def _profile(self, best, scores, speeds, baselines, counts, tracking, paired, flat, adoption, front):
+    def _profile(self, best, scores, speeds, baselines, counts, tracking, paired, flat, adoption, front, no_gain=None):
         cfg = self.config
         p = best.params
         knobs = Knobs(
@@ -913,6 +923,7 @@ class Calibration:
             "attnts_grid_dev": baselines["attnts"]["grid"],
             "test_paired": paired,
             "flat_objective": flat,
+            "no_gain": no_gain,
             "loss_penalty": float(cfg.loss_penalty),
             "adoption": adoption,
         }
@@ -1050,6 +1061,38 @@ def flat_objective(
         "low": low, "high": high, "values": len(values), "n_dev": n_dev,
         "message": f"the objective is flat, so the study could not tell any knobs apart: {why}. The registered "
                    f"knobs are not tuned; {change}.",
+    }
+
+
+# A best trial this close to strength 1 (where the bias is log 1 = 0, i.e. vanilla) says the study is
+# tuning DySCO away rather than finding a setting of it.
+NEAR_VANILLA_STRENGTH = 1.3
+
+
+def no_gain_over_vanilla(
+    baselines: dict[str, Any], best: FrozenTrial, n_dev: int, task: str, context: int, model: str
+) -> dict[str, Any] | None:
+    """A plain report when the study's best trial did not beat vanilla on dev by one example or more, else None.
+
+    The dev objective of vanilla is its plain score (it loses nothing against itself), so a best
+    objective below vanilla's score + 1 / n_dev means no knob setting was seen to help: calibration
+    has then found where DySCO does no harm, not where it helps.
+    """
+    vanilla = float(baselines["vanilla"]["score"])
+    value = float(best.values[0])
+    if value - vanilla >= 1.0 / n_dev - 1e-9:
+        return None
+    strength = best.params.get("strength")
+    drift = (f"; its strength {strength:.2f} is close to 1, where DySCO is vanilla: the study is moving away "
+             f"from DySCO, not towards a setting of it" if strength is not None and strength < NEAR_VANILLA_STRENGTH
+             else "")
+    return {
+        "vanilla": vanilla, "best_trial": best.number, "best_objective": value, "n_dev": n_dev,
+        "best_strength": strength,
+        "message": f"no knob setting beat vanilla on dev: the best trial ({best.number}, objective {value:.3f}) "
+                   f"is not one example ({1 / n_dev:.3f}) above vanilla's {vanilla:.3f}{drift}. DySCO is not "
+                   f"expected to help {model} on {task} at {context} tokens: decode it with vanilla there, or "
+                   f"calibrate another task or length (docs/results.md shows where it did help).",
     }
 
 

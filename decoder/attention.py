@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoder.tensor_parallel import HeadShard, gather_captured, head_shard, is_sharded, localize
+from decoder.loading import text_config
+from decoder.tensor_parallel import HeadShard, check_head_counts, gather_captured, head_shards, is_sharded, localize
 
 __all__ = [
     "AttentionPlan",
@@ -149,17 +150,11 @@ def attach(model: torch.nn.Module) -> None:
 
     # Which heads this rank holds, when a tp_plan sharded the attention.
     try:
-        attachment.shards = _head_shards(model, modules)
+        attachment.shards, attachment.group = head_shards(modules, text_config(model.config))
     except ValueError as err:
         _strip(model, modules)
         model.set_attn_implementation(attachment.previous)
         raise UnsupportedModelError(f"{type(model).__name__}: {err}") from None
-    groups = {id(shard.group): shard.group for shard in attachment.shards.values()}
-    if len(groups) > 1:
-        _strip(model, modules)
-        model.set_attn_implementation(attachment.previous)
-        raise UnsupportedModelError(f"{type(model).__name__}: its attention heads are split over several process groups")
-    attachment.group = next(iter(groups.values()), None)
 
     # A two-token forward proves which layers really call the interface (and with how many heads).
     attachment.seen_layers = {}
@@ -178,18 +173,12 @@ def attach(model: torch.nn.Module) -> None:
             "interface first)"
         )
     if is_sharded(model):
-        n_heads = _text_config(model).num_attention_heads
-        for layer, heads in sorted(seen.items()):
-            shard = attachment.shards.get(layer)
-            expected = shard.count if shard is not None else n_heads
-            if heads != expected:
-                model.set_attn_implementation(attachment.previous)
-                _strip(model, modules)
-                raise UnsupportedModelError(
-                    f"{type(model).__name__}: layer {layer} computes attention for {heads} query heads on this rank, "
-                    f"but its q_proj sharding says {expected}; DySCO reads heads by global index and supports the "
-                    "colwise tensor-parallel plan (a sharded q_proj) or replicated attention"
-                )
+        try:
+            check_head_counts(seen, attachment.shards, text_config(model.config).num_attention_heads)
+        except ValueError as err:
+            model.set_attn_implementation(attachment.previous)
+            _strip(model, modules)
+            raise UnsupportedModelError(f"{type(model).__name__}: {err}") from None
     attachment.layers = tuple(sorted(seen))
     setattr(model, _ATTACHMENT_ATTR, attachment)
 
@@ -217,24 +206,6 @@ def attention_layers(model: torch.nn.Module) -> tuple[int, ...]:
 def attention_group(model: torch.nn.Module):
     """The process group the model's attention heads are split over (tensor parallelism), or None."""
     return _attachment(model).group
-
-
-def _text_config(model: torch.nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _head_shards(model: torch.nn.Module, modules: list[torch.nn.Module]) -> dict[int, HeadShard]:
-    """layer -> the query heads this rank holds, for every attention layer whose q_proj is sharded."""
-    config = _text_config(model)
-    n_heads = config.num_attention_heads
-    shards = {}
-    for module in modules:
-        head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // n_heads
-        shard = head_shard(module, n_heads, head_dim)
-        if shard is not None:
-            shards[module.layer_idx] = shard
-    return shards
 
 
 def _strip(model: torch.nn.Module, modules: list[torch.nn.Module]) -> None:

@@ -24,16 +24,28 @@ in how the work is laid out:
 - **Selection on the GPU.** Importance, selection and bias are `decoder.dysco`'s own functions, run on
   `[batch, max_len]` tensors (columns past `t` hold zero importance and are never selected), so a
   decode step never waits for the host.
-- **CUDA graphs.** On a single CUDA device, each kind of step (warmup, DySCO, lagged, static, plain) is
-  captured once per (batch, max_len) and replayed; the step reads its input token from a device-side
-  token buffer and writes the next one back, so the host only launches replays. The host syncs every
-  `sync_every` steps to check EOS.
+- **CUDA graphs.** On a single CUDA device (by default; see tensor parallelism below), each kind of
+  step (warmup, DySCO, lagged, static, plain) is captured once per (batch, max_len) and replayed; the
+  step reads its input token from a device-side token buffer and writes the next one back, so the
+  host only launches replays. The host syncs every `sync_every` steps to check EOS.
 - **Prefill once, decode many times.** `prefill` keeps a batch's K/V prefix up to a warmup
   (`FastPrefill`); `generate_from` on any FastDecoder of the model (vanilla, DySCO with any knobs
   within that warmup) copies it back into the buffers and decodes, as `Decoder.prefill` /
   `generate_from` do on the exact path (calibration trials share one prefill per batch).
 - **device_map.** A model spread over several devices keeps working (eager, no graphs): buffers, the
   bias and the column index live on each layer's device.
+- **Tensor parallelism.** A model loaded with transformers' `tp_plan` (one process per GPU under
+  `torchrun`; every rank makes the same FastDecoder calls) runs through its own sharded modules:
+  q/k/v and gate/up are this rank's column shards, so the attention function sees this rank's query
+  and KV heads only (the buffers hold its KV heads) and transformers all-reduces after o_proj and
+  down_proj. The capture writes the rows of the heads of S this rank holds (global head = the layer's
+  `first` + local index; the other rows stay zero), and before each importance update one all_reduce
+  of every layer's rows (`decoder.tensor_parallel.gather_captured`, the exact path's rule) gives every
+  rank all of them; importance, selection and the bias (one value per position, added in every
+  rank's heads) are then identical on every rank, and so are the logits and the greedy token.
+  Under TP the fused ops are refused (they replace the forwards transformers wraps with its
+  all-reduce) and CUDA graphs are off unless `cuda_graphs=True` (NCCL groups only: the collectives are
+  captured in the graphs; checked by the two-GPU `gpu` test, not on this CPU).
 - **Fused small ops** (`decoder.fast_fused`, CUDA only): RMSNorm, rotary, SiLU·mul and the q/k/v
   projections as one GEMV, each swapped in only where it reproduces the module on random inputs, and
   only while the fast path runs.
@@ -69,7 +81,8 @@ import torch.nn.functional as F
 from decoder import METHODS
 from decoder.dysco import DyscoConfig, dysco_bias, feed_schedule, select_positions, update_importance, upweighted_positions
 from decoder.fast_kernels import LEVERS, decode_attention, decode_scores, default_levers
-from decoder.loading import context_limit
+from decoder.loading import context_limit, text_config
+from decoder.tensor_parallel import check_head_counts, gather_captured, head_shards, is_sharded
 
 __all__ = ["FastDecoder", "FastOutput", "FastPrefill", "FAST_IMPLEMENTATION"]
 
@@ -85,10 +98,11 @@ FAST_IMPLEMENTATION = "dysco_fast"
 class _LayerInfo:
     device: torch.device
     dtype: torch.dtype
-    heads: int
+    heads: int  # query heads this rank computes (all of them unless tensor parallelism split the layer)
     kv_heads: int
     head_dim: int
     window: int | None = None  # sliding window of this layer, if any
+    first: int = 0  # global index of the first of them (tensor parallelism: this rank's first head)
 
 
 @dataclass
@@ -269,6 +283,12 @@ def _activated(model: torch.nn.Module, run: _Run) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
+def _backend(group) -> str:
+    import torch.distributed as dist
+
+    return str(dist.get_backend(group))
+
+
 @contextlib.contextmanager
 def _truncated(decoder: torch.nn.Module, n_layers: int) -> Iterator[None]:
     """Run the model's decoder with only its first `n_layers` layers (the probe)."""
@@ -356,28 +376,44 @@ class FastDecoder:
             self.intervention_warmup = 0
         self.temperature = temperature if method == "attnts" else 1.0
         self.sync_every = sync_every
-        from decoder.tensor_parallel import is_sharded
-
-        if is_sharded(model):
-            raise ValueError(
-                "the fast path does not run tensor-parallel models (a tp_plan); decode them with the exact path, "
-                "decoder.generation.Decoder, which gathers the QR heads across the ranks"
-            )
         self.decoder = model.get_decoder()
         if not hasattr(self.decoder, "layers"):
             raise TypeError(f"{type(self.decoder).__name__} has no `layers` list; the fast path cannot cut the probe")
+        self.tensor_parallel = is_sharded(model)
+        if fuse and self.tensor_parallel:
+            raise ValueError(
+                "the fused ops (fuse=True) replace module forwards that transformers' tensor parallelism wraps with its "
+                "all-reduce (o_proj, down_proj) and read DTensor weights; a tensor-parallel model runs unfused: pass "
+                "fuse=False or leave it unset"
+            )
+        config = text_config(model.config)
+        try:  # which query heads this rank holds (all of them without a tp_plan), and the group to gather over
+            self.shards, self.tp_group = head_shards(model.modules(), config)
+        except ValueError as err:
+            raise ValueError(f"{type(model).__name__}: {err}") from None
         self.run = _Run(temperature=self.temperature, levers=levers)
         self._discover()
+        if self.tensor_parallel:
+            try:
+                check_head_counts({layer: info.heads for layer, info in self.run.layers.items()}, self.shards,
+                                  config.num_attention_heads)
+            except ValueError as err:
+                raise ValueError(f"{type(model).__name__}: {err}") from None
+            for layer, shard in self.shards.items():
+                self.run.layers[layer].first = shard.first
         devices = {info.device for info in self.run.layers.values()}
         self.device = model.get_input_embeddings().weight.device
         self.single_device = devices == {self.device}
-        if cuda_graphs is None:
-            cuda_graphs = self.single_device and self.device.type == "cuda"
+        if cuda_graphs is None:  # under tensor parallelism: opt-in (see the module docstring)
+            cuda_graphs = self.single_device and self.device.type == "cuda" and not self.tensor_parallel
         if cuda_graphs and not (self.single_device and self.device.type == "cuda"):
             raise ValueError("CUDA graphs need the whole model on one CUDA device")
+        if cuda_graphs and self.tensor_parallel and _backend(self.tp_group) != "nccl":
+            raise ValueError(f"CUDA graphs of a tensor-parallel model need an NCCL process group, not "
+                             f"{_backend(self.tp_group)}; pass cuda_graphs=False")
         self.cuda_graphs = cuda_graphs
         if fuse is None:
-            fuse = self.device.type == "cuda"
+            fuse = self.device.type == "cuda" and not self.tensor_parallel
         if fuse:
             from decoder.fast_fused import FusedOps
 
@@ -442,7 +478,10 @@ class FastDecoder:
         for layer, heads in self.dysco.heads_by_layer.items():
             info = self.run.layers[layer]
             head_to_row = torch.full((info.heads,), -1, dtype=torch.int32, device=info.device)
-            head_to_row[list(heads)] = torch.arange(len(heads), dtype=torch.int32, device=info.device)
+            for row, head in enumerate(heads):  # global head -> this rank's slot; heads held elsewhere: no slot
+                if 0 <= head - info.first < info.heads:
+                    head_to_row[head - info.first] = row
+            # Zeros: under tensor parallelism the rows of heads held elsewhere stay zero (the gather sums them).
             scores = torch.zeros(shape.batch, len(heads), shape.max_len, dtype=torch.float32, device=info.device)
             shape.capture[layer] = (head_to_row, scores)
 
@@ -473,7 +512,7 @@ class FastDecoder:
         # The current column is never masked (the kernel's rule): a padding row's query sees itself only.
         bias = torch.where(self._current_row(shape, t) & torch.isneginf(bias), 0.0, bias)  # [batch, max_len]
         total = None
-        for layer, (_, scores) in shape.capture.items():
+        for layer, scores in self._captured_scores(shape).items():
             visible = shape.columns.to(scores.device) <= t.to(scores.device)  # [max_len]
             window = self.run.layers[layer].window
             if window is not None:
@@ -483,6 +522,17 @@ class FastDecoder:
             probs = torch.softmax(logits, dim=-1).sum(1).to(self.device)  # [batch, max_len]
             total = probs if total is None else total + probs
         return total / len(self.dysco.head_set)
+
+    def _captured_scores(self, shape: _Shape) -> dict[int, torch.Tensor]:
+        """layer -> the raw logits of its heads of S [batch, n_heads, max_len], every head's on every rank.
+
+        Under tensor parallelism each rank wrote only the rows of the heads it holds (the others are
+        zero), so one all_reduce of every layer's buffer (`gather_captured`, the exact path's rule)
+        gives each rank all of them, bit for bit; the buffers themselves keep only this rank's rows."""
+        scores = {layer: buffer for layer, (_, buffer) in shape.capture.items()}
+        if self.tp_group is not None:
+            gather_captured(scores, self.tp_group)
+        return scores
 
     def _update_importance(self, shape: _Shape, t: torch.Tensor, bias: torch.Tensor) -> None:
         """Blend this step's `cur` (the captured scores with `bias`) into the importance; padding rows keep theirs."""
@@ -611,9 +661,15 @@ class FastDecoder:
                         self._step(shape, kind)
                         self._restore_state(shape, saved)
             torch.cuda.current_stream().wait_stream(stream)
+            # Tensor parallelism: NCCL's watchdog thread polls the events of the warm-up steps' collectives;
+            # in the default ("global") capture mode such a poll from another thread invalidates the capture.
+            mode = "global"
+            if self.tensor_parallel:
+                torch.cuda.synchronize()
+                mode = "thread_local"
             for kind in self._step_kinds():
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=shape.pool):
+                with torch.cuda.graph(graph, pool=shape.pool, capture_error_mode=mode):
                     self._step(shape, kind)
                 shape.pool = graph.pool()
                 shape.graphs[kind] = graph

@@ -37,6 +37,7 @@ __all__ = [
     "load_model",
     "use_device",
     "model_identity",
+    "text_config",
     "config_fingerprint",
     "weights_fingerprint",
     "ModelSpecError",
@@ -264,9 +265,14 @@ def checkpoint_on_disk(spec: str) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def text_config(config: Any) -> Any:
+    """The language model's part of a config (a multimodal model's text config; a text model's own config)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def model_shape(model: Any) -> tuple[int, int]:
     """(layers, query heads) of a transformers causal LM."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     return int(config.num_hidden_layers), int(config.num_attention_heads)
 
 
@@ -301,7 +307,7 @@ def eos_token_ids(model: Any, tokenizer: Any, eos: int | Sequence[int] | None = 
 
 def context_limit(config: Any) -> int | None:
     """The longest sequence (`max_position_embeddings`) a model config allows, or None when it says none."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(config)
     limit = getattr(config, "max_position_embeddings", None)
     return int(limit) if limit else None
 
@@ -428,14 +434,14 @@ def weights_fingerprint(model) -> str:
 def model_identity(model, name: str) -> dict:
     """What identifies `model` for the registry: name, shape, config and weights fingerprints."""
     config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    num_heads = int(text_config.num_attention_heads)
+    text = text_config(config)
+    num_heads = int(text.num_attention_heads)
     return {
         "name": name,
         "architecture": str(config.model_type),
-        "num_layers": int(text_config.num_hidden_layers),
+        "num_layers": int(text.num_hidden_layers),
         "num_heads": num_heads,
-        "num_kv_heads": int(getattr(text_config, "num_key_value_heads", None) or num_heads),
+        "num_kv_heads": int(getattr(text, "num_key_value_heads", None) or num_heads),
         "config_fingerprint": config_fingerprint(config),
         "weights_fingerprint": weights_fingerprint(model),
     }

@@ -15,17 +15,22 @@ ends the forward with the same complete [batch, heads, rows, positions] captures
 model would have produced. Importance, selection and the bias then run identically on every
 rank; the bias is one value per position, added to every local head.
 
+The fast path (`decoder.fast`) uses the same pieces: `head_shards` for which heads each layer's
+attention call holds, and `gather_captured` on the raw logits its decode kernel records for the heads
+of S (zero rows for heads held elsewhere) before each importance update.
+
     shard = head_shard(model.model.layers[0].self_attn, n_heads=32, head_dim=128)   # on rank 1 of 2
     shard.first, shard.count   # → (16, 16)
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HeadShard", "gather_captured", "head_shard", "is_sharded", "localize"]
+__all__ = ["HeadShard", "check_head_counts", "gather_captured", "head_shard", "head_shards", "is_sharded", "localize"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,41 @@ def head_shard(module: torch.nn.Module, n_heads: int, head_dim: int) -> HeadShar
             f"heads per rank: a TP size that divides the number of heads"
         )
     return HeadShard(first=start // head_dim, count=(stop - start) // head_dim, group=mesh.get_group(dim))
+
+
+def head_shards(modules: Iterable[torch.nn.Module], config) -> tuple[dict[int, HeadShard], object]:
+    """layer -> this rank's query heads, for every attention module (`layer_idx`) whose q_proj is sharded,
+    and the one process group they are split over (None when no attention layer is sharded).
+
+    `config` is the (text) model config. Raises ValueError when a shard splits a head or the layers'
+    heads are split over different process groups."""
+    n_heads = config.num_attention_heads
+    shards = {}
+    for module in modules:
+        if not hasattr(module, "layer_idx"):
+            continue
+        head_dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        shard = head_shard(module, n_heads, head_dim)
+        if shard is not None:
+            shards[module.layer_idx] = shard
+    groups = {id(shard.group): shard.group for shard in shards.values()}
+    if len(groups) > 1:
+        raise ValueError("its attention heads are split over several process groups")
+    return shards, next(iter(groups.values()), None)
+
+
+def check_head_counts(computed: dict[int, int], shards: dict[int, HeadShard], n_heads: int) -> None:
+    """Refuse (ValueError) a layer whose attention call saw another number of query heads (`computed`,
+    layer -> heads, from a real forward) than its q_proj sharding says this rank holds."""
+    for layer, heads in sorted(computed.items()):
+        shard = shards.get(layer)
+        expected = shard.count if shard is not None else n_heads
+        if heads != expected:
+            raise ValueError(
+                f"layer {layer} computes attention for {heads} query heads on this rank, but its q_proj sharding says "
+                f"{expected}; DySCO reads heads by global index and supports the colwise tensor-parallel plan (a "
+                "sharded q_proj) or replicated attention"
+            )
 
 
 def localize(heads: torch.Tensor, shard: HeadShard) -> tuple[torch.Tensor, torch.Tensor]:

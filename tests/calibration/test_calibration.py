@@ -661,6 +661,35 @@ def test_flat_objective_is_reported_with_what_to_change():
     assert flat_objective(near, trials(0.5, 0.625), 8, "kv", 8192, "m") is None
 
 
+def test_no_gain_over_vanilla_is_reported_when_the_best_trial_only_ties_vanilla():
+    """Round 4 (Qwen2.5-Coder-1.5B, kv at 16K): the best trials tied vanilla at strength ~1.1; say so."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from calibration.study import CalibrationResult, no_gain_over_vanilla
+
+    def trial(value, strength):
+        return create_trial(value=value, params={"strength": strength},
+                            distributions={"strength": FloatDistribution(1.0, 10.0)})
+
+    vanilla = {"vanilla": {"score": 8 / 48}}
+    report = no_gain_over_vanilla(vanilla, trial(8 / 48, 1.107), 48, "kv", 16384, "qwen2.5-coder-1.5b")
+    assert report is not None and report["best_strength"] == 1.107
+    assert "no knob setting beat vanilla on dev" in report["message"]
+    assert "close to 1, where DySCO is vanilla" in report["message"]
+    assert "qwen2.5-coder-1.5b on kv at 16384 tokens" in report["message"]
+    # A strong setting that still only ties: no talk of drifting towards vanilla.
+    assert "close to 1" not in no_gain_over_vanilla(vanilla, trial(8 / 48, 3.0), 48, "kv", 16384, "m")["message"]
+    # One example (1/48) above vanilla is a gain.
+    assert no_gain_over_vanilla(vanilla, trial(9 / 48, 2.0), 48, "kv", 16384, "m") is None
+    # The result's table ends with it (a flat objective, when there is one, is said instead).
+    result = CalibrationResult(
+        study_name="s", storage=None, trials={}, best_trial=0, best_params={}, head_set=[],
+        scores={"dev": {}, "test": {}}, tokens_per_s={}, attnts_temperature=0.9, profile_ref=None,
+        parent_ref=None, mlflow={}, no_gain=report)
+    assert result.table().splitlines()[-1] == f"WARNING: {report['message']}"
+
+
 def test_an_unreachable_tracking_server_fails_at_once_creating_nothing(tmp_path):
     """Issue 15: mlflow retried for 260 s after the study was created; now one clear error first."""
     import socket

@@ -5,7 +5,9 @@ llama and qwen3 checkpoints with `from_pretrained(path, tp_plan="auto")`: 4 quer
 heads per layer, so rank 0 holds heads 0-1 and rank 1 heads 2-3 (`tests/decoder/tp_worker.py` does the
 ranks' work). In float32 the sharded model's logits differ from one process's only by the order of
 the sums the row-parallel projections all-reduce: every comparison below allows 1e-5 and asks for
-the same greedy tokens.
+the same greedy tokens. The same holds for the fast path (decoder.fast) on the sharded model against
+the fast path on one process; against the exact path it allows 1e-4, the fast path's own tolerance
+(tests/decoder/test_fast.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from decoder.tiny import tiny_model
 
 ARCHS = ("llama", "qwen3")
 ATOL = 1e-5
+FAST_VS_EXACT = 1e-4  # tests/decoder/test_fast.py's TOL: the fast path sums in another order than the exact one
 WORKER = Path(__file__).with_name("tp_worker.py")
 
 
@@ -56,7 +59,7 @@ def _reference(paths: list[str], device: str = "cpu") -> dict:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         reference[path] = {**tp_worker.captures_and_ablation(model, tokenizer),
-                           "decodes": tp_worker.decodes(model, tokenizer)}
+                           "decodes": tp_worker.decodes(model, tokenizer), "fast": tp_worker.fast_decodes(model, tokenizer)}
     return reference
 
 
@@ -117,13 +120,47 @@ def test_greedy_tokens_and_logits_equal_one_process(runs, method):
                 torch.testing.assert_close(row_got, row_expected, atol=ATOL, rtol=0)
 
 
+def _assert_same_decode(got: dict, expected: dict, atol: float, what: str) -> None:
+    assert got["tokens"] == expected["tokens"], what
+    for row_got, row_expected in zip(got["logits"], expected["logits"], strict=True):
+        torch.testing.assert_close(row_got, row_expected, atol=atol, rtol=0, msg=what)
+
+
+@pytest.mark.parametrize("method", ["vanilla", *tp_worker.CONFIGS])
+def test_fast_path_on_the_sharded_model_equals_one_process(runs, method):
+    """FastDecoder on two ranks: the tokens and logits of FastDecoder on one process, and of the exact path."""
+    paths, ranks, reference = runs
+    for path in paths:
+        one = reference[path]["fast"][method]
+        exact = reference[path]["decodes"][method]
+        for rank, result in enumerate(ranks):
+            got = result[path]["fast"][method]
+            _assert_same_decode(got, one, ATOL, f"{path} rank {rank} {method}: TP fast vs one-process fast")
+            _assert_same_decode(got, exact, FAST_VS_EXACT, f"{path} rank {rank} {method}: TP fast vs exact")
+
+
+def test_fast_path_on_the_sharded_model_continues_a_shared_prefill(runs):
+    paths, ranks, reference = runs
+    for path in paths:
+        for result in ranks:
+            assert result[path]["fast"]["dynamic_from_prefill"]["tokens"] == reference[path]["fast"]["dynamic"]["tokens"]
+
+
+def test_fast_path_runs_each_ranks_own_heads(runs):
+    paths, ranks, _ = runs
+    for path in paths:
+        for rank, result in enumerate(ranks):
+            assert result[path]["fast_shards"] == {layer: (2 * rank, 2) for layer in range(4)}, (path, rank)
+            assert result[path]["fast_defaults"] == (False, False)  # CPU: no graphs, no fused ops
+
+
 def test_refusals_and_seeded_sampling(runs):
     paths, ranks, _ = runs
     for path in paths:
         for result in ranks:
             assert "whole heads" in result[path]["split_error"]
             assert "needs a seed" in result[path]["sample_error"]
-            assert "fast path does not run tensor-parallel" in result[path]["fast_error"]
+            assert "fused ops (fuse=True)" in result[path]["fuse_error"]
         assert ranks[0][path]["seeded"] == ranks[1][path]["seeded"]  # the same seed draws the same tokens
 
 
@@ -151,11 +188,16 @@ def test_tensor_parallel_on_two_gpus_equals_one_gpu(tmp_path):
     ranks = _torchrun(paths, tmp_path)  # torchrun on a CUDA machine: NCCL, one GPU per rank
     reference = _reference(paths, "cuda:0")
     for path in paths:
-        for result in ranks:
+        for rank, result in enumerate(ranks):
             for method, expected in reference[path]["decodes"].items():
                 assert result[path]["decodes"][method]["tokens"] == expected["tokens"], (path, method)
                 for got, want in zip(result[path]["decodes"][method]["logits"], expected["logits"]):
                     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+                # The fast path on two GPUs, eager and with its NCCL collectives captured in CUDA graphs.
+                for variant in ("fast", "fast_graphs"):
+                    what = f"{path} rank {rank} {method} {variant}"
+                    _assert_same_decode(result[path][variant][method], reference[path]["fast"][method], 1e-4, what)
+                    _assert_same_decode(result[path][variant][method], expected, 1e-4, what)
 
 
 @pytest.mark.gpu
@@ -258,3 +300,25 @@ def test_tp_speed_agreement_finds_where_tokens_part_and_the_margin_there():
     assert agreement(row, reference)["selection_first_diff"] == 2
     same = agreement(reference, reference, reference_logits, reference_logits)
     assert (same["first_diff"], same["max_abs_logit_diff"], same["reference_min_margin"]) == (None, 0.0, 0.001)
+
+
+@pytest.mark.slow
+def test_tp_speed_benchmark_fast_path_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/tp_speed.py --path fast --tiny: FastDecoder on one device and on two gloo ranks, same tokens."""
+    import json
+
+    script = Path(__file__).parents[2] / "benchmarks" / "tp_speed.py"
+    command = [sys.executable, str(script), "--tiny", "--path", "fast", "--placements", "single,tp", "--out",
+               str(tmp_path), "--checkpoint", str(tmp_path / "ckpt"), "--contexts", "64", "--steps", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    result = json.loads((tmp_path / "tp_speed.json").read_text())
+    assert result["meta"]["path"] == "fast"
+    rows = {(p["placement"], r["method"]): r for p in result["placements"] for r in p["rows"]}
+    assert set(rows) == {(p, m) for p in ("single", "tp") for m in ("vanilla", "dysco")}
+    for (placement, method), row in rows.items():
+        assert row["decode_ms"] > 0 and len(row["tokens"]) == 4
+        assert row["tokens"] == rows[("single", method)]["tokens"], (placement, method)
+        assert row["vs_single"]["first_diff"] is None and row["vs_single"]["max_abs_logit_diff"] <= ATOL
+        assert "selections" not in row  # the fast path's selections are not recorded
+    assert "fast path, eager" in (tmp_path / "tp_speed.md").read_text()

@@ -2,8 +2,8 @@
 
 Loads each checkpoint with transformers' own tensor parallelism (`from_pretrained(path, tp_plan="auto")`,
 spelled `distributed_config=DistributedConfig(tp_plan="auto")`),
-runs the checks' forwards and decodes, and saves what it saw to OUT/rank{r}.pt; the test compares it
-with the same work done by one unsharded process.
+runs the checks' forwards and decodes (the exact Decoder and the FastDecoder), and saves what it saw
+to OUT/rank{r}.pt; the test compares it with the same work done by one unsharded process.
 
     torchrun --nproc-per-node 2 tests/decoder/tp_worker.py --out OUT CHECKPOINT...
 """
@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from decoder.attention import AttentionPlan, _attachment, attach, use_plan  # noqa: E402
 from decoder.dysco import DyscoConfig  # noqa: E402
+from decoder.fast import FastDecoder  # noqa: E402
 from decoder.generation import Decoder  # noqa: E402
 
 # Heads on both ranks of a 4-head model split in two (rank 0: 0-1, rank 1: 2-3), and a layer whose
@@ -29,6 +30,7 @@ CONFIGS = {
     "dynamic": DyscoConfig(head_set=HEAD_SET, top_p=0.5, top_k=16, context_warmup=4),
     "lagged": DyscoConfig(head_set=HEAD_SET, top_p=0.5, top_k=16, context_warmup=4, selection="lagged"),
     "hard": DyscoConfig(head_set=[(2, 3), (2, 2)], strength=100.0, top_p=0.9, context_warmup=3),
+    "static": DyscoConfig(head_set=HEAD_SET, top_p=0.5, top_k=16, context_warmup=4, selection="static"),
 }
 PROMPTS = [
     [{"role": "user", "content": "Alice lives in Paris and works as a baker. Bob lives in Tokyo. Where does Alice live?"}],
@@ -64,6 +66,21 @@ def decodes(model, tokenizer) -> dict:
         decoder = Decoder(model, tokenizer, "vanilla") if config is None else Decoder(model, tokenizer, "dysco", dysco=config)
         result = decoder.generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_logits=True)
         out[name] = {"tokens": result.token_ids, "logits": [x.cpu() for x in result.logits]}
+    return out
+
+
+def fast_decodes(model, tokenizer, cuda_graphs: bool = False) -> dict:
+    """`decodes` on the fast path (unfused, as it runs under tensor parallelism), and a dynamic decode that
+    continues a shared prefill (`prefill` / `generate_from`, as calibration trials do)."""
+    out = {}
+    for name, config in [("vanilla", None), *CONFIGS.items()]:
+        method = "vanilla" if config is None else "dysco"
+        fast = FastDecoder(model, tokenizer, method, dysco=config, fuse=False, cuda_graphs=cuda_graphs)
+        result = fast.generate(PROMPTS, max_new_tokens=NEW_TOKENS, return_logits=True)
+        out[name] = {"tokens": result.token_ids, "logits": [x.cpu() for x in result.logits]}
+    state = FastDecoder(model, tokenizer, "vanilla", fuse=False).prefill(PROMPTS, warmup=16, max_new_tokens=NEW_TOKENS)
+    resumed = FastDecoder(model, tokenizer, "dysco", dysco=CONFIGS["dynamic"], fuse=False, cuda_graphs=cuda_graphs)
+    out["dynamic_from_prefill"] = {"tokens": resumed.generate_from(state, max_new_tokens=NEW_TOKENS).token_ids}
     return out
 
 
@@ -103,16 +120,17 @@ def shard_checks(model, tokenizer) -> dict:
     except ValueError as err:
         sample_error = str(err)
     seeded = decoder.generate([[1, 2, 3]], max_new_tokens=4, do_sample=True, seed=3).token_ids
-    from decoder.fast import FastDecoder
-
+    fast = FastDecoder(model, tokenizer, "dysco", dysco=CONFIGS["dynamic"])
+    fast_shards = {layer: (info.first, info.heads) for layer, info in fast.run.layers.items()}
     try:
-        FastDecoder(model, tokenizer, "vanilla")
-        fast_error = None
+        FastDecoder(model, tokenizer, "vanilla", fuse=True)
+        fuse_error = None
     except ValueError as err:
-        fast_error = str(err)
+        fuse_error = str(err)
     return {"rank": rank, "shards": shards, "gathered": {k: v.cpu() for k, v in pattern.items()},
             "split_error": split_error, "sample_error": sample_error, "seeded": seeded,
-            "fast_error": fast_error}
+            "fast_shards": fast_shards, "fast_defaults": (fast.cuda_graphs, fast.run.fused is not None),
+            "fuse_error": fuse_error}
 
 
 def main() -> None:
@@ -131,7 +149,9 @@ def main() -> None:
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         results[path] = {**captures_and_ablation(model, tokenizer), "decodes": decodes(model, tokenizer),
-                         **shard_checks(model, tokenizer)}
+                         "fast": fast_decodes(model, tokenizer), **shard_checks(model, tokenizer)}
+        if model.device.type == "cuda":  # NCCL: the collectives captured in CUDA graphs too
+            results[path]["fast_graphs"] = fast_decodes(model, tokenizer, cuda_graphs=True)
     import torch.distributed as dist
 
     torch.save(results, os.path.join(args.out, f"rank{dist.get_rank()}.pt"))

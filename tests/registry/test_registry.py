@@ -388,6 +388,9 @@ CALIBRATED = {
     "qwen2.5-coder-0.5b": ("qwen2", 24, 14, 2, [(9, 8), (11, 12), (11, 9), (13, 2), (16, 3), (16, 2), (16, 7),
                                                 (9, 13), (3, 5), (16, 12), (16, 9), (16, 0), (13, 13), (9, 9),
                                                 (13, 0), (7, 8)]),
+    "qwen2.5-coder-1.5b": ("qwen2", 28, 12, 2, [(8, 3), (14, 3), (14, 4), (16, 2), (23, 4), (6, 7), (19, 1), (16, 5),
+                                                (19, 3), (23, 1), (22, 7), (17, 2), (14, 0), (16, 4), (23, 0),
+                                                (16, 0)]),
 }
 
 
@@ -402,8 +405,8 @@ def test_calibrated_seeds_match_by_shape_and_say_where_their_figures_come_from()
         assert (entry.num_layers, entry.num_heads, entry.num_kv_heads) == (layers, heads, kv)
         assert seed.head_set == head_set and seed.knobs == Knobs()
         assert seed.model.config_fingerprint is None and seed.model.weights_fingerprint is None
-        assert seed.provenance["source"] == "calibration" and "round 2" in seed.provenance["results"]
-        assert seed.metrics["heldout"]["n"] == 200
+        assert seed.provenance["source"] == "calibration" and "The research loop, round" in seed.provenance["results"]
+        assert seed.metrics["heldout"]["n"] >= 100  # the held-out rule: n >= 100 per cell
 
 
 def test_seeds_hold_the_published_head_sets_and_knobs():
