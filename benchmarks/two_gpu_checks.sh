@@ -8,8 +8,9 @@
 #
 # Steps, each run even when an earlier one failed, each under `timeout` so that the summary is
 # always printed (the device call's limit is 10 minutes):
-#   pytest-gpu   python3 -m pytest -q -m gpu tests/decoder/test_tensor_parallel.py (TP over NCCL and a
-#                device_map over the two GPUs against one GPU, float32, tiny models)
+#   pytest-gpu   python3 -m pytest -q -m gpu tests/decoder/test_tensor_parallel.py (TP over NCCL, exact
+#                and fast path, eager and with CUDA graphs, and a device_map over the two GPUs,
+#                against one GPU; float32, tiny models)
 #   tp-float32   benchmarks/tp_speed.py --dtype float32 at 32K and 64K, 12 decoded tokens: single, tp,
 #                device_map; tokens, first differing step, single's top-2 margin there, max |logit diff|
 #   eval-exact   benchmarks/eval_devices_check.py: `dysco eval --devices 0,1` against `--device cuda:0`
@@ -20,10 +21,11 @@
 #                columns; only when at least 150 s are left
 #
 # Estimate on two H200s (from the bf16 run of 2026-11-30: 124 s for the 16 GB checkpoint write,
-# three loads and 12 decodes): pytest-gpu ~60 s, tp-float32 ~200 s (checkpoint write ~60 s, three
-# float32 loads, 12 decodes; memory: 30.5 GiB of float32 weights, DySCO at 64K ~110 GiB on one
-# GPU by the bf16 run's per-token growth, under the H200's 140), eval-exact ~40 s, eval-fast ~60 s
-# (Triton compiles), tp-bfloat16 ~100 s: about 7.5 minutes in all. Steps share a 560 s deadline.
+# three loads and 12 decodes): pytest-gpu ~100 s (torchrun, NCCL, Triton compiles), tp-float32
+# ~200 s (checkpoint write ~60 s, three float32 loads, 12 decodes; memory: 30.5 GiB of float32
+# weights, DySCO at 64K ~110 GiB on one GPU by the bf16 run's growth per token, under the H200's
+# 140), eval-exact ~40 s, eval-fast ~60 s (Triton compiles), tp-bfloat16 ~100 s: about 8 minutes in
+# all. Steps share a 560 s deadline; tp-bfloat16, the last, is the one dropped when time is short.
 #
 # OUT receives at most 7 files (the device tool returns 8): summary.txt, pytest-gpu.log,
 # tp_speed-float32.md, tp_speed-bfloat16.md, eval-devices.txt, work.tar.gz (every log, JSON and
@@ -96,7 +98,7 @@ step() {
   summary
 }
 
-step pytest-gpu 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/decoder/test_tensor_parallel.py
+step pytest-gpu 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/decoder/test_tensor_parallel.py
 cp "$WORK/pytest-gpu.log" "$OUT/pytest-gpu.log"
 
 step tp-float32 330 python3 benchmarks/tp_speed.py --dtype float32 "${TP[@]}" --out "$WORK/tp-float32"
