@@ -291,10 +291,11 @@ def test_missing_profile_and_bad_model_are_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("DYSCO_REGISTRY", str(tmp_path))
     real_load = loading.load_model
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model for a missing profile"))
-    # (smollm2-135m ships a seed profile, so a catalogue model without one shows the missing-profile error.)
+    # (smollm2-135m and the Qwen2.5-Coders ship seed profiles; gemma3-270m, a catalogue model without
+    # one, shows the missing-profile error.)
     with pytest.raises(ValueError, match=r"method=dysco needs a head set and the registry .* has no profile for "
-                                         r"'qwen2.5-coder-1.5b'; give profile=NAME@VERSION, heads=L:H;L:H"):
-        DyscoLM(pretrained="qwen2.5-coder-1.5b", device="cpu")
+                                         r"'gemma3-270m'; give profile=NAME@VERSION, heads=L:H;L:H"):
+        DyscoLM(pretrained="gemma3-270m", device="cpu")
     with pytest.raises(ValueError, match=r"profile 'smollm2-135m@7' not found"):
         DyscoLM(pretrained="smollm2-135m", profile="smollm2-135m@7", device="cpu")
     monkeypatch.setattr(loading, "load_model", real_load)
