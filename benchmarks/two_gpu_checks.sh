@@ -11,7 +11,8 @@
 #   pytest-gpu   python3 -m pytest -q -m gpu tests/decoder/test_tensor_parallel.py (TP over NCCL, exact
 #                and fast path, eager and with CUDA graphs, and a device_map over the two GPUs,
 #                against one GPU; float32, tiny models)
-#   tp-float32   benchmarks/tp_speed.py --dtype float32 at 32K and 64K, 12 decoded tokens: single, tp,
+#   (the two eval checks, quick, run before the float32 benchmark, the long one)
+#   tp-float32   benchmarks/tp_speed.py --dtype float32 at 32K and 64K ($TP_CONTEXTS), 12 tokens: single, tp,
 #                device_map; tokens, first differing step, single's top-2 margin there, max |logit diff|
 #   eval-exact   benchmarks/eval_devices_check.py: `dysco eval --devices 0,1` against `--device cuda:0`
 #                on the same examples (tiny llama with its tokenizer), PASS when every example's
@@ -48,7 +49,7 @@ if [ -n "${CPU:-}" ]; then
   EVAL=(--one cpu --devices cpu,cpu)
   MACHINE="CPU dry run ($(hostname))"
 else
-  TP=(--contexts 32768,65536 --steps 12 --checkpoint "$WORK/ckpt")
+  TP=(--contexts "${TP_CONTEXTS:-32768,65536}" --steps 12 --checkpoint "$WORK/ckpt")
   TP_BF16=(--contexts 32768 --steps 12 --checkpoint "$WORK/ckpt")
   EVAL=(--one cuda:0 --devices 0,1)
   MACHINE="$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | paste -sd ';' -)"
@@ -101,12 +102,12 @@ step() {
 step pytest-gpu 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/decoder/test_tensor_parallel.py
 cp "$WORK/pytest-gpu.log" "$OUT/pytest-gpu.log"
 
-step tp-float32 330 python3 benchmarks/tp_speed.py --dtype float32 "${TP[@]}" --out "$WORK/tp-float32"
-[ -f "$WORK/tp-float32/tp_speed.md" ] && cp "$WORK/tp-float32/tp_speed.md" "$OUT/tp_speed-float32.md"
-
 step eval-exact 120 python3 benchmarks/eval_devices_check.py "${EVAL[@]}" --out "$WORK/eval-exact"
 step eval-fast 120 python3 benchmarks/eval_devices_check.py "${EVAL[@]}" --fast --out "$WORK/eval-fast"
 cat "$WORK/eval-exact.log" "$WORK/eval-fast.log" > "$OUT/eval-devices.txt" 2>/dev/null
+
+step tp-float32 330 python3 benchmarks/tp_speed.py --dtype float32 "${TP[@]}" --out "$WORK/tp-float32"
+[ -f "$WORK/tp-float32/tp_speed.md" ] && cp "$WORK/tp-float32/tp_speed.md" "$OUT/tp_speed-float32.md"
 
 if [ $((DEADLINE - (SECONDS - T0))) -ge 150 ]; then
   step tp-bfloat16 200 python3 benchmarks/tp_speed.py --dtype bfloat16 "${TP_BF16[@]}" --out "$WORK/tp-bfloat16"
