@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "cuda:0,cuda:1 (--workers is then their number)")
     study.add_argument("--fast", action="store_true",
                        help="decode trials, baselines and the test on the fast path (static KV buffers, masked "
-                       "batched prefill shared by every trial, CUDA graphs on one GPU; greedy, no selection "
-                       "diagnostic); a study is continued only on the path it was made with")
+                       "batched prefill shared by every trial, CUDA graphs on one GPU; greedy; the same selection "
+                       "recall as the exact path); a study is continued only on the path it was made with")
     study.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                        help="model dtype (default: the checkpoint's own; bfloat16 is the usual choice on a GPU)")
     study.add_argument("--threads", type=_at_least(1), metavar="N",

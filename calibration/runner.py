@@ -189,15 +189,17 @@ class ExampleRunner:
         from decoder.generation import Decoder
 
         selection: list[dict[str, float] | None] = [None] * len(self.batches[index])
-        if self.fast:  # greedy, no per-step diagnostics: no selection summary on this path
+        if self.fast:  # greedy; DySCO's selection diagnostics as on the exact path below
             decoder = self._fast(method)
             if method.name == "attnts":  # AttnTS changes the prefill: a full run
                 out = decoder.generate([example.messages for example in self.batches[index]],
                                        max_new_tokens=self.max_new_tokens)
-            else:
-                out = decoder.generate_from(self._prefill(index, decoder), max_new_tokens=self.max_new_tokens)
-            return list(out.texts), sum(len(ids) for ids in out.token_ids), selection
-        if method.name == "attnts":
+                return list(out.texts), sum(len(ids) for ids in out.token_ids), selection
+            state = self._prefill(index, decoder)
+            evidence = self._evidence_of(index, state) if method.name == "dysco" else None
+            out = decoder.generate_from(state, max_new_tokens=self.max_new_tokens,
+                                        return_diagnostics=evidence is not None, evidence=evidence)
+        elif method.name == "attnts":
             # AttnTS changes the prefill too, so nothing cached applies: a full run.
             decoder = Decoder(self.model, self.tokenizer, method="attnts", temperature=method.temperature)
             prompts = [example.messages for example in self.batches[index]]
@@ -209,8 +211,8 @@ class ExampleRunner:
             out = decoder.generate_from(
                 state, max_new_tokens=self.max_new_tokens, return_diagnostics=evidence is not None, evidence=evidence
             )
-            if out.diagnostics is not None:
-                selection = [summarize_selection(steps, len(found)) for steps, found in zip(out.diagnostics, evidence)]
+        if out.diagnostics is not None:
+            selection = [summarize_selection(steps, len(found)) for steps, found in zip(out.diagnostics, evidence)]
         return list(out.texts), sum(len(ids) for ids in out.token_ids), selection
 
     def evaluate(self, method: Method, on_batch: OnBatch | None = None) -> Evaluation:

@@ -66,7 +66,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -79,13 +79,17 @@ _PUBLISHED = Knobs()  # the published defaults, defined once in registry.Knobs
 __all__ = [
     "HARD_STRENGTH",
     "LAGGED_PROBS",
+    "SELECTION_FIELDS",
     "SELECTIONS",
     "DyscoConfig",
     "FeedSchedule",
     "dysco_bias",
+    "evidence_mask",
     "feed_schedule",
     "select_positions",
     "selection_diagnostics",
+    "selection_row",
+    "selection_statistics",
     "update_importance",
     "upweighted_positions",
 ]
@@ -300,34 +304,82 @@ def dysco_bias(up: torch.Tensor, strength: float, *, dtype: torch.dtype = torch.
     return torch.zeros(up.shape, dtype=dtype, device=up.device).masked_fill(up, math.log(strength))
 
 
-def selection_diagnostics(
-    importance: torch.Tensor, up: torch.Tensor, evidence: torch.Tensor | None = None
-) -> list[dict[str, float]]:
-    """Per row: how many positions were up-weighted and their importance mass; with an `evidence` mask
-    (bool [batch, n], the positions that hold the answer), also the selection recall.
+# The per-step selection diagnostics, in the column order of `selection_statistics`.
+SELECTION_FIELDS = ("selected", "mass", "evidence_recall", "evidence_share", "evidence_importance")
 
-    - `evidence_recall`: share of the evidence positions that were up-weighted;
+
+def selection_statistics(
+    importance: torch.Tensor, up: torch.Tensor, evidence: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One DySCO step's selection diagnostics as float32 [batch, 5] (`SELECTION_FIELDS`), with no host sync.
+
+    `importance` [batch, n] is the importance the step selected from; `up` and `evidence` (bool, at least
+    n columns) are cut to its n columns. Per row:
+
+    - `selected`: how many positions were up-weighted; `mass`: their importance;
+    - `evidence_recall`: share of the evidence positions (the prompt tokens that hold the answer) that
+      were up-weighted;
     - `evidence_share`: share of the up-weighted importance that lies on evidence positions;
     - `evidence_importance`: importance mass on the evidence, selected or not (do the QR heads see it?).
-    A row without evidence positions gets None for the three.
+
+    The evidence columns are NaN for a row without evidence positions (and for every row without
+    `evidence`). Both decoding paths call this: the exact one per step, the fast one inside its step.
+
+    >>> selection_statistics(torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([[True, False, True]]),
+    ...                      torch.tensor([[False, True, True]])).tolist()
+    [[2.0, 0.699999988079071, 0.5, 0.2857142984867096, 0.5]]
     """
     n = importance.shape[-1]
+    importance = importance.float()
     up = up[:, :n].float()  # [batch, n]
     selected_mass = (importance * up).sum(-1)  # [batch]
-    out = {"selected": up.sum(-1), "mass": selected_mass}
-    if evidence is not None:
-        ev = evidence[:, :n].float()
-        count = ev.sum(-1)
-        out["evidence_recall"] = (up * ev).sum(-1) / count.clamp_min(1)
-        out["evidence_share"] = (importance * up * ev).sum(-1) / selected_mass.clamp_min(torch.finfo(torch.float32).tiny)
-        out["evidence_importance"] = (importance * ev).sum(-1)
-        has = (count > 0).tolist()
-    values = {name: value.tolist() for name, value in out.items()}
-    rows = []
-    for i in range(importance.shape[0]):
-        row = {"selected": int(values["selected"][i]), "mass": float(values["mass"][i])}
-        if evidence is not None:
-            for name in ("evidence_recall", "evidence_share", "evidence_importance"):
-                row[name] = float(values[name][i]) if has[i] else None
-        rows.append(row)
-    return rows
+    columns = [up.sum(-1), selected_mass]
+    if evidence is None:
+        columns += [torch.full_like(selected_mass, math.nan)] * 3
+        return torch.stack(columns, dim=-1)
+    ev = evidence[:, :n].float()
+    count = ev.sum(-1)
+    columns += [
+        (up * ev).sum(-1) / count.clamp_min(1),
+        (importance * up * ev).sum(-1) / selected_mass.clamp_min(torch.finfo(torch.float32).tiny),
+        (importance * ev).sum(-1),
+    ]
+    stats = torch.stack(columns, dim=-1)  # [batch, 5]
+    return stats.masked_fill((count == 0)[:, None] & (torch.arange(5, device=stats.device) >= 2), math.nan)
+
+
+def selection_row(values: Sequence[float], evidence: bool) -> dict[str, float | int | None]:
+    """One row of `selection_statistics` (5 floats) as the diagnostics dict both decoding paths return:
+    `selected` and `mass`, plus the three evidence fields (None where NaN) when `evidence` was given."""
+    row: dict[str, float | int | None] = {"selected": int(values[0]), "mass": float(values[1])}
+    if evidence:
+        for name, value in zip(SELECTION_FIELDS[2:], values[2:]):
+            row[name] = None if math.isnan(value) else float(value)
+    return row
+
+
+def selection_diagnostics(
+    importance: torch.Tensor, up: torch.Tensor, evidence: torch.Tensor | None = None
+) -> list[dict[str, float | int | None]]:
+    """Per row, `selection_statistics` as a dict (`selection_row`): how many positions were up-weighted
+    and their importance mass; with an `evidence` mask (bool [batch, n], the positions that hold the
+    answer), also the selection recall (None for a row without evidence positions)."""
+    return [selection_row(values, evidence is not None)
+            for values in selection_statistics(importance, up, evidence).tolist()]
+
+
+def evidence_mask(
+    evidence: Sequence[Sequence[int]], prompt_lengths: Sequence[int], width: int, total: int, device=None
+) -> torch.Tensor:
+    """bool [batch, total]: the `evidence` positions (per prompt, indices into its unpadded tokens) of a
+    batch left-padded to `width` columns; ValueError for a row count or a position that does not fit."""
+    if len(evidence) != len(prompt_lengths):
+        raise ValueError(f"evidence has {len(evidence)} rows for a batch of {len(prompt_lengths)} prompts")
+    mask = torch.zeros(len(prompt_lengths), total, dtype=torch.bool)
+    for i, (positions, length) in enumerate(zip(evidence, prompt_lengths)):
+        bad = [p for p in positions if not 0 <= int(p) < length]
+        if bad:
+            raise ValueError(f"evidence row {i} has position {bad[0]} outside its prompt of {length} tokens")
+        offset = width - length  # left padding
+        mask[i, [offset + int(p) for p in positions]] = True
+    return mask.to(device) if device is not None else mask

@@ -46,6 +46,12 @@ in how the work is laid out:
   Under TP the fused ops are refused (they replace the forwards transformers wraps with its
   all-reduce) and CUDA graphs are off unless `cuda_graphs=True` (NCCL groups only: the collectives are
   captured in the graphs; checked by the two-GPU `gpu` test, not on this CPU).
+- **Selection diagnostics** (`return_diagnostics=True`, optional `evidence`): each DySCO step also
+  writes `decoder.dysco.selection_statistics` of the importance it selected from and the set it
+  up-weighted into column t of a `[batch, max_len, 5]` buffer, inside the step (graph-safe: a
+  device-side index, no host sync), read once at the end: `Generation.diagnostics` in the exact
+  path's format, one entry per generated token that a DySCO step produced. These steps are graphs
+  of their own, captured on the first generation that asks; the default ones do no diagnostic work.
 - **Fused small ops** (`decoder.fast_fused`, CUDA only): RMSNorm, rotary, SiLU·mul and the q/k/v
   projections as one GEMV, each swapped in only where it reproduces the module on random inputs, and
   only while the fast path runs.
@@ -57,7 +63,7 @@ in how the work is laid out:
 
 Measured on an H200 (docs/benchmarks.md, docs/gpu_notes.md): Qwen3-8B shape at 128K, batch 1, vanilla
 10.3 ms/token (1.26× the bandwidth floor), DySCO 17.7 ms/token; transformers' generate 75 ms.
-Greedy decoding only (sampling, per-step diagnostics and streamers stay with the exact `Decoder`).
+Greedy decoding only (sampling, step callbacks and streamers stay with the exact `Decoder`).
 
     fast = FastDecoder(model, method="dysco", dysco=DyscoConfig(head_set=[(2, 1), (3, 0)]))
     out = fast.generate_ids(input_ids, attention_mask, max_new_tokens=16)
@@ -79,7 +85,10 @@ import torch
 import torch.nn.functional as F
 
 from decoder import METHODS
-from decoder.dysco import DyscoConfig, dysco_bias, feed_schedule, select_positions, update_importance, upweighted_positions
+from decoder.dysco import (
+    SELECTION_FIELDS, DyscoConfig, dysco_bias, evidence_mask, feed_schedule, select_positions, selection_row,
+    selection_statistics, update_importance, upweighted_positions,
+)
 from decoder.fast_kernels import LEVERS, decode_attention, decode_scores, default_levers
 from decoder.loading import context_limit, text_config
 from decoder.tensor_parallel import check_head_counts, gather_captured, head_shards, is_sharded
@@ -127,6 +136,10 @@ class _Run:
     fused: object | None = None  # decoder.fast_fused.FusedOps swapped in while active
     levers: frozenset[str] = frozenset(LEVERS)  # decoder.fast_kernels.LEVERS in use
     probe_last: int | None = None  # probe_tail: the layer whose captured logits end the probe
+
+
+# The step kinds that select (and so have selection diagnostics): every DySCO kind but the importance-only warmup.
+_SELECTING = ("dysco", "lagged", "static_first", "static_probe_first", "static")
 
 
 class _ProbeDone(Exception):
@@ -312,6 +325,10 @@ class FastOutput:
     tokens: torch.Tensor
     logits: torch.Tensor | None = None  # float32 [batch, n, vocab] when asked for
     timings: dict[str, float] = field(default_factory=dict)
+    # With return_diagnostics (DySCO): float32 [batch, n, 5], per generated token the `selection_statistics`
+    # (`decoder.dysco.SELECTION_FIELDS`) of the DySCO step that produced it; all NaN for a token that no
+    # DySCO step produced (the plain prefill's, with context_warmup = intervention_warmup = 0).
+    selection: torch.Tensor | None = None
 
 
 @dataclass
@@ -336,8 +353,12 @@ class _Shape:
 
     def __init__(self, batch: int, max_len: int):
         self.batch, self.max_len = batch, max_len
-        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[str, bool], torch.cuda.CUDAGraph] = {}  # (step kind, diagnose) -> graph
         self.pool = None
+        # Selection diagnostics (allocated on the first generation that asks for them, see `_prepare_selection`).
+        self.evidence: torch.Tensor | None = None  # bool [batch, max_len]: the answer's positions
+        self.selection: torch.Tensor | None = None  # float32 [batch, max_len, 5]: column t = the DySCO step at t
+        self.width: torch.Tensor | None = None  # [1] int64: columns of the importance the last step selected from
 
 
 class FastDecoder:
@@ -434,10 +455,15 @@ class FastDecoder:
             raise TypeError(f"{type(self.model).__name__}: no attention layer goes through transformers' AttentionInterface")
         self.run.mode = "prefill"
 
-    def prepare(self, batch: int, max_len: int) -> None:
-        """Allocate the buffers for (batch, max_len) and, with CUDA graphs, capture the decode steps."""
-        if self._shape is not None and (self._shape.batch, self._shape.max_len) == (batch, max_len):
-            return
+    def prepare(self, batch: int, max_len: int, *, diagnostics: bool = False) -> None:
+        """Allocate the buffers for (batch, max_len) and, with CUDA graphs, capture the decode steps;
+        `diagnostics` (DySCO): also the selection diagnostics' buffers and their own graphs, once."""
+        if self._shape is None or (self._shape.batch, self._shape.max_len) != (batch, max_len):
+            self._allocate(batch, max_len)
+        if diagnostics and self.dysco is not None and self._shape.selection is None:
+            self._prepare_selection(self._shape)
+
+    def _allocate(self, batch: int, max_len: int) -> None:
         self._shape = None
         run = self.run
         run.k.clear(), run.v.clear(), run.t.clear(), run.bias.clear()
@@ -484,6 +510,16 @@ class FastDecoder:
             # Zeros: under tensor parallelism the rows of heads held elsewhere stay zero (the gather sums them).
             scores = torch.zeros(shape.batch, len(heads), shape.max_len, dtype=torch.float32, device=info.device)
             shape.capture[layer] = (head_to_row, scores)
+
+    def _prepare_selection(self, shape: _Shape) -> None:
+        """Buffers for the selection diagnostics and, with CUDA graphs, the DySCO steps captured again
+        with them (separate graphs: the default ones stay as they were, doing no diagnostic work)."""
+        dev = self.device
+        shape.evidence = torch.zeros(shape.batch, shape.max_len, dtype=torch.bool, device=dev)
+        shape.selection = torch.full((shape.batch, shape.max_len, len(SELECTION_FIELDS)), math.nan, device=dev)
+        shape.width = torch.zeros(1, dtype=torch.long, device=dev)
+        if self.cuda_graphs:
+            self._capture_graphs(shape, diagnose=True)
 
     # ---------------------------------------------------------------- one decode step (graph body)
 
@@ -574,8 +610,20 @@ class FastDecoder:
         t.add_(1)
         self._sync_devices()
 
-    def _step(self, shape: _Shape, kind: str) -> None:
-        """One decode step of `kind`: plain | warmup | dysco | lagged | static_first | static_probe_first | static."""
+    def _record_selection(self, shape: _Shape, t: torch.Tensor, up: torch.Tensor, width: torch.Tensor | None) -> None:
+        """This DySCO step's `selection_statistics` into column t of `shape.selection` (device-side index,
+        no host sync: graph-safe). `width`: the columns of the importance the step selects from as the
+        exact path holds it (t + 1 after a probe, t without one); None keeps the last step's (static)."""
+        if width is not None:
+            shape.width.copy_(width)
+        inside = shape.columns < shape.width  # [max_len]: the exact path's importance columns
+        stats = selection_statistics(shape.importance, up & inside, shape.evidence & inside)  # [batch, 5]
+        shape.selection.index_copy_(1, t, stats[:, None, :])
+
+    def _step(self, shape: _Shape, kind: str, diagnose: bool = False) -> None:
+        """One decode step of `kind`: plain | warmup | dysco | lagged | static_first | static_probe_first | static.
+
+        `diagnose` (DySCO kinds): also record the step's selection diagnostics (`_record_selection`)."""
         run = self.run
         t, ids, positions = self._input(shape)
         if kind == "plain":
@@ -600,7 +648,10 @@ class FastDecoder:
             # from this step's own full pass for the next step (rule 9 of decoder.dysco).
             valid = shape.real & (shape.columns < t)[None, :]
             selected = select_positions(shape.importance, self.dysco.top_p, self.dysco.top_k, valid=valid)
-            bias = dysco_bias(self._upweighted(shape, selected) | current, self.dysco.strength) + shape.pad_bias
+            up = self._upweighted(shape, selected) | current
+            if diagnose:  # before this pass updates the importance
+                self._record_selection(shape, t, up, t)
+            bias = dysco_bias(up, self.dysco.strength) + shape.pad_bias
             self._set_bias(bias)
             run.capture = shape.capture
             try:
@@ -616,6 +667,7 @@ class FastDecoder:
             selected = select_positions(shape.importance, self.dysco.top_p, self.dysco.top_k, valid=valid)
             shape.static_selected.copy_(self._upweighted(shape, selected))
             up = shape.static_selected | current
+            width = t
         elif kind in ("dysco", "static_probe_first"):
             self._set_bias(shape.pad_bias)
             run.capture = shape.capture
@@ -630,8 +682,12 @@ class FastDecoder:
             if kind == "static_probe_first":
                 shape.static_selected.copy_(chosen)
             up = chosen | current
+            width = t + 1
         else:  # static: the set chosen at the first DySCO step plus the current column, no probe
             up = shape.static_selected | current
+            width = None  # the importance stays the one the first step selected from
+        if diagnose:
+            self._record_selection(shape, t, up, width)
         # Padding is masked by pad_bias (and never in `up`); the current column is always up-weighted.
         self._set_bias(dysco_bias(up, self.dysco.strength) + shape.pad_bias)
         logits = self._forward_full(shape, ids, positions)
@@ -648,17 +704,19 @@ class FastDecoder:
             return ["warmup", "lagged", "dysco"]
         return ["warmup", "dysco"]
 
-    def _capture_graphs(self, shape: _Shape) -> None:
-        """Warm each step kind up eagerly (Triton compiles, workspaces settle), then capture it."""
+    def _capture_graphs(self, shape: _Shape, diagnose: bool = False) -> None:
+        """Warm each step kind up eagerly (Triton compiles, workspaces settle), then capture it; `diagnose`:
+        the DySCO kinds with their selection diagnostics, as graphs of their own."""
+        kinds = [kind for kind in self._step_kinds() if not diagnose or kind in _SELECTING]
         saved = self._save_state(shape)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.no_grad(), _activated(self.model, self.run):
             self.run.mode = "decode"
             with torch.cuda.stream(stream):
-                for kind in self._step_kinds():
+                for kind in kinds:
                     for _ in range(2):
-                        self._step(shape, kind)
+                        self._step(shape, kind, diagnose)
                         self._restore_state(shape, saved)
             torch.cuda.current_stream().wait_stream(stream)
             # Tensor parallelism: NCCL's watchdog thread polls the events of the warm-up steps' collectives;
@@ -667,12 +725,12 @@ class FastDecoder:
             if self.tensor_parallel:
                 torch.cuda.synchronize()
                 mode = "thread_local"
-            for kind in self._step_kinds():
+            for kind in kinds:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=shape.pool, capture_error_mode=mode):
-                    self._step(shape, kind)
+                    self._step(shape, kind, diagnose)
                 shape.pool = graph.pool()
-                shape.graphs[kind] = graph
+                shape.graphs[(kind, diagnose)] = graph
             self.run.mode = "prefill"
         self._restore_state(shape, saved)
 
@@ -688,14 +746,15 @@ class FastDecoder:
         shape.static_selected.copy_(saved["static_selected"])
         self._sync_devices()
 
-    def _run_step(self, shape: _Shape, kind: str) -> None:
+    def _run_step(self, shape: _Shape, kind: str, diagnose: bool = False) -> None:
+        diagnose = diagnose and kind in _SELECTING
         if self.cuda_graphs:
-            shape.graphs[kind].replay()
+            shape.graphs[(kind, diagnose)].replay()
             return
         with _activated(self.model, self.run):
             self.run.mode = "decode"
             try:
-                self._step(shape, kind)
+                self._step(shape, kind, diagnose)
             finally:
                 self.run.mode = "prefill"
 
@@ -733,13 +792,22 @@ class FastDecoder:
         stop_strings: Sequence[str] | str | None = None,
         return_logits: bool = False,
         template_mask: Sequence[Sequence[bool]] | None = None,
+        return_diagnostics: bool = False,
+        evidence: Sequence[Sequence[int]] | None = None,
     ):
-        """Greedy generation for a batch of prompts (the forms `Decoder.generate` takes): a `Generation`."""
+        """Greedy generation for a batch of prompts (the forms `Decoder.generate` takes): a `Generation`.
+
+        `return_diagnostics` and `evidence` (per prompt, the token positions that hold the answer) as in
+        `Decoder.generate`: `Generation.diagnostics` per row, per DySCO step, in the exact path's format.
+        """
         ids, input_ids, real, template = self._encode(prompts, template_mask)
+        width = input_ids.shape[1]
+        mask = evidence_mask(evidence, [len(row) for row in ids], width, width) if evidence is not None else None
         eos_ids = sorted(self._exact()._eos_ids(eos))
         out = self.generate_ids(input_ids, real, max_new_tokens=max_new_tokens, template=template,
-                                eos_token_id=eos_ids or None, return_logits=return_logits)
-        return self._generation(out, ids, eos_ids, stop_strings, return_logits)
+                                eos_token_id=eos_ids or None, return_logits=return_logits,
+                                return_diagnostics=return_diagnostics, evidence=mask)
+        return self._generation(out, ids, eos_ids, stop_strings, return_logits, evidence is not None)
 
     def prefill(
         self,
@@ -767,18 +835,27 @@ class FastDecoder:
         eos: int | Sequence[int] | None = None,
         stop_strings: Sequence[str] | str | None = None,
         return_logits: bool = False,
+        return_diagnostics: bool = False,
+        evidence: Sequence[Sequence[int]] | None = None,
     ):
-        """Greedy generation continuing a `prefill` state (left unchanged) with this decoder's method: a `Generation`."""
-        eos_ids = sorted(self._exact()._eos_ids(eos))
-        out = self.generate_ids_from(state, max_new_tokens=max_new_tokens, eos_token_id=eos_ids or None,
-                                     return_logits=return_logits)
+        """Greedy generation continuing a `prefill` state (left unchanged) with this decoder's method: a `Generation`.
+
+        `return_diagnostics` and `evidence` (positions in each unpadded prompt) as in `generate`."""
         prompt_ids = state.prompt_ids
         if prompt_ids is None:  # a state made by prefill_ids: its rows without their padding
             prompt_ids = [row[mask].tolist() for row, mask in zip(state.input_ids, state.attention_mask)]
-        return self._generation(out, prompt_ids, eos_ids, stop_strings, return_logits)
+        width = state.input_ids.shape[1]
+        mask = evidence_mask(evidence, [len(row) for row in prompt_ids], width, width) if evidence is not None else None
+        eos_ids = sorted(self._exact()._eos_ids(eos))
+        out = self.generate_ids_from(state, max_new_tokens=max_new_tokens, eos_token_id=eos_ids or None,
+                                     return_logits=return_logits, return_diagnostics=return_diagnostics, evidence=mask)
+        return self._generation(out, prompt_ids, eos_ids, stop_strings, return_logits, evidence is not None)
 
-    def _generation(self, out: FastOutput, prompt_ids, eos_ids, stop_strings, return_logits: bool):
-        """`FastOutput` → `decoder.generation.Generation`: cut at EOS or a stop string, decode the text."""
+    def _generation(self, out: FastOutput, prompt_ids, eos_ids, stop_strings, return_logits: bool,
+                    evidence: bool = False):
+        """`FastOutput` → `decoder.generation.Generation`: cut at EOS or a stop string, decode the text;
+        per row, the selection diagnostics of its kept tokens' DySCO steps (with the evidence fields when
+        `evidence` was given), as the exact path lists them."""
         from decoder.generation import Generation
 
         exact = self._exact()
@@ -786,6 +863,8 @@ class FastDecoder:
             stop_strings = [stop_strings]
         stop_strings = [s for s in (stop_strings or []) if s]
         texts, token_ids, reasons, logits = [], [], [], []
+        selection = out.selection.tolist() if out.selection is not None else None  # one host read
+        diagnostics = []
         for row, tokens in enumerate(out.tokens.tolist()):
             reason, kept = "length", tokens
             for n in range(1, len(tokens) + 1):
@@ -803,8 +882,12 @@ class FastDecoder:
             reasons.append(reason)
             if return_logits:
                 logits.append(out.logits[row, : len(kept)].cpu())
+            if selection is not None:  # tokens no DySCO step produced (all NaN) have none, as on the exact path
+                diagnostics.append([selection_row(values, evidence) for values in selection[row][: len(kept)]
+                                    if not math.isnan(values[0])])
         return Generation(texts=texts, token_ids=token_ids, prompt_ids=[list(p) for p in prompt_ids],
-                          finish_reasons=reasons, logits=logits if return_logits else None, timings=out.timings)
+                          finish_reasons=reasons, diagnostics=diagnostics if selection is not None else None,
+                          logits=logits if return_logits else None, timings=out.timings)
 
     def _check_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                    max_len: int | None) -> tuple[torch.Tensor, int]:
@@ -850,22 +933,30 @@ class FastDecoder:
         pad_token_id: int | None = None,
         return_logits: bool = False,
         max_len: int | None = None,
+        return_diagnostics: bool = False,
+        evidence: torch.Tensor | None = None,
     ) -> FastOutput:
-        """Greedy generation from left-padded `input_ids` [batch, P] (mask: 1 = real token)."""
+        """Greedy generation from left-padded `input_ids` [batch, P] (mask: 1 = real token).
+
+        `return_diagnostics` (DySCO): `FastOutput.selection`, each generated token's selection
+        diagnostics; `evidence` (bool [batch, P], aligned with `input_ids`) adds the selection recall.
+        """
         attention_mask, max_len = self._check_ids(input_ids, attention_mask, max_new_tokens, max_len)
+        evidence = self._check_evidence(evidence, input_ids.shape)
         batch, prompt = input_ids.shape
         dev = self.device
+        diagnose = return_diagnostics and self.dysco is not None
         timer = _Timer(dev)
         timer.mark("start")
-        self.prepare(batch, max_len)
+        self.prepare(batch, max_len, diagnostics=diagnose)
         timer.mark("prepared")
         shape = self._shape
         pads = (~attention_mask).sum(-1)  # [batch]
-        self._load_prompt(shape, input_ids.to(dev), attention_mask, pads, template)
+        self._load_prompt(shape, input_ids.to(dev), attention_mask, pads, template, evidence, diagnose)
         n_prefill = self._n_prefill(prompt)
         first_logits = self._prefill(shape, input_ids.to(dev), pads, n_prefill)
         return self._continue(shape, prompt, n_prefill, first_logits, max_new_tokens, eos_token_id, pad_token_id,
-                              return_logits, timer)
+                              return_logits, timer, diagnose)
 
     @torch.no_grad()
     def prefill_ids(
@@ -914,6 +1005,8 @@ class FastDecoder:
         pad_token_id: int | None = None,
         return_logits: bool = False,
         max_len: int | None = None,
+        return_diagnostics: bool = False,
+        evidence: torch.Tensor | None = None,
     ) -> FastOutput:
         """`generate_ids` continuing a `prefill_ids` state: its K/V prefix is copied back into the buffers.
 
@@ -935,14 +1028,16 @@ class FastDecoder:
         if state.model is not self.model:
             raise ValueError("this state was prefilled by a FastDecoder of another model; prefill with this one's model")
         _, max_len = self._check_ids(state.input_ids, state.attention_mask, max_new_tokens, max_len)
+        evidence = self._check_evidence(evidence, state.input_ids.shape)
         dev = self.device
+        diagnose = return_diagnostics and self.dysco is not None
         timer = _Timer(dev)
         timer.mark("start")
-        self.prepare(batch, max_len)
+        self.prepare(batch, max_len, diagnostics=diagnose)
         timer.mark("prepared")
         shape = self._shape
         pads = (~state.attention_mask).sum(-1)
-        self._load_prompt(shape, state.input_ids, state.attention_mask, pads, state.template)
+        self._load_prompt(shape, state.input_ids, state.attention_mask, pads, state.template, evidence, diagnose)
         for layer, prefix in state.k.items():
             self.run.k[layer][:, :, : state.prefilled].copy_(prefix)
             self.run.v[layer][:, :, : state.prefilled].copy_(state.v[layer])
@@ -950,10 +1045,19 @@ class FastDecoder:
         if n_prefill > state.prefilled:  # the columns the state left before this decoder's warmup
             first_logits = self._prefill(shape, state.input_ids, pads, n_prefill, start=state.prefilled)
         return self._continue(shape, prompt, n_prefill, first_logits, max_new_tokens, eos_token_id, pad_token_id,
-                              return_logits, timer)
+                              return_logits, timer, diagnose)
+
+    def _check_evidence(self, evidence: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+        """`evidence` as a bool mask on the decoder's device, refused unless it has the prompt's [batch, P] shape."""
+        if evidence is None:
+            return None
+        if not isinstance(evidence, torch.Tensor) or tuple(evidence.shape) != tuple(shape):
+            got = tuple(evidence.shape) if isinstance(evidence, torch.Tensor) else type(evidence).__name__
+            raise ValueError(f"evidence must be a bool mask shaped like input_ids {tuple(shape)}, got {got}")
+        return evidence.to(self.device).bool()
 
     def _continue(self, shape: _Shape, prompt: int, prefilled: int, first_logits, max_new_tokens: int, eos_token_id,
-                  pad_token_id, return_logits: bool, timer: _Timer) -> FastOutput:
+                  pad_token_id, return_logits: bool, timer: _Timer, diagnose: bool = False) -> FastOutput:
         """Decode from column `prefilled` (this decoder's prefill end; the buffers hold the columns before it)."""
         dev = self.device
         self.run.t[dev].fill_(prefilled)
@@ -983,7 +1087,7 @@ class FastDecoder:
         eager = contextlib.nullcontext() if self.cuda_graphs else _activated(self.model, self.run)
         with eager:
             produced, logits_out = self._decode_loop(shape, steps, first_logits, prompt, max_new_tokens,
-                                                     eos_token_id, return_logits, timer)
+                                                     eos_token_id, return_logits, timer, diagnose)
         timer.mark("end")
         tokens = shape.tokens[:, prompt : prompt + produced].clone()
         eos = _eos_set(eos_token_id)
@@ -991,9 +1095,13 @@ class FastDecoder:
             tokens = _pad_after_eos(tokens, eos, pad_token_id)
         timings = timer.read(produced)
         logits = torch.stack(logits_out, 1) if return_logits else None
-        return FastOutput(tokens=tokens, logits=logits, timings=timings)
+        # Generated token j came from the step at column prompt - 1 + j (the last prompt column's gives the
+        # first); columns no DySCO step ran at (the plain prefill's last) stayed NaN.
+        selection = shape.selection[:, prompt - 1 : prompt - 1 + produced].clone() if diagnose else None
+        return FastOutput(tokens=tokens, logits=logits, timings=timings, selection=selection)
 
-    def _decode_loop(self, shape, steps, first_logits, prompt, max_new_tokens, eos_token_id, return_logits, timer):
+    def _decode_loop(self, shape, steps, first_logits, prompt, max_new_tokens, eos_token_id, return_logits, timer,
+                     diagnose=False):
         dev = self.device
         logits_out: list[torch.Tensor] = []
         if first_logits is not None:  # prefill produced the first token
@@ -1006,7 +1114,7 @@ class FastDecoder:
         eos = eos.to(dev) if eos is not None else None
         produced = 1 if first_logits is not None else 0
         for kind, produces in steps:
-            self._run_step(shape, kind)
+            self._run_step(shape, kind, diagnose)
             if not produces:
                 continue
             produced += 1
@@ -1020,7 +1128,7 @@ class FastDecoder:
                     break
         return produced, logits_out
 
-    def _load_prompt(self, shape: _Shape, ids, mask, pads, template) -> None:
+    def _load_prompt(self, shape: _Shape, ids, mask, pads, template, evidence=None, diagnose: bool = False) -> None:
         batch, prompt = ids.shape
         shape.tokens.zero_()
         shape.tokens[:, :prompt] = ids
@@ -1036,6 +1144,12 @@ class FastDecoder:
             shape.template[:, :prompt] = template.to(self.device).bool()
         shape.importance.zero_()
         shape.static_selected.zero_()
+        if diagnose:  # the diagnostics' buffers are touched only by generations that ask for them
+            shape.selection.fill_(math.nan)
+            shape.width.zero_()
+            shape.evidence.zero_()
+            if evidence is not None:
+                shape.evidence[:, :prompt] = evidence
 
     def _prefill(self, shape: _Shape, ids: torch.Tensor, pads: torch.Tensor, n_prefill: int,
                  start: int = 0) -> torch.Tensor | None:

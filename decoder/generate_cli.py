@@ -82,7 +82,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--json", action="store_true", help='print {"text": …, "diagnostics": …} instead of streaming text')
     p.add_argument("--fast", action="store_true",
                    help="greedy decoding on the fast path (static KV buffers, fused biased attention, CUDA graphs on one "
-                   "GPU): same tokens as the default path; prints the text at the end, no per-step diagnostics")
+                   "GPU): same tokens as the default path; prints the text at the end (with --json, the same "
+                   "per-step diagnostics)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -277,13 +278,14 @@ def _generate_fast(args, decoder, prompt, model_name: str, used: dict | None = N
 
     fast = FastDecoder(decoder.model, decoder.tokenizer, decoder.method, dysco=decoder.dysco,
                        temperature=decoder.temperature)
-    result = fast.generate(prompt, max_new_tokens=args.max_new_tokens, stop_strings=args.stop or None)
+    result = fast.generate(prompt, max_new_tokens=args.max_new_tokens, stop_strings=args.stop or None,
+                           return_diagnostics=args.json)
     if args.json:
         print(json.dumps({
             "text": result.text, "model": model_name, "method": decoder.method, "path": "fast",
             "prompt_tokens": len(result.prompt_ids[0]), "tokens": result.token_ids[0],
             "finish_reason": result.finish_reasons[0], "knobs": _knobs(decoder), "profile": used,
-            "timings": result.timings,
+            "timings": result.timings, "diagnostics": result.diagnostics[0] if result.diagnostics else [],
         }))
     else:
         print(result.text)

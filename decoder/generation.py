@@ -44,8 +44,8 @@ from decoder import METHODS
 from decoder.attention import AttentionPlan, attach, attention_group, attention_layers, use_plan
 from decoder.loading import cache_kwarg, context_limit, eos_token_ids, model_identity, model_shape  # model facts: their one home
 from decoder.dysco import (
-    DyscoConfig, dysco_bias, feed_schedule, select_positions, selection_diagnostics, update_importance,
-    upweighted_positions,
+    DyscoConfig, dysco_bias, evidence_mask, feed_schedule, select_positions, selection_diagnostics,
+    update_importance, upweighted_positions,
 )
 from decoder.template import encode_chat, resolve_intervention_warmup
 from registry import check_model
@@ -547,15 +547,7 @@ class _DecodeState:
         self.template[:, :width] = state.template
         self.evidence = None  # bool [batch, total]: the answer's positions (diagnostics only)
         if evidence is not None:
-            if len(evidence) != batch:
-                raise ValueError(f"evidence has {len(evidence)} rows for a batch of {batch} prompts")
-            self.evidence = torch.zeros(batch, total, dtype=torch.bool, device=device)
-            for i, (positions, prompt) in enumerate(zip(evidence, state.prompt_ids)):
-                bad = [p for p in positions if not 0 <= int(p) < len(prompt)]
-                if bad:
-                    raise ValueError(f"evidence row {i} has position {bad[0]} outside its prompt of {len(prompt)} tokens")
-                offset = width - len(prompt)  # left padding
-                self.evidence[i, [offset + int(p) for p in positions]] = True
+            self.evidence = evidence_mask(evidence, [len(p) for p in state.prompt_ids], width, total, device)
         self.rows = list(range(batch))
         self.column = state.prefilled  # next column to feed
         self.importance: torch.Tensor | None = None  # float32 [active, column]

@@ -10,7 +10,7 @@ context length — greedily, so the comparison is paired. The report holds:
   p-value (pairs that tie are dropped; with 0/1 grades this is the exact McNemar test);
 - speed per method × length: time to first token (prefill + warmup + first token, per batch) and
   decode tokens/s (tokens after the first one over the time after the first one);
-- DySCO's **selection recall** per task × length (exact path only): how much of the prompt span
+- DySCO's **selection recall** per task × length (exact and fast path): how much of the prompt span
   that holds the answer (`Task.evidence`) DySCO up-weighted, the share of its selection lying there
   and the QR heads' importance on it, overall and split by outcome (right / wrong, win / loss
   against vanilla) — see `SelectionResult` and `report.SELECTION_HELP`.

@@ -2,7 +2,7 @@
 
 `run_batch` decodes a batch greedily (exact path: from a shared prefill when given one; fast path:
 `decoder.fast.FastDecoder`), keeps each row to its own token budget, grades every response with the
-task, and, for DySCO on the exact path, measures how much of each example's evidence it selected.
+task, and, for DySCO (either path), measures how much of each example's evidence it selected.
 `shared_prefill` reads a batch's prompts once for vanilla and DySCO both.
 
 Examples are fed through `encode_prompt` (the token count the tasks sized them to) with the chat
@@ -46,8 +46,8 @@ class MethodRun:
     """One method over a list of examples: per-example scores and responses, and the batch timings.
 
     `selection`: per example, DySCO's selection diagnostics averaged over its generated tokens
-    (`summarize_selection`), None where they were not measured (other methods, the fast path, batches
-    read back from a progress file written before they existed).
+    (`summarize_selection`), None where they were not measured (other methods, batches read back from
+    a progress file written before they existed, or before the fast path measured them).
     """
 
     scores: list[float]
@@ -114,8 +114,8 @@ def run_batch(
     one); its `prefill_seconds` are counted in this batch's time, so each method's time is what it
     would cost alone. Each row keeps only its own budget of tokens (`example_budget`), so a row's
     result does not depend on which batch it shared; a batch runs to its largest budget.
-    `diagnostics`: for DySCO on the exact path, also measure the selection recall of each example's
-    evidence (`MethodRun.selection`); the fast path and the other methods have none (None per example).
+    `diagnostics`: for DySCO (exact or fast path), also measure the selection recall of each example's
+    evidence (`MethodRun.selection`); the other methods have none (None per example).
     `encode`: how an example becomes prompt ids and template mask (`prompt_ids`, or a memo of it).
     """
     tokenizer = decoder.tokenizer
@@ -128,11 +128,11 @@ def run_batch(
 
     from decoder.fast import FastDecoder  # torch and the kernels: only once decoding starts
 
-    exact = not isinstance(decoder, FastDecoder)  # the fast path is greedy, timed inside, no diagnostics
+    exact = not isinstance(decoder, FastDecoder)  # the fast path is greedy and timed inside
     encoded = [encode(tokenizer, example) for example in batch] if not exact or prefilled is None else None
     measure: dict[str, Any] = {}
     evidence: list[list[int]] = []
-    if diagnostics and exact and getattr(decoder, "method", None) == "dysco":
+    if diagnostics and getattr(decoder, "method", None) == "dysco":
         # Found before the clock starts: the tokenizer pass that maps the evidence is no decoding time.
         prompts = [ids for ids, _ in encoded] if encoded is not None else prefilled.prompt_ids
         evidence = [_evidence(tokenizer, task, example, ids) for example, ids in zip(batch, prompts)]
@@ -140,7 +140,7 @@ def run_batch(
     began = time.perf_counter()
     if not exact:  # the fast path (decoder.fast.FastDecoder): greedy, timed inside
         out = decoder.generate([ids for ids, _ in encoded], template_mask=[mask for _, mask in encoded],
-                               max_new_tokens=max(budgets))
+                               max_new_tokens=max(budgets), **measure)
         timed = out.timings or {}
         first.append(began + timed.get("prepare_s", 0.0) + timed.get("ttft_s", time.perf_counter() - began))
     elif prefilled is None:

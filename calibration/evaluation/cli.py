@@ -49,8 +49,8 @@ examples:
 Without --profile or --heads, dysco uses the registry's NAME@latest profile (from `headfinder` or
 `calibrate`). Accuracy intervals are 95% percentile bootstraps of the mean (seeded); each method is
 compared with vanilla on the same examples by a paired bootstrap of the mean difference and an
-exact two-sided sign test; on the exact path (not --fast) the report also says how much of each
-answer's evidence DySCO selected (selection recall). Writes results.md, results.json (per-example
+exact two-sided sign test; the report also says how much of each answer's evidence DySCO selected
+(selection recall; on the exact path and on --fast alike). Writes results.md, results.json (per-example
 scores, responses and selection) and accuracy.png into --out. An interrupted run resumes: the same command again reads the batches already
 in --out's progress.jsonl back instead of decoding them (--fresh discards them).
 

@@ -32,7 +32,7 @@ _OUTCOME_TEXT = {"all": "all", "right": f"right (score ≥ {RIGHT_SCORE:g})", "w
                  "win": f"win vs {BASELINE}", "loss": f"loss vs {BASELINE}"}
 
 
-SELECTION_TITLE = "Selection recall (DySCO, exact path)"
+SELECTION_TITLE = "Selection recall (DySCO)"
 SELECTION_HELP = (
     "For each generated token, over the prompt tokens that hold the answer (the task's evidence: the needle "
     "sentence, the key's pair, the route's lines, the asked-for MRCR reply): **recall** = the share of them "
@@ -57,7 +57,7 @@ class EvalReport:
     speed: list[SpeedResult]
     examples: list[dict[str, Any]]  # per example: task, length, id, scores/responses per method, DySCO's selection
     seconds: float = 0.0
-    selection: list[SelectionResult] = field(default_factory=list)  # DySCO's selection recall (exact path only)
+    selection: list[SelectionResult] = field(default_factory=list)  # DySCO's selection recall (exact or fast path)
 
     @property
     def methods(self) -> list[str]:
@@ -88,12 +88,13 @@ class EvalReport:
         return [e["scores"][method] for e in self.examples if e["task"] == task and e["length"] == length]
 
     def selection_unavailable(self) -> str | None:
-        """Why the report has no selection recall (DySCO not run, or the fast path); None when it was measured."""
+        """Why the report has no selection recall (DySCO not run, or a fast-path run made before the fast path
+        measured it); None when it was measured."""
         if "dysco" not in self.methods:
             return "DySCO was not among the methods"
-        if self.config.get("path") == "fast":
-            return ("the diagnostic needs the exact path: this run decoded with --fast (FastDecoder reports no "
-                    "selection); run without --fast to measure it")
+        if self.config.get("path") == "fast" and not self.selection:
+            return ("this run decoded with --fast in a version whose fast path did not measure it; run it again "
+                    "to measure it")
         return None
 
     def to_dict(self) -> dict[str, Any]:

@@ -348,7 +348,7 @@ def aggregate(
                 )
                 paired.append(PairedResult(task=label, length=length, method=method, baseline=BASELINE, **stats))
         chosen = runs[(label, length, "dysco")].selection_per_example() if "dysco" in methods else None
-        if chosen is not None and not plan.fast:
+        if chosen is not None:
             selection += selection_results(
                 label, length, chosen, runs[(label, length, "dysco")].scores,
                 runs[(label, length, BASELINE)].scores if BASELINE in methods else None,
@@ -365,7 +365,7 @@ def aggregate(
                 "new_tokens": {m: runs[(label, length, m)].new_tokens[i] for m in methods},
                 "responses": {m: runs[(label, length, m)].responses[i] for m in methods},
                 # DySCO's selection of this example's evidence (means over its generated tokens); None where
-                # not measured (the fast path, batches resumed from an older progress file).
+                # not measured (batches resumed from an older progress file).
                 "selection": {"dysco": chosen[i]} if chosen is not None else {},
             })
 

@@ -181,7 +181,7 @@ def test_one_prefill_serves_trials_with_different_intervention_warmups():
 
 def test_fast_path_runner_gives_the_exact_runners_responses_and_scores():
     """`ExampleRunner(fast=True)`: one fast prefill per batch serves every trial, and every method gives the
-    exact path's responses and per-example scores (a padded batch and a batch of one)."""
+    exact path's responses, per-example scores and DySCO's selection recall (a padded batch and a batch of one)."""
     from calibration.runner import ExampleRunner, Method
     from calibration.tasks import get_task
     from decoder.dysco import DyscoConfig
@@ -204,9 +204,33 @@ def test_fast_path_runner_gives_the_exact_runners_responses_and_scores():
         exact, fast = (runners[f].evaluate(method) for f in (False, True))
         assert fast.responses == exact.responses, method
         assert fast.scores == exact.scores and fast.new_tokens == exact.new_tokens
+        _same_selection(fast.extra["selection"], exact.extra["selection"], dysco=method.name == "dysco")
     assert len(runners[True]._prefills) == 2  # one per batch, shared by every method but AttnTS
     assert not runners[True]._prefills[0].attention_mask.all()  # the first batch was padded
     assert runners[True]._prefills[0].prefilled == runners[False]._prefills[0].prefilled
+
+
+def _same_selection(fast, exact, *, dysco):
+    """Per example, the fast path's `summarize_selection` is the exact path's (floats within float32 noise);
+    DySCO's are measured (kv locates its evidence), other methods' are None."""
+    assert len(fast) == len(exact)
+    for a, b in zip(fast, exact):
+        assert (a is not None) == (b is not None) == dysco
+        if dysco:
+            assert a.keys() == b.keys() and a["evidence_recall"] is not None
+            assert a == pytest.approx(b, abs=1e-5)
+
+
+def _close(a, b, tol=1e-5):
+    """Nested dicts / lists of the same shape whose numbers agree within `tol` (None where the other is None)."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and a.keys() == b.keys()
+        for key in b:
+            _close(a[key], b[key], tol)
+    elif isinstance(b, (int, float)) and not isinstance(b, bool):
+        assert a == pytest.approx(b, abs=tol)
+    else:
+        assert a == b
 
 
 def test_head_ranking_follows_qr_scores_then_head_set():
@@ -434,8 +458,10 @@ def test_a_fast_path_study_scores_every_trial_as_the_exact_path_and_keeps_to_its
     assert studies[True].user_attrs["baselines"]["vanilla"]["scores"] == \
         studies[False].user_attrs["baselines"]["vanilla"]["scores"]
     assert results[True].scores == results[False].scores
-    assert results[True].selection["dev_best"] is None  # no per-step diagnostics on the fast path
     assert results[False].selection["dev_best"] is not None
+    _close(results[True].selection, results[False].selection)  # dev best and test: the same selection recall
+    for exact, fast in zip(studies[False].trials, studies[True].trials, strict=True):  # and each trial's
+        _close(fast.user_attrs.get("selection"), exact.user_attrs.get("selection"))
     with pytest.raises(CalibrationError, match="different path"):
         calibrate(CalibrationConfig(**base, study_name=results[True].study_name))
     with pytest.raises(CalibrationError, match="different path"):
@@ -788,3 +814,4 @@ def test_fast_path_trials_match_the_exact_path_on_smollm2(smollm2):
         exact, fast = (runner.evaluate(method) for runner in runners)
         assert fast.responses == exact.responses, method
         assert fast.scores == exact.scores
+        _same_selection(fast.extra["selection"], exact.extra["selection"], dysco=method.name == "dysco")

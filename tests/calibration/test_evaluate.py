@@ -461,7 +461,8 @@ def test_embedded_smollm2_short_eval(smollm2):
 
 
 def test_fast_path_gives_the_exact_paths_answers(tiny):
-    """`fast=True` (`dysco eval --fast`) decodes with FastDecoder: same responses, scores and timings recorded."""
+    """`fast=True` (`dysco eval --fast`) decodes with FastDecoder: same responses, scores and selection recall
+    (per example and per outcome group, a padded batch included), timings recorded."""
     model, tokenizer = tiny
     kw = dict(dysco=HEADS, max_new_tokens=6, bootstrap_resamples=200, batch_size=2)
     exact = evaluate(model, tokenizer, "needle", "512", "vanilla,attnts,dysco", 3, 7, **kw)
@@ -469,6 +470,14 @@ def test_fast_path_gives_the_exact_paths_answers(tiny):
     assert fast.config["path"] == "fast" and exact.config["path"] == "exact"
     for a, b in zip(exact.examples, fast.examples):
         assert a["responses"] == b["responses"] and a["scores"] == b["scores"]
+        assert b["selection"]["dysco"]["evidence_recall"] is not None
+        assert b["selection"]["dysco"] == pytest.approx(a["selection"]["dysco"], abs=1e-5)
+    assert len(fast.selection) == len(exact.selection) == 5
+    for a, b in zip(exact.selection, fast.selection):
+        assert (b.outcome, b.n, b.examples) == (a.outcome, a.n, a.examples)
+        for name in (*EVIDENCE_FIELDS, "selected"):
+            assert getattr(b, name) == (None if getattr(a, name) is None else pytest.approx(getattr(a, name), abs=1e-5))
+    assert fast.selection_unavailable() is None
     assert all(s.ttft_s > 0 and s.new_tokens > 0 for s in fast.speed)
 
 
@@ -592,7 +601,7 @@ def test_selection_recall_fields_exist_and_lie_in_the_unit_interval(report):
         for r in rows.values():  # an empty group has no means, not zeros
             assert (r.evidence_recall is None) == (r.n == 0)
     table = report.markdown()
-    assert "Selection recall (DySCO, exact path)" in table and "selected and not used" in table
+    assert "Selection recall (DySCO)" in table and "selected and not used" in table
     assert "| needle | 512 | all | 3/3 |" in table
 
 
@@ -663,18 +672,42 @@ def test_resumed_run_keeps_the_selection_and_old_progress_files_resume_without_i
     assert "| needle | 512 | all | 1/2 |" in old.markdown()
 
 
-def test_fast_path_says_the_selection_recall_needs_the_exact_path(tiny):
+def test_cli_fast_reports_the_selection_recall(tiny, tmp_path, capsys):
+    """`dysco eval --fast` writes the selection-recall table and its JSON rows, as the exact path does."""
+    from decoder.cli import main
+
     model, tokenizer = tiny
-    fast = evaluate(model, tokenizer, "needle", "512", "vanilla,dysco", 2, 7, dysco=HEADS, max_new_tokens=3,
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(folder), "--heads", "1:0,2:3", "--tasks", "needle", "--lengths", "512",
+                 "--methods", "vanilla,dysco", "--n", "2", "--max-new-tokens", "2", "--out", str(out), "--json",
+                 "--quiet", "--fast"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["config"]["path"] == "fast" and printed["selection_unavailable"] is None
+    everyone = next(r for r in printed["selection"] if r["outcome"] == "all")
+    assert everyone["n"] == everyone["examples"] == 2 and 0.0 <= everyone["evidence_recall"] <= 1.0
+    assert all(e["selection"]["dysco"]["steps"] >= 2 for e in printed["examples"])
+    table = (out / "results.md").read_text()
+    assert "Selection recall (DySCO)." in table and "| needle | 512 | all | 2/2 |" in table
+
+
+def test_an_older_fast_report_says_why_it_has_no_selection_recall(tiny):
+    """A results.json of a --fast run made before the fast path measured selection loads and says so plainly."""
+    model, tokenizer = tiny
+    fast = evaluate(model, tokenizer, "needle", "512", "vanilla,dysco", 1, 7, dysco=HEADS, max_new_tokens=2,
                     bootstrap_resamples=200, fast=True)
-    assert fast.selection == []
-    assert all(e["selection"] == {"dysco": None} for e in fast.examples)
     data = fast.to_dict()
-    assert data["selection"] == [] and "exact path" in data["selection_unavailable"]
-    table = fast.markdown()
-    assert "Selection recall (DySCO, exact path): not available — the diagnostic needs the exact path" in table
+    data["selection"] = []
+    for e in data["examples"]:
+        e["selection"] = {"dysco": None}
+    old = EvalReport.from_dict(data)
+    assert "--fast in a version whose fast path did not measure it" in old.selection_unavailable()
+    table = old.markdown()
+    assert "Selection recall (DySCO): not available — this run decoded with --fast" in table
     assert "0.000" not in table
-    assert EvalReport.from_dict(json.loads(fast.to_json())).markdown() == table
+    assert EvalReport.from_dict(json.loads(old.to_json())).markdown() == table
 
 
 def test_selection_results_groups_by_outcome_and_skips_the_unmeasured():

@@ -154,7 +154,7 @@ def test_bad_intervention_warmup_fails_before_the_model_loads(tiny_loader, capsy
 
 
 def test_fast_flag_gives_the_same_tokens(tiny_loader, capsys):
-    """`--fast` (decoder.fast) generates the tokens of the default exact path."""
+    """`--fast` (decoder.fast) generates the tokens and the per-step diagnostics of the default exact path."""
     args = ["generate", "--model", "tiny", "--heads", "1:0,2:3", "--top-k", "5", "--warmup", "4",
             "--max-new-tokens", "6", "--prompt", "The value of key 17 is 42.", "--json"]
     assert main(args) == 0
@@ -163,6 +163,9 @@ def test_fast_flag_gives_the_same_tokens(tiny_loader, capsys):
     fast = json.loads(capsys.readouterr().out)
     assert fast["path"] == "fast" and fast["tokens"] == exact["tokens"] and fast["text"] == exact["text"]
     assert fast["timings"]["prefill_s"] >= 0
+    assert len(fast["diagnostics"]) == len(exact["diagnostics"]) == 6
+    for a, b in zip(exact["diagnostics"], fast["diagnostics"]):
+        assert b["selected"] == a["selected"] and b["mass"] == pytest.approx(a["mass"], abs=1e-5)
 
 
 @pytest.mark.embedded

@@ -456,3 +456,152 @@ def test_generate_from_refuses_what_the_state_cannot_continue():
     other, other_tok = tiny_model("llama")
     with pytest.raises(ValueError, match="another model"):
         FastDecoder(other, other_tok, "vanilla").generate_from(state)
+
+
+# --------------------------------------------------------------------------- selection diagnostics
+
+EVIDENCE = [[3, 4, 5, 20], [], [0, 2]]  # per prompt of PROMPTS: the middle row has none (its fields are None)
+
+DIAGNOSTIC_CASES = {
+    **{name: case for name, case in CASES.items() if case[0] == "dysco"},
+    # No fed span: the first token comes from the plain prefill, so it has no diagnostics (one fewer than tokens).
+    "dysco_plain_first": ("dysco", {"dysco": DyscoConfig(head_set=[(1, 0), (2, 3)], top_p=0.8, context_warmup=0,
+                                                          intervention_warmup=0)}),
+}
+
+
+def _same_diagnostics(exact, fast, tol=TOL):
+    """Same tokens; per row the same number of diagnosed steps, the same `selected`, the floats within `tol`."""
+    assert fast.token_ids == exact.token_ids
+    assert len(fast.diagnostics) == len(exact.diagnostics)
+    for a, b in zip(exact.diagnostics, fast.diagnostics):
+        assert len(b) == len(a)
+        for x, y in zip(a, b):
+            assert y.keys() == x.keys()
+            assert y["selected"] == x["selected"]
+            for name, value in x.items():
+                assert (y[name] is None) == (value is None), name
+                if value is not None:
+                    assert abs(y[name] - value) < tol, (name, value, y[name])
+
+
+@pytest.mark.parametrize("case", list(DIAGNOSTIC_CASES))
+def test_fast_selection_diagnostics_match_exact(case):
+    """`return_diagnostics=True, evidence=…`: per row, per DySCO step, the exact path's diagnostics (dynamic,
+    lagged, static, hard; a padded batch with a template mask; a row that stops at EOS keeps its own steps)."""
+    model, tok = tiny_model("qwen3")
+    method, kw = DIAGNOSTIC_CASES[case]
+    masks = [[i % 3 == 0 for i in range(len(p))] for p in PROMPTS]
+    run = dict(max_new_tokens=6, return_diagnostics=True, template_mask=masks)
+    # The short row's second token as EOS: that row stops after at most two tokens, before the others.
+    stop = Decoder(model, tok, method, **kw).generate(PROMPTS, eos=[], **run).token_ids[2][1]
+    run["eos"] = [stop]
+    exact = Decoder(model, tok, method, **kw).generate(PROMPTS, evidence=EVIDENCE, **run)
+    fast = FastDecoder(model, tok, method, **kw)
+    _same_diagnostics(exact, fast.generate(PROMPTS, evidence=EVIDENCE, **run))
+    # Without evidence: only `selected` and `mass`, as on the exact path.
+    plain = fast.generate(PROMPTS, **run)
+    _same_diagnostics(Decoder(model, tok, method, **kw).generate(PROMPTS, **run), plain)
+    assert all(set(step) == {"selected", "mass"} for row in plain.diagnostics for step in row)
+    lengths = [len(row) for row in exact.token_ids]
+    assert lengths[2] <= 2 < max(lengths)  # a row did stop early
+    first_plain = case == "dysco_plain_first"
+    assert [len(row) for row in exact.diagnostics] == [n - first_plain for n in lengths]
+
+
+def test_fast_selection_diagnostics_from_a_shared_prefill():
+    """`generate_from` a plain prefill kept for many trials: each trial's diagnostics are the exact path's."""
+    model, tok = tiny_model("qwen3")
+    state = FastDecoder(model, tok, "vanilla").prefill(PROMPTS, warmup=SHARED_WARMUP, max_new_tokens=5)
+    for case in ("dysco", "dysco_static_warm", "dysco_lagged"):
+        method, kw = CASES[case]
+        exact = Decoder(model, tok, method, **kw).generate(PROMPTS, max_new_tokens=5, eos=[], return_diagnostics=True,
+                                                          evidence=EVIDENCE)
+        fast = FastDecoder(model, tok, method, **kw).generate_from(state, max_new_tokens=5, eos=[],
+                                                                  return_diagnostics=True, evidence=EVIDENCE)
+        _same_diagnostics(exact, fast)
+
+
+def test_fast_selection_diagnostics_other_methods_and_bad_evidence(monkeypatch):
+    """Vanilla and AttnTS have no diagnostics (None, as on the exact path); bad evidence is refused before any forward."""
+    model, tok = tiny_model("qwen3")
+    for method, kw in (CASES["vanilla"], CASES["attnts"]):
+        assert FastDecoder(model, tok, method, **kw).generate(PROMPTS, max_new_tokens=2, return_diagnostics=True,
+                                                              evidence=EVIDENCE).diagnostics is None
+    fast = FastDecoder(model, tok, "dysco", dysco=CASES["dysco"][1]["dysco"])
+    assert fast.generate(PROMPTS, max_new_tokens=2).diagnostics is None  # not asked for
+    monkeypatch.setattr(fast, "_prefill", lambda *a, **k: pytest.fail("prefilled before checking the evidence"))
+    with pytest.raises(ValueError, match="evidence row 2 has position 3 outside its prompt of 3 tokens"):
+        fast.generate(PROMPTS, evidence=[[0], [1], [3]], return_diagnostics=True)
+    with pytest.raises(ValueError, match="evidence has 2 rows for a batch of 3 prompts"):
+        fast.generate(PROMPTS, evidence=[[0], [1]], return_diagnostics=True)
+    with pytest.raises(ValueError, match=r"evidence must be a bool mask shaped like input_ids \(1, 30\)"):
+        fast.generate_ids(torch.tensor([PROMPTS[0]]), evidence=torch.ones(1, 29, dtype=torch.bool))
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every ATen op run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["dysco_lagged", "dysco_static_warm"])
+def test_fast_default_path_does_no_diagnostic_work(case):
+    """Diagnostics off, a generation runs the same ops (what a CUDA graph of each step captures) whether or not
+    this decoder ever made diagnostics; with them on it runs more (so the trace does see them)."""
+    model, tok = tiny_model("qwen3")
+    fast = FastDecoder(model, tok, "dysco", dysco=CASES[case][1]["dysco"])
+    ids = torch.tensor([PROMPTS[0], PROMPTS[0]])
+    fast.generate_ids(ids, max_new_tokens=4)  # buffers allocated: the traces below are generations alone
+    traces = {}
+    for name, kw in (("before", {}), ("on", {"return_diagnostics": True}), ("after", {})):
+        with _Ops() as ops:
+            fast.generate_ids(ids, max_new_tokens=4, **kw)
+        traces[name] = ops.ops
+    assert traces["after"] == traces["before"]
+    assert len(traces["on"]) > len(traces["before"]) and "aten.index_copy_.default" in set(traces["on"])
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("selection", ["dynamic", "lagged", "static"])
+def test_fast_selection_diagnostics_match_exact_on_smollm2(smollm2, selection):
+    """Real weights, chat prompts (auto intervention warmup = 4) in a padded batch, the evidence on a sentence."""
+    model, tok = smollm2
+    prompts = [
+        [{"role": "user", "content": "The secret number is 7319. Alice lives in Paris, Bob in Rome. What is the secret number?"}],
+        [{"role": "user", "content": "Bob lives in Rome. Where does Bob live?"}],
+    ]
+    evidence = [list(range(24, 34)), list(range(24, 29))]  # "The secret number is 7319.", "Bob lives in Rome."
+    config = DyscoConfig(head_set=[(8, 2), (15, 4), (20, 1), (21, 7)], selection=selection, top_p=0.9)
+    run = dict(max_new_tokens=5, eos=[], return_diagnostics=True, evidence=evidence)
+    exact = Decoder(model, tok, "dysco", dysco=config).generate(prompts, **run)
+    fast = FastDecoder(model, tok, "dysco", dysco=config).generate(prompts, **run)
+    _same_diagnostics(exact, fast, tol=5e-4)
+    assert all(step["evidence_importance"] > 0 for row in fast.diagnostics for step in row)
+
+
+@pytest.mark.gpu
+def test_fast_selection_diagnostics_under_cuda_graphs():
+    """On a GPU: the diagnostics replayed from their own graphs equal the eager fast path's, the default graphs
+    stay the ones captured before, and the tokens do not change."""
+    model, tok = tiny_model("qwen3")
+    model = model.to("cuda")
+    config = CASES["dysco_lagged"][1]["dysco"]
+    graphs = FastDecoder(model, tok, "dysco", dysco=config, cuda_graphs=True)
+    eager = FastDecoder(model, tok, "dysco", dysco=config, cuda_graphs=False)
+    plain = graphs.generate(PROMPTS, max_new_tokens=6, eos=[])
+    default = dict(graphs._shape.graphs)
+    assert set(default) == {(kind, False) for kind in graphs._step_kinds()}
+    run = dict(max_new_tokens=6, eos=[], return_diagnostics=True, evidence=EVIDENCE)
+    got = graphs.generate(PROMPTS, **run)
+    assert got.token_ids == plain.token_ids
+    assert all(graphs._shape.graphs[key] is graph for key, graph in default.items())
+    assert {key for key in graphs._shape.graphs if key[1]} == {("dysco", True), ("lagged", True)}
+    _same_diagnostics(eager.generate(PROMPTS, **run), got)
+    assert graphs.generate(PROMPTS, max_new_tokens=6, eos=[]).token_ids == plain.token_ids
