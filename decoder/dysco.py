@@ -7,6 +7,7 @@
     selected = select_positions(importance, top_p=0.975, top_k=4096)  # bool [batch, n]
     up = upweighted_positions(selected, template, real, hard=False)   # bool [batch, n]
     bias = dysco_bias(up, strength=2.0)                               # [batch, n]
+    stats = selection_statistics(importance, up, evidence)            # [batch, 5]: the step's diagnostics
 
 How DySCO runs. These are the rules of the authors' published code (princeton-pli/DySCO,
 `rescale_generate`, as configured by its YAML files), which is the definition we follow token for

@@ -86,7 +86,7 @@ def test_fast_lagged_runs_no_probe():
     fast = FastDecoder(model, tok, "dysco", dysco=CASES["dysco_lagged"][1]["dysco"])
     kinds = []
     step = fast._step
-    fast._step = lambda shape, kind: (kinds.append(kind), step(shape, kind))[1]
+    fast._step = lambda shape, kind, *rest: (kinds.append(kind), step(shape, kind, *rest))[1]
     probes = []
     probe = fast._forward_probe
     fast._forward_probe = lambda *a: (probes.append(1), probe(*a))[1]
