@@ -14,7 +14,8 @@
 #   choose    the dev cell: vanilla in [0.25, 0.75] at the longest length (else the cell nearest 0.5
 #             inside [0.1, 0.9]); every other cell inside [0.1, 0.9] is a transfer cell
 #   calibrate a 30-trial fast study on the dev cell (48 dev examples, seed 0), registered
-#   heldout   the calibrated profile (vanilla, AttnTS at its tuned T, DySCO) and the detected heads
+#   heldout   (batch 20: 50 rows of 1.5B at 16K ran out of the H200's memory in the prefill)
+#             the calibrated profile (vanilla, AttnTS at its tuned T, DySCO) and the detected heads
 #             with the published knobs (DySCO) on 100 new examples of the dev cell (seed 2)
 #   transfer  the calibrated profile (vanilla, DySCO) on 100 new examples of each transfer cell
 # A stage cut by the deadline is rerun by the next call and resumes: `dysco eval` from its
@@ -30,7 +31,7 @@ loop=(bash benchmarks/gpu_research_loop.sh)
 gpu=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}")
 # sizes (the defaults are the round's; a CPU dry run shrinks them)
 lengths="${LENGTHS:-8k,16k,32640}" scan_n="${SCAN_N:-24}" dev_n="${DEV_N:-48}" trials="${TRIALS:-30}"
-heldout_n="${HELDOUT_N:-100}" batch="${BATCH:-24}" heldout_batch="${HELDOUT_BATCH:-50}"
+heldout_n="${HELDOUT_N:-100}" batch="${BATCH:-24}" heldout_batch="${HELDOUT_BATCH:-20}"
 
 left() { echo $(( deadline - $(date +%s) - 20 )); }
 # run STAGE CMD…: once; under the time left; marks STAGE done only when CMD succeeds
@@ -57,9 +58,9 @@ stages() {
     --n "$scan_n" --seed 1 --methods vanilla --fast --batch-size "$batch" --quiet "${gpu[@]}" || return
   run choose python3 benchmarks/gpu_round_choose.py "$ROUND/scan/results.json" "$ROUND/scan-mrcr/results.json" \
     --out "$ROUND/choice.json" || return
-  local task length context
-  task=$(field task) length=$(field length) context=$(field context)
-  run calibrate "${loop[@]}" calibrate "$parts" "$ROUND/cal" --profile "$MODEL@1" --dev "$task" --context "$context" \
+  local task length
+  task=$(field task) length=$(field length)
+  run calibrate "${loop[@]}" calibrate "$parts" "$ROUND/cal" --profile "$MODEL@1" --dev "$task" --context "$length" \
     --examples "$dev_n" --test-examples "$scan_n" --trials "$trials" --batch-size "$batch" --fast --quiet "${gpu[@]}" || return
   local ref; ref=$(python3 -c "import json; print(json.load(open('$ROUND/cal/calibrate.json'))['profile_ref'])")
   run heldout "${loop[@]}" eval "$ROUND/heldout-calibrated" --profile "$ref" --tasks "$task" --lengths "$length" \

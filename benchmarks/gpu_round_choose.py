@@ -32,7 +32,7 @@ def choose(cells: list[dict]) -> dict:
         dev = min(inside, key=lambda c: abs(c["mean"] - 0.5))
     transfer = sorted((c for c in inside if c is not dev), key=lambda c: -c["length"])
     return {
-        "task": dev["task"], "length": dev["length"], "context": dev["length"], "vanilla": dev["mean"],
+        "task": dev["task"], "length": dev["length"], "vanilla": dev["mean"],
         "transfer": " ".join(f"{c['task']}@{c['length']}" for c in transfer),
         "scan": [{k: c[k] for k in ("task", "length", "mean", "n")} for c in cells],
     }
