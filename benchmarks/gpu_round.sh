@@ -10,7 +10,8 @@
 # Stages, each skipped once done (state in $ROUND, default /tmp/round-$MODEL, which outlives a call
 # while the machine stays warm; every call copies it to OUT before its deadline):
 #   detect    QR heads on 16 QR probes of 3,072 tokens (registered as MODEL@1)
-#   scan      vanilla on needle, kv, pathtrans at 8K, 16K, 32640 and MRCR at 8K (24 examples, seed 1)
+#   scan      vanilla on needle, kv, pathtrans at 8K, 16K, 32640 and MRCR at $MRCR_LENGTHS (default: the
+#             first length; MRCR is the slowest task to decode) (24 examples, seed 1)
 #   choose    the dev cell: vanilla in [0.25, 0.75] at the longest length (else the cell nearest 0.5
 #             inside [0.1, 0.9]); every other cell inside [0.1, 0.9] is a transfer cell
 #   calibrate a 30-trial fast study on the dev cell (48 dev examples, seed 0), registered
@@ -32,6 +33,7 @@ gpu=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}")
 # sizes (the defaults are the round's; a CPU dry run shrinks them)
 lengths="${LENGTHS:-8k,16k,32640}" scan_n="${SCAN_N:-24}" dev_n="${DEV_N:-48}" trials="${TRIALS:-30}"
 heldout_n="${HELDOUT_N:-100}" batch="${BATCH:-24}" heldout_batch="${HELDOUT_BATCH:-20}"
+mrcr_lengths="${MRCR_LENGTHS:-${lengths%%,*}}"
 
 left() { echo $(( deadline - $(date +%s) - 20 )); }
 # run STAGE CMD…: once; under the time left; marks STAGE done only when CMD succeeds
@@ -54,7 +56,7 @@ stages() {
   run detect "${loop[@]}" detect "$parts" "$ROUND/detect" --probes qr --n-probes 16 --context 3072 "${gpu[@]}" || return
   run scan "${loop[@]}" eval "$ROUND/scan" --profile "$MODEL@1" --tasks needle,kv,pathtrans --lengths "$lengths" \
     --n "$scan_n" --seed 1 --methods vanilla --fast --batch-size "$batch" --quiet "${gpu[@]}" || return
-  run scan-mrcr "${loop[@]}" eval "$ROUND/scan-mrcr" --profile "$MODEL@1" --tasks mrcr --lengths "${lengths%%,*}" \
+  run scan-mrcr "${loop[@]}" eval "$ROUND/scan-mrcr" --profile "$MODEL@1" --tasks mrcr --lengths "$mrcr_lengths" \
     --n "$scan_n" --seed 1 --methods vanilla --fast --batch-size "$batch" --quiet "${gpu[@]}" || return
   run choose python3 benchmarks/gpu_round_choose.py "$ROUND/scan/results.json" "$ROUND/scan-mrcr/results.json" \
     --out "$ROUND/choice.json" || return

@@ -26,12 +26,13 @@ from decoder.cli_common import EXIT_RUNTIME, EXIT_USAGE, UsageError, check_model
 from decoder.loading import checkpoint_on_disk, context_limit, model_identity, model_name, model_shape
 from decoder.threads import quiet_idle_threads
 from headfinder.plots import heatmap
-from headfinder.probes import make_needle_probes, make_qr_probes
+from headfinder.probes import make_kv_probes, make_needle_probes, make_qr_probes
 from registry import Profile, ProfileValidationError, Registry, RegistryError, collect_provenance, parse_head_set
 
 quiet_idle_threads()  # before anything imports torch
 
 DEFAULT_MODEL = "smollm2-135m"
+PROBE_CHOICES = ("qr", "kv", "needle", "both")
 DEFAULTS = {"probes": "both", "n_probes": 16, "context": 1024, "top": 16, "seed": 0}
 SCORE_NAMES = ("qr", "qr_ndcg", "retrieval")
 SCORES_FILE, HEADS_FILE, SUMMARY_FILE = "scores.safetensors", "head_set.json", "summary.json"
@@ -63,16 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
         "detect", help="score every head on synthetic probes and write scores, head set, heatmaps and a summary",
         description="Score every (layer, head) on seeded synthetic probes sized in the model's own tokens. "
         "QR probes: documents about invented people, a question answered by one (or two, multi-hop) of them; "
-        "the QR score is the question's attention to the gold documents minus the null query's. Needle probes: "
+        "the QR score is the question's attention to the gold documents minus the null query's. KV probes: the QR "
+        "score on a JSON object of random ids, each key-value pair a document, the question naming one key (for "
+        "models whose QR heads on prose miss the pair a kv task asks for). Needle probes: "
         "a needle sentence in filler text; the retrieval score counts argmax-attention hits on the token being "
         "copied. Writes scores.safetensors, head_set.json, one heatmap PNG per score and summary.json.",
         **examples("headfinder detect --model smollm2-135m --register",
                    "headfinder detect --model smollm2-135m --seed 1 --out headfinder-out/seed1",
-                   "headfinder detect --model ./my-checkpoint --probes needle --top 8 --json"),
+                   "headfinder detect --model ./my-checkpoint --probes needle --top 8 --json",
+                   "headfinder detect --model qwen2.5-coder-0.5b --probes kv --context 3072 --register"),
     )
     _model_options(detect)
-    detect.add_argument("--probes", choices=("qr", "needle", "both"), default=DEFAULTS["probes"],
-                        help="which probes to run (default: %(default)s)")
+    detect.add_argument("--probes", choices=PROBE_CHOICES, default=DEFAULTS["probes"],
+                        help="which probes to run: qr (prose documents), kv (key-value pairs; scored like qr), "
+                        "needle, or both (qr and needle) (default: %(default)s)")
     detect.add_argument("--n-probes", type=int, default=DEFAULTS["n_probes"], metavar="N",
                         help="probes of each kind (default: %(default)s)")
     detect.add_argument("--context", type=int, default=DEFAULTS["context"], metavar="TOKENS",
@@ -270,7 +275,8 @@ def _cmd_detect(args) -> int:
     _check_positive(args.context, "--context")
     _check_model_args(args)
     score_name = args.score or ("retrieval" if args.probes == "needle" else "qr")
-    runs_qr, runs_needle = args.probes in ("qr", "both"), args.probes in ("needle", "both")
+    # kv probes are QR probes of another shape: they give the qr and qr_ndcg scores
+    runs_qr, runs_needle = args.probes in ("qr", "kv", "both"), args.probes in ("needle", "both")
     if score_name.startswith("qr") and not runs_qr or score_name == "retrieval" and not runs_needle:
         raise UsageError(f"--score {score_name} needs the probes that compute it; --probes {args.probes} does not")
     name = model_name(args.model)
@@ -289,7 +295,7 @@ def _cmd_detect(args) -> int:
     from headfinder.scores import qr_scores, retrieval_scores
 
     started = time.time()
-    makers = {"qr": make_qr_probes} if runs_qr else {}
+    makers = {"qr": make_kv_probes if args.probes == "kv" else make_qr_probes} if runs_qr else {}
     makers.update({"needle": make_needle_probes} if runs_needle else {})
     probes = _probes_before_loading(args, name, makers)
     model, tokenizer = _load(args)

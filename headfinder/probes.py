@@ -1,22 +1,27 @@
 """Synthetic probes for head detection, sized in the model's own tokens.
 
-Two kinds, both seeded and deterministic, both about invented things so no world knowledge helps:
+Three kinds, all seeded and deterministic, all about invented things so no world knowledge helps:
 
 - `QRProbe`: several short documents about invented people (or organisations), then a question
   answerable from one gold document (or, in the multi-hop variant, from two). Each probe carries the
   token ids of the prompt with the question and with the null query "N/A"; both share a prefix that
   holds every document, so the prefix is prefilled once.
+- Key-value probes (`make_kv_probes`, also `QRProbe`s): a JSON object of random ids, each pair a
+  document, and a question naming one key: the QR score on the shape of a retrieval task.
 - `NeedleProbe`: a needle sentence inside filler text at a chosen depth, then a question whose answer
   is the needle repeated (Wu et al. 2024).
 
     probes = make_qr_probes(tokenizer, n=8, context_tokens=1024, seed=0)
     probes[0].doc_spans[probes[0].gold[0]]      # token span of the gold document   # → (211, 287)
+    kv = make_kv_probes(tokenizer, n=8, context_tokens=3072, seed=0)   # kv[0].entity: the asked key
     needles = make_needle_probes(tokenizer, n=4, context_tokens=1024, seed=0)
 """
 
 from __future__ import annotations
 
+import json
 import random
+import uuid
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -25,6 +30,7 @@ from decoder.template import has_chat_template
 NULL_QUERY = "N/A"
 
 QR_INSTRUCTION = "Read the documents below and answer the question that follows them."
+KV_INSTRUCTION = "Below is a JSON object whose keys and values are random ids."
 NEEDLE_INSTRUCTION = "Read the text below. One sentence in it states a special magic number."
 
 # Invented-name syllables: pronounceable, unlikely to name anything real.
@@ -318,18 +324,25 @@ def _qr_probe(tokenizer, context_tokens: int, rng: random.Random, seed: int, two
 
 def _assemble_qr(tokenizer, docs, question, answer, gold, seed, two_hop, entity) -> QRProbe:
     titled = [f"Document {k + 1}: {d}" for k, d in enumerate(docs)]
-    body = QR_INSTRUCTION + "\n\n" + "\n\n".join(titled) + "\n\nQuestion: "
+    return _assemble(tokenizer, QR_INSTRUCTION + "\n\n", titled, "\n\n", "\n\nQuestion: ", question, answer, gold,
+                     seed, 2 if two_hop else 1, entity)
+
+
+def _assemble(tokenizer, intro: str, docs: list[str], separator: str, outro: str, question: str, answer: str,
+              gold, seed: int, hops: int, entity: str) -> QRProbe:
+    """A `QRProbe` whose prompt is `intro + separator.join(docs) + outro` then the question (or the null query)."""
+    body = intro + separator.join(docs) + outro
     query_text = render_prompt(tokenizer, body + question)
     null_text = render_prompt(tokenizer, body + NULL_QUERY)
     query_ids, query_offsets = _encode(tokenizer, query_text)
     null_ids, null_offsets = _encode(tokenizer, null_text)
 
     body_at = query_text.index(body)
-    doc_chars, cursor = [], body_at + len(QR_INSTRUCTION) + 2
-    for t in titled:
-        start = query_text.index(t, cursor)
-        doc_chars.append((start, start + len(t)))
-        cursor = start + len(t)
+    doc_chars, cursor = [], body_at + len(intro)
+    for d in docs:
+        start = query_text.index(d, cursor)
+        doc_chars.append((start, start + len(d)))
+        cursor = start + len(d)
     doc_spans = [_token_span(query_offsets, s, e) for s, e in doc_chars]
     q_at = body_at + len(body)
     query_rows = _token_span(query_offsets, q_at, q_at + len(question))
@@ -347,8 +360,65 @@ def _assemble_qr(tokenizer, docs, question, answer, gold, seed, two_hop, entity)
     return QRProbe(
         query_ids=query_ids, null_ids=null_ids, prefix_len=prefix_len, query_rows=query_rows,
         null_rows=null_rows, doc_spans=doc_spans, gold=list(gold), question=question, answer=answer,
-        seed=seed, hops=2 if two_hop else 1, entity=entity,
+        seed=seed, hops=hops, entity=entity,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Key-value probes: the QR score on the shape of a retrieval task instead of prose
+
+
+def _random_id(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def make_kv_probes(tokenizer, n: int, context_tokens: int, seed: int = 0) -> list[QRProbe]:
+    """`n` key-value probes of at most `context_tokens` tokens: a JSON object of random ids, one key asked.
+
+    Each key-value pair is a "document" (its line of the object, `"key": "value"`), the asked pair
+    the gold one, and the question names the key, so the QR score measures which heads attend from
+    the question to the pair it asks about — on text made of ids, where the prose of `make_qr_probes`
+    may find other heads. Probe `i` depends only on (`seed`, `i`), as for `make_qr_probes`.
+    """
+    _check_request(n, context_tokens)
+    probes, needed = [], 0
+    for i in range(n):
+        try:
+            probes.append(_kv_probe(tokenizer, context_tokens, random.Random(f"kv-{seed}-{i}"), seed))
+        except _TooShort as short:
+            needed = max(needed, short.tokens)
+    if needed:
+        raise ValueError(
+            f"context of {context_tokens} tokens is too short for these probes: with this tokenizer it cannot hold "
+            f"two key-value pairs; use at least {needed} tokens"
+        )
+    return probes
+
+
+def _kv_probe(tokenizer, context_tokens: int, rng: random.Random, seed: int) -> QRProbe:
+    state = rng.getstate()
+
+    def build(count: int) -> QRProbe:
+        rng.setstate(state)
+        pairs = [(_random_id(rng), _random_id(rng)) for _ in range(count)]
+        gold = rng.randrange(count)
+        key, value = pairs[gold]
+        lines = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs]
+        # The layout of json.dumps(..., indent=0), which the kv dev task shows the model.
+        return _assemble(tokenizer, KV_INSTRUCTION + "\n\n{\n", lines, ",\n", "\n}\n\n",
+                         f'What is the value of the key "{key}"? Answer with the value only.', value, [gold],
+                         seed, 1, key)
+
+    two = build(2)
+    per_pair = max(1, (len(build(4).query_ids) - len(two.query_ids)) // 2)
+    count = max(2, (context_tokens - len(two.query_ids)) // per_pair + 2)
+    while True:
+        probe = build(count)
+        if len(probe.query_ids) <= context_tokens and len(probe.null_ids) <= context_tokens:
+            return probe
+        if count <= 2:
+            raise _TooShort(max(len(probe.query_ids), len(probe.null_ids)))
+        count = max(2, count - max(1, (len(probe.query_ids) - context_tokens) // per_pair))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,6 +100,20 @@ def test_register_then_show_and_validate_the_profile(tiny_checkpoint, tmp_path):
     assert 0.0 <= report["baseline_accuracy"] <= 1.0
 
 
+def test_detect_on_kv_probes_registers_qr_scores_with_the_probe_kind(tiny_checkpoint, tmp_path):
+    registry_root = tmp_path / "registry"
+    result = _run_json(["detect", "--model", str(tiny_checkpoint), "--n-probes", "2", "--context", "700", "--top", "2",
+                        "--probes", "kv", "--out", str(tmp_path / "run"), "--register", "--registry",
+                        str(registry_root), "--json", "--threads", "1"])
+    summary = result["summary"]
+    assert summary["probes"] == "kv" and summary["score"] == "qr" and set(result["scores"]) == {"qr", "qr_ndcg"}
+    assert summary["qr_probes"]["two_hop"] == 0 and summary["qr_probes"]["tokens_max"] <= 700
+    from registry import Registry
+
+    profile = Registry(registry_root).load(summary["registered"])
+    assert profile.provenance["probe_kind"] == "kv" and [list(h) for h in profile.head_set] == result["heads"]
+
+
 def _expect_error(argv, message, capsys, code=2):
     """Exit `code` (2: usage error, 1: runtime error) with one line naming the problem."""
     assert main(argv) == code

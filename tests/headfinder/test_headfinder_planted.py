@@ -25,7 +25,7 @@ import torch
 
 from decoder.tiny import tiny_tokenizer
 from headfinder.head_sets import top_k_heads
-from headfinder.probes import make_needle_probes, make_qr_probes
+from headfinder.probes import make_kv_probes, make_needle_probes, make_qr_probes
 from headfinder.scores import qr_scores, retrieval_scores
 
 WIDTH = 256  # one residual block
@@ -137,3 +137,11 @@ def test_token_matching_head_is_ranked_first_by_qr_score():
     assert top_k_heads(result.qr, 1) == [(1, 1)], result.qr
     assert top_k_heads(result.ndcg, 1) == [(1, 1)], result.ndcg
     assert (result.per_probe_qr[:, 1, 1] > 0).all()  # on every probe it prefers the gold documents
+
+
+def test_token_matching_head_is_ranked_first_on_kv_probes():
+    # The question names the key; the token-matching head follows it to the asked pair's line.
+    model, tokenizer = build_planted_model(copy_circuit=False, token_match=True)
+    result = qr_scores(model, make_kv_probes(tokenizer, 4, 900, seed=0), progress=False)
+    assert top_k_heads(result.qr, 1) == [(1, 1)], result.qr
+    assert (result.per_probe_qr[:, 1, 1] > 0).all()

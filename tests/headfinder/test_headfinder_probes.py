@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decoder.tiny import tiny_tokenizer
-from headfinder.probes import NULL_QUERY, make_needle_probes, make_qr_probes
+from headfinder.probes import NULL_QUERY, make_kv_probes, make_needle_probes, make_qr_probes
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +88,28 @@ def test_plain_text_rendering_without_a_chat_template(plain_tokenizer):
     assert "<|im_start|>" not in text and text.endswith("Answer:")
     needle = make_needle_probes(plain_tokenizer, 1, 300, seed=0)[0]
     assert plain_tokenizer.decode(needle.prompt_ids).endswith("Answer:")
+
+
+def test_kv_probes_are_seeded_sized_and_point_at_the_asked_pair(tokenizer):
+    probes = make_kv_probes(tokenizer, 4, 900, seed=3)
+    assert probes == make_kv_probes(tokenizer, 4, 900, seed=3)
+    assert make_kv_probes(tokenizer, 2, 900, seed=3) == probes[:2]
+    assert {p.entity for p in probes}.isdisjoint({p.entity for p in make_kv_probes(tokenizer, 4, 900, seed=4)})
+    for probe in probes:
+        assert 0.75 * 900 < len(probe.query_ids) <= 900 and len(probe.null_ids) <= 900
+        assert probe.query_ids[: probe.prefix_len] == probe.null_ids[: probe.prefix_len]
+        assert probe.doc_spans[-1][1] <= probe.prefix_len <= probe.query_rows[0]
+        assert probe.hops == 1 and len(probe.gold) == 1 and probe.num_docs >= 5
+        question = _text(tokenizer, probe.query_ids, probe.query_rows).strip()
+        assert question == probe.question and f'"{probe.entity}"' in question
+        assert _text(tokenizer, probe.null_ids, probe.null_rows).strip() == NULL_QUERY
+        # Every document is one line of the JSON object; only the gold one holds the asked key, and its value.
+        lines = [_text(tokenizer, probe.query_ids, span).strip().rstrip(",") for span in probe.doc_spans]
+        assert all(line.count('"') == 4 and '": "' in line for line in lines)
+        assert [k for k, line in enumerate(lines) if probe.entity in line] == probe.gold
+        assert lines[probe.gold[0]] == f'"{probe.entity}": "{probe.answer}"'
+    with pytest.raises(ValueError, match="too short for these probes.*use at least"):
+        make_kv_probes(tokenizer, 1, 60, seed=0)
 
 
 def test_needle_sits_at_the_requested_depth(tokenizer):
