@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 parts="$1" out="$2"
 export MODEL="${MODEL:?MODEL=catalogue name}"
 ROUND="${ROUND:-/tmp/round-$MODEL}"
-deadline=$(( $(date +%s) + ${DEADLINE_S:-560} ))
+source benchmarks/stages.sh
 mkdir -p "$ROUND" "$out"
 loop=(bash benchmarks/gpu_research_loop.sh)
 gpu=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}")
@@ -35,21 +35,6 @@ lengths="${LENGTHS:-8k,16k,32640}" scan_n="${SCAN_N:-24}" dev_n="${DEV_N:-48}" t
 heldout_n="${HELDOUT_N:-100}" batch="${BATCH:-24}" heldout_batch="${HELDOUT_BATCH:-20}"
 mrcr_lengths="${MRCR_LENGTHS:-${lengths%%,*}}"
 
-left() { echo $(( deadline - $(date +%s) - 20 )); }
-# run STAGE CMD…: once; under the time left; marks STAGE done only when CMD succeeds
-run() {
-  local stage="$1"; shift
-  [ -f "$ROUND/$stage.done" ] && return 0
-  local t; t=$(left)
-  if [ "$t" -lt 30 ]; then echo "[$stage] not started: ${t}s left"; return 1; fi
-  echo "[$stage] start $(date -u +%T), ${t}s left"
-  local t0=$SECONDS
-  if timeout "$t" "$@" > >(tee -a "$ROUND/$stage.log") 2>&1; then
-    echo "$(( SECONDS - t0 ))" > "$ROUND/$stage.done"; echo "[$stage] done in $(( SECONDS - t0 ))s"
-  else
-    echo "[$stage] stopped (rc $?) after $(( SECONDS - t0 ))s"; return 1
-  fi
-}
 field() { python3 -c "import json,sys; print(json.load(open('$ROUND/choice.json'))[sys.argv[1]])" "$1"; }
 
 stages() {
