@@ -11,7 +11,10 @@
 #   detect-qr  QR heads on 16 prose QR probes of 3,072 tokens, the round's detection       -> MODEL@2
 #   eval-kv    vanilla and DySCO with the kv-probe heads (published knobs) on $N kv examples at $LENGTH
 #   eval-qr    DySCO with the prose heads on the same examples (seed 2)
-# Both evals report selection recall; benchmarks/pair_runs.py pairs the two runs afterwards.
+#   calibrate  (STUDY=1, the default) a 30-trial fast study from the kv-probe heads on 48 kv dev
+#              examples at $LENGTH (seed 0), registered
+#   eval-cal   DySCO with the calibrated profile on the same held-out examples
+# The evals report selection recall; benchmarks/pair_runs.py pairs the runs afterwards.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 parts="$1" out="$2"
@@ -22,7 +25,7 @@ source benchmarks/stages.sh
 mkdir -p "$ROUND" "$out"
 loop=(bash benchmarks/gpu_research_loop.sh)
 gpu=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}")
-length="${LENGTH:-8k}" n="${N:-200}" batch="${BATCH:-50}" probe_length="${PROBE_LENGTH:-3072}"
+length="${LENGTH:-8192}" n="${N:-200}" batch="${BATCH:-50}" probe_length="${PROBE_LENGTH:-3072}"
 eval_args=(--tasks kv --lengths "$length" --n "$n" --seed 2 --fast --batch-size "$batch" --quiet "${gpu[@]}")
 
 stages() {
@@ -32,6 +35,13 @@ stages() {
     "${gpu[@]}" || return
   run eval-kv "${loop[@]}" eval "$ROUND/eval-kv" --profile "$MODEL@1" --methods vanilla,dysco "${eval_args[@]}" || return
   run eval-qr "${loop[@]}" eval "$ROUND/eval-qr" --profile "$MODEL@2" --methods dysco "${eval_args[@]}" || return
+  if [ "${STUDY:-1}" = 1 ]; then
+    run calibrate "${loop[@]}" calibrate "$parts" "$ROUND/cal" --profile "$MODEL@1" --dev kv --context "$length" \
+      --examples "${DEV_N:-48}" --test-examples 24 --trials "${TRIALS:-30}" --batch-size 24 --fast --quiet "${gpu[@]}" \
+      || return
+    local ref; ref=$(python3 -c "import json; print(json.load(open('$ROUND/cal/calibrate.json'))['profile_ref'])")
+    run eval-cal "${loop[@]}" eval "$ROUND/eval-cal" --profile "$ref" --methods dysco "${eval_args[@]}" || return
+  fi
   echo "[kv-heads] every stage done"
 }
 stages
