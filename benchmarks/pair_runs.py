@@ -1,13 +1,16 @@
 """Pair methods across `dysco eval` runs made on the same examples (same task, length, seed, n).
 
-    python benchmarks/pair_runs.py kv-heads=RUN_A/results.json prose-heads=RUN_B/results.json \
+    python benchmarks/pair_runs.py pair kv-heads=RUN_A/results.json prose-heads=RUN_B/results.json \
         --baseline kv-heads:vanilla [--out table.md]
+    python benchmarks/pair_runs.py pool S2/results.json:vanilla S2_CAL/results.json:dysco \
+        S3/results.json:vanilla S3/results.json:dysco [--out pooled.md]
 
 One `dysco eval` run holds one profile, so two head sets decoded on the same examples live in two
 runs; this pairs every `label:method` with the baseline and with each other (paired bootstrap and
 sign test: `calibration.evaluation.statistics.paired_comparison`, the eval's own rule) and summarises
 each DySCO method's selection recall by outcome. Examples are matched by id; a run whose ids differ
-is refused.
+is refused. `pool` takes (baseline, method) column pairs, each pair on its own examples (other
+seeds), and pairs the method with the baseline over all of them together and pair by pair.
 """
 
 from __future__ import annotations
@@ -64,6 +67,34 @@ def selection_rows(selection: dict[str, list[dict]], scores: dict[str, list[floa
     return rows
 
 
+def load_column(spec: str) -> tuple[list[str], list[float]]:
+    """(example ids, scores) of one `PATH:METHOD` column."""
+    path, sep, method = spec.rpartition(":")
+    if not sep or not Path(path).is_file():
+        raise SystemExit(f"pair_runs: {spec!r}: expected PATH:METHOD with PATH a results.json")
+    examples = json.loads(Path(path).read_text())["examples"]
+    if any(method not in e["scores"] for e in examples):
+        raise SystemExit(f"pair_runs: {path} has no method {method!r}; it has {', '.join(examples[0]['scores'])}")
+    return [e["id"] for e in examples], [e["scores"][method] for e in examples]
+
+
+def pooled_rows(columns: list[str], seed: int) -> list[dict]:
+    """Each (baseline, method) pair of `columns` compared on its examples, then all pairs pooled."""
+    if len(columns) < 2 or len(columns) % 2:
+        raise SystemExit("pair_runs pool: give columns in pairs, BASELINE_PATH:METHOD NEW_PATH:METHOD, …")
+    rows, base_all, new_all = [], [], []
+    for base_spec, new_spec in zip(columns[0::2], columns[1::2]):
+        (base_ids, base), (new_ids, new) = load_column(base_spec), load_column(new_spec)
+        if base_ids != new_ids:
+            raise SystemExit(f"pair_runs pool: {base_spec} and {new_spec} hold other examples; pair columns of one "
+                             "example set")
+        rows.append({"method": new_spec, "against": base_spec, **paired_comparison(new, base, seed_for(seed, new_spec))})
+        base_all += base
+        new_all += new
+    rows.append({"method": "pooled", "against": "pooled", **paired_comparison(new_all, base_all, seed_for(seed, "pool"))})
+    return rows
+
+
 def render(scores: dict[str, list[float]], comparisons: list[dict], selections: list[dict]) -> str:
     """The three tables as markdown."""
     lines = ["| method | n | score |", "|---|---:|---:|"]
@@ -79,22 +110,43 @@ def render(scores: dict[str, list[float]], comparisons: list[dict], selections: 
     return "\n".join(lines) + "\n"
 
 
+def render_pooled(rows: list[dict]) -> str:
+    """The pooled comparison as markdown."""
+    lines = ["| method | against | n | difference (95% CI) | W/L | sign p |", "|---|---|---:|---|---|---:|"]
+    lines += [f"| {r['method']} | {r['against']} | {r['n']} | {100 * r['mean_difference']:+.1f} [{100 * r['low']:+.1f}, "
+              f"{100 * r['high']:+.1f}] | {r['wins']}W/{r['losses']}L | {r['p_value']:.2g} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", metavar="LABEL=RESULTS_JSON", help="a run's results.json under a label")
-    parser.add_argument("--baseline", required=True, metavar="LABEL:METHOD", help="the column every other is paired with")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) and JSON next to it")
+    commands = parser.add_subparsers(dest="command", required=True)
+    pair = commands.add_parser("pair", help="pair every column of runs on the same examples")
+    pair.add_argument("runs", nargs="+", metavar="LABEL=RESULTS_JSON", help="a run's results.json under a label")
+    pair.add_argument("--baseline", required=True, metavar="LABEL:METHOD", help="the column every other is paired with")
+    pool = commands.add_parser("pool", help="pool (baseline, method) pairs made on different examples")
+    pool.add_argument("columns", nargs="+", metavar="RESULTS_JSON:METHOD", help="baseline then method, pair by pair")
+    for sub in (pair, pool):
+        sub.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+        sub.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) and JSON next to it")
     args = parser.parse_args(argv)
+    if args.command == "pool":
+        rows = pooled_rows(args.columns, args.seed)
+        text = render_pooled(rows)
+        print(text, end="")
+        if args.out:
+            args.out.write_text(text)
+            args.out.with_suffix(".json").write_text(json.dumps({"comparisons": rows}, indent=1) + "\n")
+        return 0
     runs = {}
     for spec in args.runs:
         label, sep, path = spec.partition("=")
         if not sep or not label or not Path(path).is_file():
-            parser.error(f"{spec!r}: expected LABEL=PATH to a results.json")
+            pair.error(f"{spec!r}: expected LABEL=PATH to a results.json")
         runs[label] = Path(path)
     ids, scores, selection = load_columns(runs)
     if args.baseline not in scores:
-        parser.error(f"--baseline {args.baseline}: not a column; the runs have {', '.join(scores)}")
+        pair.error(f"--baseline {args.baseline}: not a column; the runs have {', '.join(scores)}")
     comparisons = comparison_rows(scores, args.baseline, args.seed)
     selections = selection_rows(selection, scores)
     text = render(scores, comparisons, selections)

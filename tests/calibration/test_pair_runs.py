@@ -33,7 +33,7 @@ def test_columns_are_paired_by_example_and_selection_split_by_outcome(tmp_path, 
     vanilla, kv_heads, prose_heads = [1, 0, 0, 1, 0, 0], [1, 1, 1, 1, 0, 0], [0, 0, 0, 1, 0, 0]
     a = _run(tmp_path / "a.json", ids, {"vanilla": vanilla, "dysco": kv_heads}, importance=0.1)
     b = _run(tmp_path / "b.json", ids, {"dysco": prose_heads})
-    assert pair_runs.main([f"kv={a}", f"prose={b}", "--baseline", "kv:vanilla", "--out", str(tmp_path / "t.md")]) == 0
+    assert pair_runs.main(["pair", f"kv={a}", f"prose={b}", "--baseline", "kv:vanilla", "--out", str(tmp_path / "t.md")]) == 0
     rows = json.loads((tmp_path / "t.json").read_text())
     first = rows["comparisons"][0]
     assert (first["method"], first["against"]) == ("kv:dysco", "kv:vanilla")
@@ -54,4 +54,19 @@ def test_runs_on_other_examples_are_refused(tmp_path):
     a = _run(tmp_path / "a.json", ["kv-0", "kv-1"], {"vanilla": [1, 0]})
     b = _run(tmp_path / "b.json", ["kv-1", "kv-0"], {"dysco": [1, 0]})
     with pytest.raises(SystemExit, match="holds other examples than the first run"):
-        pair_runs.main([f"a={a}", f"b={b}", "--baseline", "a:vanilla"])
+        pair_runs.main(["pair", f"a={a}", f"b={b}", "--baseline", "a:vanilla"])
+
+
+def test_pool_pairs_each_example_set_then_all_together(tmp_path):
+    a = _run(tmp_path / "a.json", ["s2-0", "s2-1", "s2-2"], {"vanilla": [0, 0, 1]})
+    a_cal = _run(tmp_path / "a_cal.json", ["s2-0", "s2-1", "s2-2"], {"dysco": [1, 0, 1]})
+    b = _run(tmp_path / "b.json", ["s3-0", "s3-1"], {"vanilla": [1, 0], "dysco": [1, 1]})
+    out = tmp_path / "pooled.md"
+    assert pair_runs.main(["pool", f"{a}:vanilla", f"{a_cal}:dysco", f"{b}:vanilla", f"{b}:dysco", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["comparisons"]
+    assert [(r["n"], r["wins"], r["losses"]) for r in rows] == [(3, 1, 0), (2, 1, 0), (5, 2, 0)]
+    assert rows[-1]["p_value"] == pytest.approx(0.5)  # two wins, no loss: exact two-sided sign test
+    with pytest.raises(SystemExit, match="hold other examples"):
+        pair_runs.main(["pool", f"{a}:vanilla", f"{b}:dysco"])
+    with pytest.raises(SystemExit, match="has no method 'attnts'"):
+        pair_runs.main(["pool", f"{a}:attnts", f"{a_cal}:dysco"])
