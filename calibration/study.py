@@ -1091,8 +1091,10 @@ def no_gain_over_vanilla(
         "best_strength": strength,
         "message": f"no knob setting beat vanilla on dev: the best trial ({best.number}, objective {value:.3f}) "
                    f"is not one example ({1 / n_dev:.3f}) above vanilla's {vanilla:.3f}{drift}. DySCO is not "
-                   f"expected to help {model} on {task} at {context} tokens: decode it with vanilla there, or "
-                   f"calibrate another task or length (docs/results.md shows where it did help).",
+                   f"expected to help {model} on {task} at {context} tokens with these heads: decode it with vanilla "
+                   f"there, calibrate from heads detected on probes shaped like the task (`headfinder detect --probes "
+                   f"kv` for key-value lookups), or calibrate another task or length (docs/results.md shows where "
+                   f"it did help).",
     }
 
 

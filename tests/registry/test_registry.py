@@ -382,28 +382,32 @@ PUBLISHED = {
 
 # Calibrated on an H200 and shipped (docs/results.md, "The research loop, round 2"): the heads the
 # calibration started from, and the knobs it registered (the published ones, kept by the adoption rule).
+# name: (architecture, layers, heads, kv heads, head set, knobs); Knobs() where the study kept the published ones
 CALIBRATED = {
     "smollm2-135m": ("llama", 30, 9, 3, [(17, 3), (18, 6), (17, 4), (7, 7), (8, 0), (18, 7), (23, 2), (14, 3),
-                                         (23, 7), (22, 7), (21, 8), (15, 6), (23, 8), (23, 1), (20, 6), (20, 3)]),
-    "qwen2.5-coder-0.5b": ("qwen2", 24, 14, 2, [(9, 8), (11, 12), (11, 9), (13, 2), (16, 3), (16, 2), (16, 7),
-                                                (9, 13), (3, 5), (16, 12), (16, 9), (16, 0), (13, 13), (9, 9),
-                                                (13, 0), (7, 8)]),
+                                         (23, 7), (22, 7), (21, 8), (15, 6), (23, 8), (23, 1), (20, 6), (20, 3)], Knobs()),
+    # round 5: the study from the kv-probe heads adopted one head and a narrow selection
+    "qwen2.5-coder-0.5b": ("qwen2", 24, 14, 2, [(16, 3)],
+                           Knobs(strength=2.477032689806519, top_k=19, top_p=0.617765241477609,
+                                 decay=0.8278896752954941, intervention_warmup=2)),
     "qwen2.5-coder-1.5b": ("qwen2", 28, 12, 2, [(8, 3), (14, 3), (14, 4), (16, 2), (23, 4), (6, 7), (19, 1), (16, 5),
                                                 (19, 3), (23, 1), (22, 7), (17, 2), (14, 0), (16, 4), (23, 0),
-                                                (16, 0)]),
+                                                (16, 0)], Knobs()),
 }
 
 
 def test_calibrated_seeds_match_by_shape_and_say_where_their_figures_come_from():
     from decoder.catalogue import get_entry
 
-    for name, (arch, layers, heads, kv, head_set) in CALIBRATED.items():
+    for name, (arch, layers, heads, kv, head_set, knobs) in CALIBRATED.items():
         seed = load_seed(name)
         assert (seed.model.architecture, seed.model.num_layers, seed.model.num_heads,
                 seed.model.num_kv_heads) == (arch, layers, heads, kv)
         entry = get_entry(name)  # the catalogue's shape of the same model
         assert (entry.num_layers, entry.num_heads, entry.num_kv_heads) == (layers, heads, kv)
-        assert seed.head_set == head_set and seed.knobs == Knobs()
+        assert seed.head_set == head_set and seed.knobs == knobs
+        # tuned knobs only where the study's adoption rule took its best trial
+        assert seed.metrics.get("adoption", {}).get("adopted", False) == (knobs != Knobs())
         assert seed.model.config_fingerprint is None and seed.model.weights_fingerprint is None
         assert seed.provenance["source"] == "calibration" and "The research loop, round" in seed.provenance["results"]
         assert seed.metrics["heldout"]["n"] >= 100  # the held-out rule: n >= 100 per cell
