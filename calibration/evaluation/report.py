@@ -41,7 +41,8 @@ SELECTION_HELP = (
     "up-weighted per token. Each example's mean over its generated tokens, then the mean over the examples "
     "of the group (n = examples measured with their evidence located / examples in the group). How to read "
     "it: low evidence importance → the QR heads do not see the evidence (wrong heads, or heads that do not "
-    "fit this model); high importance and recall but still wrong → the evidence is selected and not used "
+    "fit this task: detect them on probes shaped like it, e.g. `headfinder detect --probes kv`, and let "
+    "calibration try fewer heads); high importance and recall but still wrong → the evidence is selected and not used "
     "(the bias is too weak: raise strength, or tune top_k); high recall with a low share → the selection is "
     "too broad (lower top_p or top_k)."
 )
