@@ -42,9 +42,9 @@ SELECTION_HELP = (
     "of the group (n = examples measured with their evidence located / examples in the group). How to read "
     "it: low evidence importance → the QR heads do not see the evidence (wrong heads, or heads that do not "
     "fit this task: detect them on probes shaped like it, e.g. `headfinder detect --probes kv`, and let "
-    "calibration try fewer heads); high importance and recall but still wrong → the evidence is selected and not used "
-    "(the bias is too weak: raise strength, or tune top_k); high recall with a low share → the selection is "
-    "too broad (lower top_p or top_k)."
+    "calibration try fewer heads); high importance and recall but still wrong → the evidence is selected "
+    "and not used (the bias is too weak: raise strength, or tune top_k); high recall with a low share → the "
+    "selection is too broad (lower top_p or top_k)."
 )
 
 

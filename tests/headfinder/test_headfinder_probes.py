@@ -112,6 +112,23 @@ def test_kv_probes_are_seeded_sized_and_point_at_the_asked_pair(tokenizer):
         make_kv_probes(tokenizer, 1, 60, seed=0)
 
 
+def test_kv_probes_read_like_the_kv_dev_task(tokenizer):
+    # headfinder may not import calibration (one-way flow), so the layout is written twice: keep them equal.
+    from calibration.tasks.kv import KVTask
+    from headfinder.probes import KV_INSTRUCTION
+
+    example = KVTask().generate(tokenizer, n=1, context_tokens=600, seed=0)[0]
+    content = example.messages[0]["content"]
+    probe = make_kv_probes(tokenizer, 1, 600, seed=0)[0]
+    assert content.startswith(KV_INSTRUCTION + "\n\n{\n")
+    assert content.endswith("\n}\n\n" + probe.question.replace(probe.entity, example.meta["key"]))
+    pair_line = f'"{example.meta["key"]}": "{example.answer}"'
+    probe_text = tokenizer.decode(probe.query_ids)
+    assert pair_line in content and f'"{probe.entity}": "{probe.answer}"' in probe_text
+    assert KV_INSTRUCTION + "\n\n{\n" in probe_text and "\n}\n\n" + probe.question in probe_text
+    assert content.count('",\n"') == example.meta["n_pairs"] - 1 and probe_text.count('",\n"') == probe.num_docs - 1
+
+
 def test_needle_sits_at_the_requested_depth(tokenizer):
     probes = make_needle_probes(tokenizer, 3, 600, seed=0, depths=[0.1, 0.5, 0.9])
     starts = [p.needle_span[0] for p in probes]
