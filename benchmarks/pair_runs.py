@@ -95,26 +95,24 @@ def pooled_rows(columns: list[str], seed: int) -> list[dict]:
     return rows
 
 
+def comparison_table(rows: list[dict]) -> list[str]:
+    """Paired comparisons as markdown lines."""
+    lines = ["| method | against | n | difference (95% CI) | W/L | sign p |", "|---|---|---:|---|---|---:|"]
+    return lines + [f"| {r['method']} | {r['against']} | {r['n']} | {100 * r['mean_difference']:+.1f} "
+                    f"[{100 * r['low']:+.1f}, {100 * r['high']:+.1f}] | {r['wins']}W/{r['losses']}L | "
+                    f"{r['p_value']:.2g} |" for r in rows]
+
+
 def render(scores: dict[str, list[float]], comparisons: list[dict], selections: list[dict]) -> str:
     """The three tables as markdown."""
     lines = ["| method | n | score |", "|---|---:|---:|"]
     lines += [f"| {c} | {len(v)} | {100 * mean(v):.1f} |" for c, v in scores.items()]
-    lines += ["", "| method | against | difference (95% CI) | W/L | sign p |", "|---|---|---|---|---:|"]
-    lines += [f"| {r['method']} | {r['against']} | {100 * r['mean_difference']:+.1f} [{100 * r['low']:+.1f}, "
-              f"{100 * r['high']:+.1f}] | {r['wins']}W/{r['losses']}L | {r['p_value']:.2g} |" for r in comparisons]
+    lines += ["", *comparison_table(comparisons)]
     if selections:
         lines += ["", "| method | outcome | n | evidence importance | evidence share | evidence recall | selected |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['method']} | {r['outcome']} | {r['n']} | {r['evidence_importance']:.3f} | "
                   f"{r['evidence_share']:.3f} | {r['evidence_recall']:.3f} | {r['selected']:.0f} |" for r in selections]
-    return "\n".join(lines) + "\n"
-
-
-def render_pooled(rows: list[dict]) -> str:
-    """The pooled comparison as markdown."""
-    lines = ["| method | against | n | difference (95% CI) | W/L | sign p |", "|---|---|---:|---|---|---:|"]
-    lines += [f"| {r['method']} | {r['against']} | {r['n']} | {100 * r['mean_difference']:+.1f} [{100 * r['low']:+.1f}, "
-              f"{100 * r['high']:+.1f}] | {r['wins']}W/{r['losses']}L | {r['p_value']:.2g} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "pool":
         rows = pooled_rows(args.columns, args.seed)
-        text = render_pooled(rows)
+        text = "\n".join(comparison_table(rows)) + "\n"
         print(text, end="")
         if args.out:
             args.out.write_text(text)

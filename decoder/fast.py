@@ -138,8 +138,8 @@ class _Run:
     probe_last: int | None = None  # probe_tail: the layer whose captured logits end the probe
 
 
-# The step kinds that select (and so have selection diagnostics): every DySCO kind but the importance-only warmup.
-_SELECTING = ("dysco", "lagged", "static_first", "static_probe_first", "static")
+# The step kinds that select nothing (and so have no selection diagnostics); every other kind selects.
+_NOT_SELECTING = ("plain", "warmup")
 
 
 class _ProbeDone(Exception):
@@ -707,7 +707,7 @@ class FastDecoder:
     def _capture_graphs(self, shape: _Shape, diagnose: bool = False) -> None:
         """Warm each step kind up eagerly (Triton compiles, workspaces settle), then capture it; `diagnose`:
         the DySCO kinds with their selection diagnostics, as graphs of their own."""
-        kinds = [kind for kind in self._step_kinds() if not diagnose or kind in _SELECTING]
+        kinds = [kind for kind in self._step_kinds() if not diagnose or kind not in _NOT_SELECTING]
         saved = self._save_state(shape)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -747,7 +747,7 @@ class FastDecoder:
         self._sync_devices()
 
     def _run_step(self, shape: _Shape, kind: str, diagnose: bool = False) -> None:
-        diagnose = diagnose and kind in _SELECTING
+        diagnose = diagnose and kind not in _NOT_SELECTING
         if self.cuda_graphs:
             shape.graphs[(kind, diagnose)].replay()
             return

@@ -47,7 +47,7 @@ def test_columns_are_paired_by_example_and_selection_split_by_outcome(tmp_path, 
     assert {r["method"] for r in rows["selection"]} == {"kv:dysco"}
     assert by_outcome["right"]["n"] == 4 and by_outcome["right"]["evidence_importance"] == pytest.approx(0.25)
     assert by_outcome["wrong"]["evidence_importance"] == pytest.approx(0.55)
-    assert "| kv:dysco | kv:vanilla | +33.3" in capsys.readouterr().out
+    assert "| kv:dysco | kv:vanilla | 6 | +33.3" in capsys.readouterr().out
 
 
 def test_runs_on_other_examples_are_refused(tmp_path):

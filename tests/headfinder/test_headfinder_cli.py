@@ -100,7 +100,7 @@ def test_register_then_show_and_validate_the_profile(tiny_checkpoint, tmp_path):
     assert 0.0 <= report["baseline_accuracy"] <= 1.0
 
 
-def test_detect_on_kv_probes_registers_qr_scores_with_the_probe_kind(tiny_checkpoint, tmp_path):
+def test_detect_on_kv_probes_registers_qr_scores_with_the_probe_kind(detected, tiny_checkpoint, tmp_path):
     registry_root = tmp_path / "registry"
     result = _run_json(["detect", "--model", str(tiny_checkpoint), "--n-probes", "2", "--context", "700", "--top", "2",
                         "--probes", "kv", "--out", str(tmp_path / "run"), "--register", "--registry",
@@ -108,6 +108,9 @@ def test_detect_on_kv_probes_registers_qr_scores_with_the_probe_kind(tiny_checkp
     summary = result["summary"]
     assert summary["probes"] == "kv" and summary["score"] == "qr" and set(result["scores"]) == {"qr", "qr_ndcg"}
     assert summary["qr_probes"]["two_hop"] == 0 and summary["qr_probes"]["tokens_max"] <= 700
+    # other probes than the prose QR probes of the same count, length and seed (the `detected` run)
+    assert torch.tensor(result["scores"]["qr"]).shape == torch.tensor(detected[1]["scores"]["qr"]).shape
+    assert not torch.allclose(torch.tensor(result["scores"]["qr"]), torch.tensor(detected[1]["scores"]["qr"]))
     from registry import Registry
 
     profile = Registry(registry_root).load(summary["registered"])
